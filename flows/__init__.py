@@ -1,0 +1,1 @@
+"""fusionct: flows."""

@@ -1,0 +1,1 @@
+"""fusionct: sample_data."""
