@@ -280,3 +280,49 @@ def as_plain(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+# ------------------------------------------------------------------------------ evidence
+# What each measurement was read from, kept for the report's images and the reviewer.
+# Arrays stay out of measurements.json; the flow saves them beside it (evidence.npz).
+@dataclass(frozen=True)
+class ScrewEvidence:
+    """Per-ray halo widths: ``widths_mm[s, a]`` at station ``s`` along the intraosseous shaft
+    (head to tip) and azimuth ``a``; NaN where a ray was excluded (streak, left bone).
+    ``station_lps_mm[s]`` are the axis points, ``azimuth_dirs[a]`` unit LPS ray directions."""
+
+    id: str
+    widths_mm: np.ndarray
+    station_lps_mm: np.ndarray
+    azimuth_dirs: np.ndarray
+    true_radius_mm: float
+
+
+@dataclass(frozen=True)
+class CageEvidence:
+    """The endplate planes fitted from the intact rim beside the cage and the cage's deepest
+    point past each (LPS mm); ``rim_points_*`` are the endplate samples used for the fit."""
+
+    id: str
+    superior_plane: Plane
+    inferior_plane: Plane
+    deepest_superior_lps_mm: Vec3
+    deepest_inferior_lps_mm: Vec3
+    rim_points_superior_lps_mm: np.ndarray
+    rim_points_inferior_lps_mm: np.ndarray
+
+
+@dataclass(frozen=True)
+class LevelEvidence:
+    """The bridging map over the disc-space cross-section: a 2-D grid in the level's own
+    plane, ``origin_lps_mm + u*step*axis_u + v*step*axis_v``; ``domain[v, u]`` is True inside
+    the body outline with cage material excluded, ``bridged[v, u]`` where bone runs
+    continuously from the upper endplate to the lower."""
+
+    level: str
+    origin_lps_mm: Vec3
+    axis_u: Vec3
+    axis_v: Vec3
+    step_mm: float
+    domain: np.ndarray
+    bridged: np.ndarray
