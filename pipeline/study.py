@@ -1,0 +1,139 @@
+"""The steps one study goes through, as plain functions (MONAI Deploy's vocabulary:
+load study -> select series -> series to volume -> detect -> measure -> write report).
+
+``flows/`` wraps each step in a Prefect task; ``analyze_study`` runs them in order without
+Prefect (benchmarks and tests use it). Steps pass small values: a loaded volume is kept in a
+cache folder as ``.npy`` + ``.json`` and referred to by a ``VolumeRef``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.atomic import atomic_write_text
+from pipeline.config import Config
+from pipeline.errors import InputError
+from pipeline.results import Anatomy, StudyResult
+from pipeline.volume import Volume
+
+
+def cache_root() -> Path:
+    """Where loaded volumes are kept between steps (``FUSIONCT_CACHE_DIR`` overrides)."""
+    root = os.environ.get("FUSIONCT_CACHE_DIR") or Path.home() / ".cache" / "fusionct"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class VolumeRef:
+    """A loaded volume on disk: ``<stem>.npy`` (HU, float32) beside ``<stem>.json`` (geometry, meta)."""
+
+    stem: str
+
+    def open(self, mmap: bool = True) -> Volume:
+        """The volume, memory-mapped by default so parallel tasks share the pages."""
+        info = json.loads(Path(self.stem + ".json").read_text())
+        hu = np.load(self.stem + ".npy", mmap_mode="r" if mmap else None)
+        return Volume(hu=hu, origin_lps_mm=info["origin_lps_mm"], spacing_mm=info["spacing_mm"],
+                      direction=info["direction"], meta=info["meta"])
+
+
+def input_fingerprint(input_path: str | Path) -> str:
+    """A content hash of the input (every file's relative path and bytes) for caching.
+
+    Keyed on file contents rather than on arrays, so a re-sent identical study is a cache
+    hit and any changed byte is a miss.
+    """
+    p = Path(input_path)
+    h = hashlib.blake2b(digest_size=16)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p) if f != p else f.name).encode("utf-8", "surrogateescape"))
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def save_volume(volume: Volume, stem: str | Path) -> VolumeRef:
+    """Write a volume as ``stem.npy`` + ``stem.json`` atomically and return its reference."""
+    stem = str(stem)
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{stem}.{os.getpid()}.tmp.npy"
+    np.save(tmp, np.ascontiguousarray(volume.hu, dtype=np.float32))
+    os.replace(tmp, stem + ".npy")
+    info = {"origin_lps_mm": volume.origin_lps_mm.tolist(), "spacing_mm": volume.spacing_mm.tolist(),
+            "direction": volume.direction.tolist(), "meta": volume.meta}
+    atomic_write_text(Path(stem + ".json"), json.dumps(info))
+    return VolumeRef(stem)
+
+
+def load_step(input_path: str | Path, fingerprint: str | None = None) -> VolumeRef:
+    """Load the study (picking its bone series) into the cache; reuse it when already there."""
+    from pipeline.loading import load_study
+
+    fingerprint = fingerprint or input_fingerprint(input_path)
+    stem = cache_root() / "volumes" / fingerprint
+    ref = VolumeRef(str(stem))
+    if Path(ref.stem + ".npy").exists() and Path(ref.stem + ".json").exists():
+        return ref
+    return save_volume(load_study(input_path), stem)
+
+
+def detect_step(ref: VolumeRef, config: Config) -> Anatomy:
+    """Find vertebrae, levels, screws, cages and rods."""
+    from pipeline.detect import detect
+
+    return detect(ref.open(), config)
+
+
+def build_result(volume: Volume, anatomy: Anatomy, screws, cages, levels, config: Config,
+                 extra_notes=()) -> StudyResult:
+    """Gather measurements into the one object every writer reads."""
+    meta = volume.meta
+    inp = {
+        "study_instance_uid": meta.get("study_instance_uid") or None,
+        "series_instance_uid": meta.get("series_instance_uid") or None,
+        "spacing_mm": [float(s) for s in volume.spacing_mm],
+        "shape": [int(n) for n in volume.shape_ijk],
+        "kind": meta.get("input_kind"),
+        "series_description": meta.get("series_description"),
+        "selection_reason": meta.get("selection_reason"),
+    }
+    notes = list(anatomy.notes) + list(extra_notes)
+    if not anatomy.screws and not anatomy.cages:
+        notes.append("No spinal hardware found in this study.")
+    return StudyResult(screws=tuple(screws), cages=tuple(cages), levels=tuple(levels), input=inp,
+                       criteria=config.criteria.to_json(), notes=tuple(notes),
+                       extras={"software_version": __version__})
+
+
+def analyze_study(input_path: str | Path, outdir: str | Path, config: Config | None = None) -> Path:
+    """Run every step in order without Prefect; returns the folder the results went to."""
+    from pipeline.measure import measure_study
+    from pipeline.outputs import write_outputs
+
+    config = config or Config()
+    ref = load_step(input_path)
+    volume = ref.open()
+    anatomy = detect_step(ref, config)
+    screws, cages, levels, evidence = measure_study(volume, anatomy, config)
+    result = build_result(volume, anatomy, screws, cages, levels, config)
+    return write_outputs(outdir, result, evidence, volume)
+
+
+def check_input_path(input_path: str | Path) -> Path:
+    """Refuse a missing input before any work starts."""
+    p = Path(input_path)
+    if not p.exists():
+        raise InputError(p, "no such file or folder")
+    return p
+
+
+__all__ = ["VolumeRef", "analyze_study", "build_result", "cache_root", "check_input_path",
+           "detect_step", "input_fingerprint", "load_step", "save_volume"]
