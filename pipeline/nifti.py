@@ -1,0 +1,112 @@
+"""Load a NIfTI CT (``.nii`` / ``.nii.gz``) as a :class:`~pipeline.volume.Volume` in HU.
+
+SimpleITK reads the file (it converts NIfTI's RAS affine to LPS and applies
+``scl_slope``/``scl_inter``), so geometry equals ``SimpleITK.ReadImage``. Before that the
+header's affine is checked with nibabel: a NaN/infinite or singular affine is refused,
+because every millimetre in the report would be wrong.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.volume import Volume
+
+
+def _check_affine(path: Path) -> None:
+    """Refuse a header whose voxel-to-world affine is not finite or not invertible."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        hdr = img.header
+        shape = img.shape
+        affine = np.asarray(img.affine, float)
+        zooms = np.asarray(hdr.get_zooms()[:3], float)
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types on bad headers
+        raise InputError(path.name, f"not a readable NIfTI file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
+        raise InputError(path.name, f"NIfTI image must be one 3-D volume, got shape {tuple(shape)}")
+    if min(shape[:3]) < 2:
+        raise InputError(path.name, f"NIfTI volume of shape {tuple(shape[:3])} is not a 3-D volume")
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path.name, "broken NIfTI affine (contains NaN or infinity)")
+    m = affine[:3, :3]
+    det = float(np.linalg.det(m))
+    scale = float(np.prod(np.linalg.norm(m, axis=0)))
+    if not np.isfinite(det) or scale == 0 or abs(det) < 1e-6 * scale:
+        raise InputError(path.name, "broken NIfTI affine (singular: voxel axes are degenerate)")
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise InputError(path.name, f"zero or negative voxel size {zooms.tolist()} mm in NIfTI header")
+
+
+def load_nifti(path: str | Path) -> Volume:
+    """Read one NIfTI file as a Volume in HU (as stored, after scl_slope/scl_inter).
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.nii`` or ``.nii.gz`` file.
+
+    Returns
+    -------
+    Volume
+        Geometry as ``SimpleITK.ReadImage`` gives it (LPS); ``meta['input_kind'] == 'nifti'``.
+        NIfTI records no modality; the volume is assumed to be CT in HU.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, more than one volume, broken (NaN / singular) affine, zero spacing,
+        non-finite voxel values.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    _check_affine(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        msg = lines[-1].strip()[:160] if lines else "unknown reason"
+        raise InputError(path.name, f"SimpleITK cannot read this NIfTI file: {msg}") from None
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = img[:, :, :, 0]
+    if img.GetDimension() != 3:
+        raise InputError(path.name, f"NIfTI image must be 3-D, got {img.GetDimension()}-D")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path.name, "NIfTI image has vector voxels; a CT volume has one value per voxel")
+    origin = np.asarray(img.GetOrigin(), float)
+    spacing = np.asarray(img.GetSpacing(), float)
+    direction = np.asarray(img.GetDirection(), float).reshape(3, 3)
+    if not (np.all(np.isfinite(origin)) and np.all(np.isfinite(spacing)) and np.all(np.isfinite(direction))):
+        raise InputError(path.name, "broken NIfTI geometry (NaN or infinity in origin, spacing or direction)")
+    if np.any(spacing <= 0):
+        raise InputError(path.name, f"zero or negative voxel size {spacing.tolist()} mm")
+    if abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError(path.name, "broken NIfTI affine (singular direction)")
+    hu = sitk.GetArrayFromImage(img)
+    hu = np.ascontiguousarray(hu, dtype=np.float32)
+    if not np.all(np.isfinite(hu)):
+        raise InputError(path.name, "NIfTI voxel values contain NaN or infinity (after scl_slope/scl_inter)")
+    meta = {
+        "modality": None,
+        "study_instance_uid": None,
+        "series_instance_uid": None,
+        "frame_of_reference_uid": None,
+        "series_description": path.name,
+        "convolution_kernel": None,
+        "slice_thickness_mm": float(spacing[2]),
+        "sop_class_uid": None,
+        "sop_instance_uids": [],
+        "source_paths": [str(path)],
+        "selection_reason": f"NIfTI file {path.name} read as the one volume (NIfTI records no modality; assumed CT in HU).",
+        "input_kind": "nifti",
+        "manufacturer": None,
+    }
+    return Volume(hu=hu, origin_lps_mm=origin, spacing_mm=spacing, direction=direction, meta=meta)
+
+
+__all__ = ["load_nifti"]
