@@ -1,0 +1,260 @@
+"""Write every output file of one analyzed study, atomically, without destroying a
+confirmed result.
+
+Files (CONTRACT.md "Files written to OUTDIR"): measurements.json, levels.csv, screws.csv,
+cages.csv, report.html, report_sr.dcm (DICOM input only) and evidence.npz (the arrays each
+number was read from, the key images, and the source-image references the verified SR
+needs later).
+
+How a run lands
+---------------
+1. Every file is written and fsynced into a staging folder *beside* the destination
+   (``.fusionct-staging-*``, same file system, so each move is one atomic rename).
+2. Files move in one by one with ``os.replace``; ``measurements.json`` moves **last**, so a
+   run killed at any moment never leaves a half-written measurements.json, and a folder
+   whose measurements.json is present always holds that run's complete set (or, while a
+   newer run is landing, the earlier complete measurements.json).
+3. Output files of an earlier run that this run does not write (e.g. ``report_sr.dcm``
+   when the new input is NIfTI) are removed after measurements.json landed.
+
+Versioning rule (a confirmed result is never overwritten)
+---------------------------------------------------------
+When OUTDIR already holds a CONFIRMED result (``confirmation.json`` exists, or
+measurements.json says ``"status": "confirmed"``), nothing in OUTDIR is touched: the new
+result is written to ``OUTDIR/versions/<UTC timestamp>/`` (e.g.
+``versions/20260101T120000.123456Z``; a suffix ``-2``... keeps names unique) and that path is
+returned. A draft (unconfirmed) result in OUTDIR is simply replaced.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import fsync_dir, replace_into, write_bytes_atomic
+from pipeline.report_csv import csv_texts
+from pipeline.report_html import build_report_html, evidence_for, finding_key, make_figures
+from pipeline.report_json import build_measurements, dumps, is_identifying_key, validate_measurements
+from pipeline.render import Figure
+from pipeline.results import CageEvidence, LevelEvidence, ScrewEvidence, StudyResult
+
+MEASUREMENTS = "measurements.json"
+CONFIRMATION = "confirmation.json"
+SR_DRAFT = "report_sr.dcm"
+SR_VERIFIED = "report_sr_verified.dcm"
+EVIDENCE = "evidence.npz"
+OUTPUT_FILES = ("levels.csv", "screws.csv", "cages.csv", "report.html", SR_DRAFT, EVIDENCE,
+                MEASUREMENTS)
+VERSIONS_DIR = "versions"
+STAGING_PREFIX = ".fusionct-staging-"
+
+
+# ------------------------------------------------------------------------- versioning
+def is_confirmed(folder: str | Path) -> bool:
+    """True when ``folder`` holds a confirmed result (confirmation.json, or measurements.json
+    with status ``confirmed``); such a folder is never written again."""
+    folder = Path(folder)
+    if (folder / CONFIRMATION).exists():
+        return True
+    try:
+        doc = json.loads((folder / MEASUREMENTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("status") == "confirmed"
+
+
+def utc_stamp(now: _dt.datetime | None = None) -> str:
+    """Compact UTC timestamp for a version folder name: ``20260101T120000.123456Z``."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return now.astimezone(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def target_folder(outdir: str | Path) -> Path:
+    """Where a new result for ``outdir`` goes: ``outdir`` itself unless it holds a confirmed
+    result, else a new ``outdir/versions/<UTC timestamp>`` folder (see module docstring)."""
+    outdir = Path(outdir)
+    if not is_confirmed(outdir):
+        return outdir
+    base = outdir / VERSIONS_DIR / utc_stamp()
+    cand, n = base, 1
+    while cand.exists():
+        n += 1
+        cand = base.with_name(f"{base.name}-{n}")
+    return cand
+
+
+# --------------------------------------------------------------------------- evidence
+def _meta_json(meta: Mapping) -> str:
+    """Non-identifying, JSON-able part of ``volume.meta`` (no paths, no names)."""
+    keep = {}
+    for k, v in dict(meta or {}).items():
+        if is_identifying_key(k) or k == "source_paths":
+            continue
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        keep[k] = v
+    return json.dumps(keep)
+
+
+def evidence_arrays(result: StudyResult, evidence: Mapping, figures: Mapping[str, list[Figure]],
+                    meta: Mapping, source_refs: list[dict] | None) -> dict[str, np.ndarray]:
+    """Everything evidence.npz holds, as named arrays.
+
+    ``index_json`` lists the findings: ``{"key", "kind", "id", "prefix", "figures": [caption]}``.
+    Arrays of finding *n* are named ``f<n>__<field>``; its PNG images ``f<n>__png<m>`` (bytes
+    as uint8). ``meta_json`` holds the non-identifying volume meta and ``source_refs_json``
+    the source-image UIDs and geometry (DICOM input).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    index = []
+    items = ([("screw", s.id, ScrewEvidence) for s in result.screws]
+             + [("cage", c.id, CageEvidence) for c in result.cages]
+             + [("level", lv.level, LevelEvidence) for lv in result.levels])
+    for n, (kind, ident, cls) in enumerate(items):
+        prefix = f"f{n}"
+        key = finding_key(kind, ident)
+        ev = evidence_for(evidence, kind, ident, cls)
+        fields: list[str] = []
+        if isinstance(ev, ScrewEvidence):
+            vals = {"widths_mm": ev.widths_mm, "station_lps_mm": ev.station_lps_mm,
+                    "azimuth_dirs": ev.azimuth_dirs, "true_radius_mm": ev.true_radius_mm}
+        elif isinstance(ev, CageEvidence):
+            vals = {"superior_plane_point_lps_mm": ev.superior_plane.point_lps_mm,
+                    "superior_plane_normal": ev.superior_plane.normal,
+                    "inferior_plane_point_lps_mm": ev.inferior_plane.point_lps_mm,
+                    "inferior_plane_normal": ev.inferior_plane.normal,
+                    "deepest_superior_lps_mm": ev.deepest_superior_lps_mm,
+                    "deepest_inferior_lps_mm": ev.deepest_inferior_lps_mm,
+                    "rim_points_superior_lps_mm": ev.rim_points_superior_lps_mm,
+                    "rim_points_inferior_lps_mm": ev.rim_points_inferior_lps_mm}
+        elif isinstance(ev, LevelEvidence):
+            vals = {"origin_lps_mm": ev.origin_lps_mm, "axis_u": ev.axis_u, "axis_v": ev.axis_v,
+                    "step_mm": ev.step_mm, "domain": ev.domain, "bridged": ev.bridged}
+        else:
+            vals = {}
+        for name, v in vals.items():
+            arrays[f"{prefix}__{name}"] = np.asarray(v)
+            fields.append(name)
+        figs = figures.get(key, [])
+        for m, fig in enumerate(figs):
+            arrays[f"{prefix}__png{m}"] = np.frombuffer(fig.png, dtype=np.uint8)
+        index.append({"key": key, "kind": kind, "id": ident, "prefix": prefix,
+                      "fields": fields, "figures": [f.caption for f in figs]})
+    arrays["index_json"] = np.array(json.dumps(index))
+    arrays["meta_json"] = np.array(_meta_json(meta))
+    arrays["source_refs_json"] = np.array(json.dumps(source_refs or []))
+    return arrays
+
+
+def load_evidence_index(path: str | Path) -> tuple[list[dict], dict, list[dict]]:
+    """``(index, meta, source_refs)`` from an evidence.npz (see ``evidence_arrays``)."""
+    with np.load(path, allow_pickle=False) as z:
+        index = json.loads(str(z["index_json"]))
+        meta = json.loads(str(z["meta_json"])) if "meta_json" in z else {}
+        refs = json.loads(str(z["source_refs_json"])) if "source_refs_json" in z else []
+    return index, meta, refs
+
+
+def load_figures(path: str | Path) -> dict[str, list[Figure]]:
+    """Key images per finding key, read back from an evidence.npz."""
+    out: dict[str, list[Figure]] = {}
+    with np.load(path, allow_pickle=False) as z:
+        index = json.loads(str(z["index_json"]))
+        for entry in index:
+            out[entry["key"]] = [Figure(cap, z[f"{entry['prefix']}__png{m}"].tobytes())
+                                 for m, cap in enumerate(entry["figures"])]
+    return out
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ writing
+def render_files(result: StudyResult, evidence: Mapping, volume) -> dict[str, bytes]:
+    """Every output file's content, in memory, keyed by file name (nothing written yet)."""
+    meta = dict(getattr(volume, "meta", {}) or {})
+    doc = build_measurements(result, volume)
+    validate_measurements(doc)  # never land a measurements.json that breaks the contract
+    figures = make_figures(result, evidence, volume)
+    files: dict[str, bytes] = {}
+    for name, text in csv_texts(result).items():
+        files[name] = text.encode("utf-8")
+    files["report.html"] = build_report_html(result, meta, figures, doc["input"]).encode("utf-8")
+    refs = None
+    if meta.get("input_kind") == "dicom":
+        from pipeline import report_sr
+
+        paths = meta.get("source_paths") or []
+        if not paths:
+            raise ValueError("DICOM input without source_paths: cannot reference the source series")
+        headers = report_sr.read_source_headers(paths)
+        refs = report_sr.source_refs(headers)
+        files[SR_DRAFT] = report_sr.sr_bytes(report_sr.build_sr(result, headers))
+    files[EVIDENCE] = npz_bytes(evidence_arrays(result, evidence, figures, meta, refs))
+    files[MEASUREMENTS] = dumps(doc).encode("utf-8")
+    return files
+
+
+def land_files(files: Mapping[str, bytes], target: str | Path) -> Path:
+    """Stage ``files`` beside ``target`` and move them in, measurements.json last.
+
+    Also removes this project's output files an earlier run left in ``target`` that this
+    run did not produce, once measurements.json has landed.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        for name, data in files.items():
+            write_bytes_atomic(staging / name, data)
+        fsync_dir(staging)
+        order = [n for n in files if n != MEASUREMENTS] + ([MEASUREMENTS] if MEASUREMENTS in files else [])
+        for name in order:
+            replace_into(staging / name, target / name)
+        for name in OUTPUT_FILES:
+            if name not in files and (target / name).exists() and name != MEASUREMENTS:
+                os.unlink(target / name)
+        fsync_dir(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_outputs(outdir: str | Path, result: StudyResult, evidence: Mapping, volume) -> Path:
+    """Write all output files of one study and return the folder written.
+
+    Parameters
+    ----------
+    outdir : path-like
+        The study's output folder (created if missing).
+    result : StudyResult
+        What every writer reads (JSON, CSV, HTML, SR all come from it).
+    evidence : dict
+        ``ScrewEvidence`` / ``CageEvidence`` / ``LevelEvidence`` by finding id (or
+        ``kind:id``); used for the key images and saved to evidence.npz.
+    volume : Volume
+        The analyzed CT; ``meta["input_kind"] == "dicom"`` with ``meta["source_paths"]``
+        adds report_sr.dcm.
+
+    Returns
+    -------
+    Path
+        ``outdir``, or ``outdir/versions/<UTC timestamp>`` when ``outdir`` already holds a
+        confirmed result (which is never overwritten).
+    """
+    files = render_files(result, evidence, volume)  # all content built before touching disk
+    target = target_folder(outdir)
+    return land_files(files, target)

@@ -1,0 +1,383 @@
+"""report_sr.dcm: a DICOM Comprehensive 3D SR carrying a TID 1500 Measurement Report.
+
+One measurement group (TID 1501) per screw (halo mean / 95th-percentile width, coverage,
+loosening as a qualitative evaluation), per cage (subsidence superior / inferior / larger,
+grade) and per level (bridging fraction, fusion class), each with a tracking identifier (the
+finding's id), a finding site (SNOMED CT vertebra or disc level, with laterality for screws)
+and the source CT slice nearest the finding. Concepts DICOM has no code for use the private
+scheme ``99FUSIONCT`` declared in the CodingSchemeIdentificationSequence; units are UCUM
+(``mm``, ``{ratio}``). The observer is the device ``fusionct``.
+
+The draft is VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY; the review step makes
+a VERIFIED successor (same series, PredecessorDocumentsSequence -> the draft).
+
+Patient and study modules are copied from the source headers into the DICOM object only
+(that is what PACS needs to file it); nothing identifying is logged or written elsewhere.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from pipeline import __version__
+from pipeline.results import CageMeasurement, LevelMeasurement, ScrewMeasurement, StudyResult
+
+PRIVATE_SCHEME = "99FUSIONCT"
+SR_SERIES_NUMBER = 9901
+MANUFACTURER = "fusionct"
+
+
+def _fc(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
+
+
+# Private concepts (DICOM/SNOMED have no code for these measurements).
+C_HALO_MEAN = _fc("FCT001", "Peri-screw lucency halo mean width")
+C_HALO_MAX = _fc("FCT002", "Peri-screw lucency halo 95th percentile width")
+C_HALO_COVERAGE = _fc("FCT003", "Peri-screw lucency halo coverage")
+C_LOOSENING = _fc("FCT004", "Pedicle screw loosening")
+C_DOUBLE_HALO = _fc("FCT005", "Sclerotic rim outside halo")
+C_MIGRATION = _fc("FCT006", "Screw migration since prior CT")
+C_SUB_SUP = _fc("FCT010", "Cage subsidence through superior endplate")
+C_SUB_INF = _fc("FCT011", "Cage subsidence through inferior endplate")
+C_SUB_MAX = _fc("FCT012", "Cage subsidence")
+C_SUB_GRADE = _fc("FCT013", "Cage subsidence grade")
+C_SUB_CHANGE = _fc("FCT014", "Cage subsidence change since prior CT")
+C_INTERBODY_CAGE = _fc("FCT015", "Interbody cage")
+C_BRIDGING = _fc("FCT020", "Bridging bone fraction of disc space")
+C_FUSION = _fc("FCT021", "Interbody fusion status")
+C_FUSION_ASSESSMENT = _fc("FCT022", "Disc level fusion assessment")
+GRADE_CODES = {
+    "none": _fc("FCT030", "No subsidence"),
+    "mild": _fc("FCT031", "Mild subsidence"),
+    "severe": _fc("FCT032", "Severe subsidence"),
+}
+FUSION_CODES = {
+    "fused": _fc("FCT040", "Fused"),
+    "partial": _fc("FCT041", "Partially fused"),
+    "not_fused": _fc("FCT042", "Not fused"),
+}
+UNIT_MM = CodedConcept(value="mm", scheme_designator="UCUM", meaning="millimeter")
+UNIT_RATIO = CodedConcept(value="{ratio}", scheme_designator="UCUM", meaning="ratio")
+
+PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME,
+    name="fusionct measurement concepts",
+    version="1",
+    responsible_organization="fusionct project",
+)
+
+VERTEBRA_CODES = {
+    "T10": codes.SCT.BoneStructureOfT10, "T11": codes.SCT.BoneStructureOfT11,
+    "T12": codes.SCT.BoneStructureOfT12, "L1": codes.SCT.BoneStructureOfL1,
+    "L2": codes.SCT.BoneStructureOfL2, "L3": codes.SCT.BoneStructureOfL3,
+    "L4": codes.SCT.BoneStructureOfL4, "L5": codes.SCT.BoneStructureOfL5,
+    "S1": codes.SCT.BoneStructureOfSacrum,
+}
+LEVEL_CODES = {
+    "T10-T11": codes.SCT.LevelOfT10T11IntervertebralDisc,
+    "T11-T12": codes.SCT.LevelOfT11T12IntervertebralDisc,
+    "T12-L1": codes.SCT.LevelOfT12L1IntervertebralDisc,
+    "L1-L2": codes.SCT.LevelOfL1L2IntervertebralDisc,
+    "L2-L3": codes.SCT.LevelOfL2L3IntervertebralDisc,
+    "L3-L4": codes.SCT.LevelOfL3L4IntervertebralDisc,
+    "L4-L5": codes.SCT.LevelOfL4L5IntervertebralDisc,
+    "L5-S1": codes.SCT.LevelOfL5S1IntervertebralDisc,
+}
+
+# Non-identifying header attributes kept per source image (for the verified SR later).
+_REF_KEYS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+             "FrameOfReferenceUID", "Modality", "Rows", "Columns", "PixelSpacing",
+             "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness")
+# Patient / study module attributes highdicom copies into the SR (type 2: may be empty).
+_PATIENT_STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                       "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyInstanceUID", "SpecificCharacterSet")
+
+
+# ------------------------------------------------------------------------ source headers
+def read_source_headers(paths: Sequence[str | Path]) -> list[Dataset]:
+    """Headers (no pixel data) of the source images, in the order given."""
+    return [pydicom.dcmread(str(p), stop_before_pixels=True) for p in paths]
+
+
+def source_refs(headers: Sequence[Dataset]) -> list[dict]:
+    """Non-identifying facts about each source image (UIDs and geometry) as plain values;
+    kept in evidence.npz so the verified SR can reference the same images later."""
+    out = []
+    for ds in headers:
+        ref = {}
+        for key in _REF_KEYS:
+            if key in ds and ds[key].value not in (None, ""):
+                v = ds[key].value
+                if isinstance(v, pydicom.multival.MultiValue) or isinstance(v, (list, tuple)):
+                    v = [float(x) for x in v]
+                elif key in ("Rows", "Columns"):
+                    v = int(v)
+                elif key == "SliceThickness":
+                    v = float(v)
+                else:
+                    v = str(v)
+                ref[key] = v
+        out.append(ref)
+    return out
+
+
+def headers_from_refs(refs: Sequence[dict], patient_study: Dataset) -> list[Dataset]:
+    """Minimal evidence datasets rebuilt from ``source_refs`` plus the patient/study module
+    of ``patient_study`` (the draft SR)."""
+    out = []
+    for ref in refs:
+        ds = Dataset()
+        for key in _PATIENT_STUDY_KEYS:
+            if key in patient_study:
+                setattr(ds, key, patient_study[key].value)
+        for key, v in ref.items():
+            setattr(ds, key, v)
+        out.append(ds)
+    return out
+
+
+def headers_from_sr_evidence(sr: Dataset) -> list[Dataset]:
+    """Minimal evidence datasets from an SR's CurrentRequestedProcedureEvidenceSequence
+    (when the per-image geometry is not available)."""
+    out = []
+    for study in sr.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.get("ReferencedSeriesSequence", []):
+            for sop in series.get("ReferencedSOPSequence", []):
+                ds = Dataset()
+                for key in _PATIENT_STUDY_KEYS:
+                    if key in sr:
+                        setattr(ds, key, sr[key].value)
+                ds.StudyInstanceUID = study.StudyInstanceUID
+                ds.SeriesInstanceUID = series.SeriesInstanceUID
+                ds.SOPClassUID = sop.ReferencedSOPClassUID
+                ds.SOPInstanceUID = sop.ReferencedSOPInstanceUID
+                out.append(ds)
+    return out
+
+
+def _complete_patient_study(ds: Dataset) -> Dataset:
+    """A copy with every patient/study attribute highdicom reads present (empty if unknown)."""
+    ds = pydicom.Dataset(ds)
+    for key in _PATIENT_STUDY_KEYS:
+        if key not in ds and key not in ("SpecificCharacterSet", "StudyInstanceUID"):
+            setattr(ds, key, "")
+    return ds
+
+
+class SliceIndex:
+    """Finds the source image nearest an LPS point (along the slice normal)."""
+
+    def __init__(self, headers: Sequence[Dataset]):
+        self.headers = [h for h in headers if "ImagePositionPatient" in h and "ImageOrientationPatient" in h]
+        if self.headers:
+            iop = np.asarray(self.headers[0].ImageOrientationPatient, float)
+            self.normal = np.cross(iop[:3], iop[3:])
+            self.pos = np.array([np.asarray(h.ImagePositionPatient, float) @ self.normal
+                                 for h in self.headers])
+
+    def nearest(self, p_lps) -> Dataset | None:
+        if not self.headers:
+            return None
+        d = np.abs(self.pos - np.asarray(p_lps, float) @ self.normal)
+        return self.headers[int(np.argmin(d))]
+
+
+def _library_ok(ds: Dataset) -> bool:
+    need = ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "PixelSpacing",
+            "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness")
+    return all(k in ds for k in need)
+
+
+# --------------------------------------------------------------------------- content
+def tracking_uid(study_uid: str | None, kind: str, ident: str) -> str:
+    """Deterministic tracking UID for one finding, equal in the draft and the verified SR."""
+    return generate_uid(prefix=None, entropy_srcs=[str(study_uid), kind, ident])
+
+
+def _num(name, value, unit) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit)
+
+
+def _source_images(index: SliceIndex, p_lps) -> list | None:
+    ds = index.nearest(p_lps)
+    if ds is None:
+        return None
+    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)]
+
+
+def _algorithm() -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name="fusionct", version=__version__)
+
+
+def screw_group(s: ScrewMeasurement, study_uid, index: SliceIndex) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one screw: halo widths, coverage, loosening, site."""
+    sites = None
+    if s.vertebra in VERTEBRA_CODES:
+        lat = {"left": codes.SCT.Left, "right": codes.SCT.Right}.get(s.side)
+        sites = [hd.sr.FindingSite(anatomic_location=VERTEBRA_CODES[s.vertebra], laterality=lat)]
+    measurements = [
+        _num(C_HALO_MEAN, s.halo_mean_mm, UNIT_MM),
+        _num(C_HALO_MAX, s.halo_max_mm, UNIT_MM),
+        _num(C_HALO_COVERAGE, s.halo_coverage, UNIT_RATIO),
+    ]
+    if s.migration_mm is not None:
+        measurements.append(_num(C_MIGRATION, s.migration_mm, UNIT_MM))
+    yes_no = lambda b: codes.SCT.Present if b else codes.SCT.Absent  # noqa: E731
+    qual = [hd.sr.QualitativeEvaluation(C_LOOSENING, yes_no(s.loosening)),
+            hd.sr.QualitativeEvaluation(C_DOUBLE_HALO, yes_no(s.double_halo))]
+    mid = (np.asarray(s.head_lps_mm) + np.asarray(s.tip_lps_mm)) / 2
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, "screw", s.id),
+                                                     identifier=f"screw {s.id}"),
+        finding_type=codes.SCT.BoneScrew,
+        algorithm_id=_algorithm(),
+        finding_sites=sites,
+        measurements=measurements,
+        qualitative_evaluations=qual,
+        source_images=_source_images(index, mid),
+    )
+
+
+def cage_group(c: CageMeasurement, study_uid, index: SliceIndex) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one cage: subsidence per endplate, the larger, the grade."""
+    sites = [hd.sr.FindingSite(anatomic_location=LEVEL_CODES[c.level])] if c.level in LEVEL_CODES else None
+    measurements = [
+        _num(C_SUB_SUP, c.subsidence_superior_mm, UNIT_MM),
+        _num(C_SUB_INF, c.subsidence_inferior_mm, UNIT_MM),
+        _num(C_SUB_MAX, c.subsidence_mm, UNIT_MM),
+    ]
+    if c.subsidence_change_mm is not None:
+        measurements.append(_num(C_SUB_CHANGE, c.subsidence_change_mm, UNIT_MM))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, "cage", c.id),
+                                                     identifier=f"cage {c.id}"),
+        finding_type=C_INTERBODY_CAGE,
+        algorithm_id=_algorithm(),
+        finding_sites=sites,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(C_SUB_GRADE, GRADE_CODES[c.subsidence_grade])],
+        source_images=_source_images(index, c.centroid_lps_mm),
+    )
+
+
+def level_group(lv: LevelMeasurement, study_uid, index: SliceIndex) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one disc level: bridging fraction and fusion class."""
+    sites = [hd.sr.FindingSite(anatomic_location=LEVEL_CODES[lv.level])] if lv.level in LEVEL_CODES else None
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, "level", lv.level),
+                                                     identifier=f"level {lv.level}"),
+        finding_type=C_FUSION_ASSESSMENT,
+        algorithm_id=_algorithm(),
+        finding_sites=sites,
+        measurements=[_num(C_BRIDGING, lv.bridging_fraction, UNIT_RATIO)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(C_FUSION, FUSION_CODES[lv.fusion])],
+        source_images=_source_images(index, lv.center_lps_mm),
+    )
+
+
+def measurement_report(result: StudyResult, headers: Sequence[Dataset]) -> hd.sr.MeasurementReport:
+    """The TID 1500 content tree for ``result`` over the source images ``headers``."""
+    study_uid = headers[0].StudyInstanceUID
+    index = SliceIndex(headers)
+    groups = ([screw_group(s, study_uid, index) for s in result.screws]
+              + [cage_group(c, study_uid, index) for c in result.cages]
+              + [level_group(lv, study_uid, index) for lv in result.levels])
+    used = {}
+    # Image library: only the images the groups reference (a whole series would bloat it).
+    ref_uids = set()
+    for s in list(result.screws):
+        ds = index.nearest((np.asarray(s.head_lps_mm) + np.asarray(s.tip_lps_mm)) / 2)
+        if ds is not None:
+            ref_uids.add(ds.SOPInstanceUID)
+    for p in [c.centroid_lps_mm for c in result.cages] + [lv.center_lps_mm for lv in result.levels]:
+        ds = index.nearest(p)
+        if ds is not None:
+            ref_uids.add(ds.SOPInstanceUID)
+    for ds in headers:
+        if ds.SOPInstanceUID in ref_uids and _library_ok(ds):
+            used[ds.SOPInstanceUID] = ds
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(prefix=None, entropy_srcs=["fusionct-device", __version__]),
+            name="fusionct",
+            manufacturer_name=MANUFACTURER,
+            model_name="fusionct",
+        ),
+    )
+    return hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ComputedTomography,
+        imaging_measurements=groups,
+        referenced_images=list(used.values()) or None,
+    )
+
+
+def is_complete(result: StudyResult) -> bool:
+    """COMPLETE unless some finding could not be measured at all (a screw whose every halo
+    ray was excluded) or the flow said its content is partial (``extras['partial']``)."""
+    if (result.extras or {}).get("partial"):
+        return False
+    return not any(s.rays_used == 0 and s.rays_excluded > 0 for s in result.screws)
+
+
+def build_sr(result: StudyResult, headers: Sequence[Dataset], *,
+             series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
+             instance_number: int = 1, complete: bool | None = None,
+             verifying_observer_name: str | None = None, verifying_organization: str | None = None,
+             predecessor: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
+    """A Comprehensive 3D SR for ``result`` referencing the source images ``headers``.
+
+    Without ``verifying_observer_name`` the document is UNVERIFIED / PRELIMINARY (the draft);
+    with it, VERIFIED / FINAL with ``predecessor`` in PredecessorDocumentsSequence.
+    """
+    if not headers:
+        raise ValueError("an SR needs at least one source image header")
+    evidence = [_complete_patient_study(headers[0])] + list(headers[1:])
+    content = measurement_report(result, evidence)
+    verified = verifying_observer_name is not None
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=content,
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=is_complete(result) if complete is None else complete,
+        is_final=verified,
+        is_verified=verified,
+        verifying_observer_name=verifying_observer_name,
+        verifying_organization=verifying_organization,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        series_description="fusionct measurements" + (" (verified)" if verified else " (draft)"),
+        manufacturer_model_name="fusionct",
+        software_versions=__version__,
+        coding_schemes=[PRIVATE_SCHEME_ITEM],
+    )
+    return sr
+
+
+def sr_bytes(sr: Dataset) -> bytes:
+    """The SR as a DICOM Part 10 file in memory."""
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def refs_json(headers: Sequence[Dataset]) -> str:
+    """``source_refs`` as JSON text."""
+    return json.dumps(source_refs(headers))
