@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
-from pipeline.atomic import atomic_write_text
+from pipeline.atomic import write_text_atomic
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.results import Anatomy, StudyResult
@@ -69,7 +69,7 @@ def save_volume(volume: Volume, stem: str | Path) -> VolumeRef:
     os.replace(tmp, stem + ".npy")
     info = {"origin_lps_mm": volume.origin_lps_mm.tolist(), "spacing_mm": volume.spacing_mm.tolist(),
             "direction": volume.direction.tolist(), "meta": volume.meta}
-    atomic_write_text(Path(stem + ".json"), json.dumps(info))
+    write_text_atomic(Path(stem + ".json"), json.dumps(info))
     return VolumeRef(stem)
 
 
