@@ -164,7 +164,7 @@ def sort_slices(series: SeriesInfo, root: Path | None = None) -> tuple[list[Slic
     for s in slices:
         name = _rel(s.path, root)
         if not s.has_pixel_data:
-            raise InputError(name, f"no (integer) pixel data in this file of {label}")
+            raise InputError(name, f"no (integer) pixel data in this file of {label} (truncated, or not an image)")
         if s.number_of_frames != 1:
             raise InputError(name, f"multi-frame image ({s.number_of_frames} frames); only single-frame CT series are supported")
         if s.samples_per_pixel != 1:

@@ -15,6 +15,12 @@ from pipeline.errors import InputError
 from pipeline.volume import Volume
 
 
+def _first_line(e: Exception, path: Path) -> str:
+    """An exception's first line with the file's folders removed (they may name the patient)."""
+    text = str(e).replace(str(path), path.name).replace(str(path.parent), "")
+    return text.splitlines()[0][:160] if text else "unknown reason"
+
+
 def _check_affine(path: Path) -> None:
     """Refuse a header whose voxel-to-world affine is not finite or not invertible."""
     import nibabel as nib
@@ -26,7 +32,7 @@ def _check_affine(path: Path) -> None:
         affine = np.asarray(img.affine, float)
         zooms = np.asarray(hdr.get_zooms()[:3], float)
     except Exception as e:  # noqa: BLE001 - nibabel raises many types on bad headers
-        raise InputError(path.name, f"not a readable NIfTI file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise InputError(path.name, f"not a readable NIfTI file ({type(e).__name__}: {_first_line(e, path)})") from None
     if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
         raise InputError(path.name, f"NIfTI image must be one 3-D volume, got shape {tuple(shape)}")
     if min(shape[:3]) < 2:
@@ -69,7 +75,7 @@ def load_nifti(path: str | Path) -> Volume:
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        lines = [ln for ln in str(e).replace(str(path), path.name).splitlines() if ln.strip()]
         msg = lines[-1].strip()[:160] if lines else "unknown reason"
         raise InputError(path.name, f"SimpleITK cannot read this NIfTI file: {msg}") from None
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:

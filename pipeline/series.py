@@ -321,11 +321,15 @@ def read_slice_header(path: str | Path) -> tuple[str, pydicom.Dataset | None, Sl
             has_px, offset, length, _float_px = _pixel_element(f, ds, ts)
     except OSError:
         return "non_dicom", None, None
+    if "SeriesInstanceUID" not in ds:
+        # every image (and SR/PR) has this tag; a preamble file without it was cut short
+        return ("corrupt" if preamble else "non_dicom"), None, None
+    sop_uid = _text(ds.get("SOPInstanceUID")) or _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPInstanceUID"))
     try:
         # touching values forces pydicom to convert them; a malformed value raises here
         hdr = SliceHeader(
             path=path,
-            sop_instance_uid=_text(ds.get("SOPInstanceUID")),
+            sop_instance_uid=sop_uid,
             position_lps_mm=_floats(ds.get("ImagePositionPatient"), 3),
             orientation=_floats(ds.get("ImageOrientationPatient"), 6),
             rows=_int(ds.get("Rows")),
