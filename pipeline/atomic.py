@@ -83,3 +83,33 @@ def replace_into(src: str | Path, dst: str | Path) -> Path:
     os.replace(src, dst)
     fsync_dir(dst.parent)
     return dst
+
+
+def write_bytes_exclusive(path: str | Path, data: bytes, *, mode: int = 0o644) -> Path:
+    """Create ``path`` with ``data`` atomically, failing if it already exists.
+
+    The content is written and fsynced to a temp file beside ``path``, then hard-linked to
+    ``path`` (``os.link`` refuses an existing name, even against another process), so the
+    file appears whole or not at all and an existing file is never replaced.
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` exists.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.link(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    fsync_dir(path.parent)
+    return path
