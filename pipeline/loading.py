@@ -3,8 +3,8 @@
 Geometry is exactly what SimpleITK gives (``ImageSeriesReader`` on the files sorted along
 the slice normal, or ``ReadImage`` for NIfTI): ``origin`` is the first slice's
 ImagePositionPatient, the direction's columns are the row direction, the column direction
-and the slice normal (row x column), and the slice spacing is the distance between the
-first and last slice along the normal divided by ``n - 1``.
+and the slice normal (row x column), all unit vectors, and the slice spacing is the
+distance between the first and last slice positions divided by ``n - 1``.
 
 Slices are sorted by their position along the normal (ImagePositionPatient . normal), never
 by file name or InstanceNumber, so head-first and feet-first series and either slice order
@@ -202,7 +202,10 @@ def sort_slices(series: SeriesInfo, root: Path | None = None) -> tuple[list[Slic
     row, col = o[:3], o[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
         raise InputError(_rel(first.path, root), "ImageOrientationPatient is not two orthogonal unit vectors")
+    # like ITK/GDCM: unit row and column cosines, normal their cross product
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
 
     pos = np.asarray([s.position_lps_mm for s in slices], float)
     dist = pos @ normal
@@ -236,7 +239,8 @@ def sort_slices(series: SeriesInfo, root: Path | None = None) -> tuple[list[Slic
         raise InputError(label, f"gantry tilt of {tilt_deg:.2f} degrees (slices are sheared); fusionct refuses "
                                 "tilted series: use an untilted series or resample it to an orthogonal grid first")
 
-    spacing_k = along / (n - 1)
+    # ITK's ImageSeriesReader: distance from first to last slice over n - 1
+    spacing_k = float(np.linalg.norm(span)) / (n - 1)
     if not spacing_k > 0:
         raise InputError(label, f"zero or negative slice spacing ({spacing_k} mm)")
     geometry = {
