@@ -117,7 +117,10 @@ def load_dicom_folder(folder: str | Path) -> Volume:
             f = _rel(series.corrupt_paths[0], folder)
             raise InputError(f, f"looks like DICOM but cannot be parsed (corrupt or truncated); "
                                 f"no readable DICOM series in the folder")
-        raise InputError(folder, f"no DICOM files among its {series.n_files} files")
+        hint = ""
+        if any(is_nifti_path(f) for f in series.non_dicom_paths):
+            hint = " (it holds a NIfTI file: give that file itself as the input)"
+        raise InputError(folder, f"no DICOM files among its {series.n_files} files{hint}")
     chosen, reason = select_series(series)
     if series.corrupt_paths:
         f = _rel(series.corrupt_paths[0], folder)

@@ -34,6 +34,7 @@ NATIVE_LITTLE_ENDIAN = {
     "1.2.840.10008.1.2.1": False,  # Explicit VR Little Endian
 }
 
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 _PIXEL_DATA_TAG = 0x7FE00010
 _FLOAT_PIXEL_TAGS = {0x7FE00008, 0x7FE00009}
 
@@ -322,6 +323,9 @@ def read_slice_header(path: str | Path) -> tuple[str, pydicom.Dataset | None, Sl
     except OSError:
         return "non_dicom", None, None
     if "SeriesInstanceUID" not in ds:
+        media_class = _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID"))
+        if media_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+            return "non_dicom", None, None  # a DICOMDIR index: not an image, skip quietly
         # every image (and SR/PR) has this tag; a preamble file without it was cut short
         return ("corrupt" if preamble else "non_dicom"), None, None
     sop_uid = _text(ds.get("SOPInstanceUID")) or _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPInstanceUID"))

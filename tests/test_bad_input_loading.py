@@ -280,3 +280,9 @@ def test_nifti_that_is_not_nifti_refused(tmp_path):
     err = refuse(tmp_path / "fake.nii.gz")
     assert err.where == "fake.nii.gz" and "not a readable NIfTI file" in err.reason
     assert str(tmp_path) not in str(err)
+
+
+def test_folder_holding_only_a_nifti_points_to_the_file(tmp_path):
+    _nifti(tmp_path / "ct.nii.gz", np.eye(4))
+    err = refuse(tmp_path)
+    assert "no DICOM files" in err.reason and "give that file itself" in err.reason

@@ -159,3 +159,35 @@ def test_bone_kernels_recognised(kernel):
 @pytest.mark.parametrize("kernel", ["B30f", "Br38f", "I40f", "STANDARD", "SOFT", "B", "C", "FC13", "", None])
 def test_soft_kernels_not_counted_as_bone(kernel):
     assert not is_bone_kernel(kernel)
+
+
+def test_dicomdir_export_tree_loads_and_dicomdir_is_skipped(tmp_path):
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    src = series(tmp_path / "src", "ct", n=4, thickness=1.0, description="CT")
+    fs = FileSet()
+    for p in src:
+        ds = pydicom.dcmread(p)
+        ds.PatientID, ds.PatientName = "ANON", "ANON"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20200101", "120000", "1", "1"
+        fs.add(ds)
+    fs.write(tmp_path / "export")
+    found = scan_dicom_folder(tmp_path / "export")
+    assert [s.n_files for s in found] == [4]
+    assert [Path(p).name for p in found.non_dicom_paths] == ["DICOMDIR"] and found.corrupt_paths == []
+    assert load_study(tmp_path / "export").hu.shape == (4, 8, 8)
+
+
+def test_raw_dicom_files_without_preamble_load(tmp_path):
+    import pydicom
+
+    paths = series(tmp_path, "ct", n=5, thickness=1.0, description="Raw")
+    for p in paths:  # rewrite as bare implicit-VR datasets: no preamble, no file meta
+        ds = pydicom.dcmread(p)
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(p, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        assert p.read_bytes()[128:132] != b"DICM"
+    vol = load_study(tmp_path)
+    assert vol.hu.shape == (5, 8, 8) and vol.meta["transfer_syntax_uid"] == "1.2.840.10008.1.2"
