@@ -35,6 +35,17 @@ NATIVE_LITTLE_ENDIAN = {
 }
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+
+#: The only header elements the scan converts (pydicom still walks every element to find
+#: the pixel data offset, but skips building the rest: about 1.6x faster on real headers).
+HEADER_TAGS = [
+    "SpecificCharacterSet", "ImageType", "SOPClassUID", "SOPInstanceUID", "Modality", "Manufacturer",
+    "SeriesDescription", "SliceThickness", "ConvolutionKernel", "StudyInstanceUID", "SeriesInstanceUID",
+    "SeriesNumber", "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient",
+    "FrameOfReferenceUID", "SamplesPerPixel", "NumberOfFrames", "Rows", "Columns", "PixelSpacing",
+    "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleIntercept", "RescaleSlope",
+    "DirectoryRecordSequence",
+]
 _PIXEL_DATA_TAG = 0x7FE00010
 _FLOAT_PIXEL_TAGS = {0x7FE00008, 0x7FE00009}
 
@@ -312,7 +323,7 @@ def read_slice_header(path: str | Path) -> tuple[str, pydicom.Dataset | None, Sl
                 return "non_dicom", None, None
             f.seek(0)
             try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True, force=not preamble)
+                ds = pydicom.dcmread(f, stop_before_pixels=True, force=not preamble, specific_tags=HEADER_TAGS)
             except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError,
                     IndexError, TypeError, NotImplementedError, AttributeError):
                 return ("corrupt" if preamble else "non_dicom"), None, None
