@@ -286,3 +286,20 @@ def test_folder_holding_only_a_nifti_points_to_the_file(tmp_path):
     _nifti(tmp_path / "ct.nii.gz", np.eye(4))
     err = refuse(tmp_path)
     assert "no DICOM files" in err.reason and "give that file itself" in err.reason
+
+
+def test_nifti_with_several_volumes_refused(tmp_path):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.int16), np.eye(4)), str(tmp_path / "fmri.nii.gz"))
+    err = refuse(tmp_path / "fmri.nii.gz")
+    assert "one 3-D volume" in err.reason
+
+
+def test_nifti_with_one_trailing_volume_axis_loads(tmp_path):
+    import nibabel as nib
+
+    data = np.arange(8 * 7 * 6, dtype=np.int16).reshape(8, 7, 6, 1)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "ct4d.nii.gz"))
+    vol = load_study(tmp_path / "ct4d.nii.gz")
+    np.testing.assert_array_equal(vol.hu, np.transpose(data[..., 0], (2, 1, 0)).astype(np.float32))
