@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -208,6 +209,29 @@ def render_files(result: StudyResult, evidence: Mapping, volume) -> dict[str, by
     return files
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_staging(target: Path) -> list[Path]:
+    """Delete staging folders a killed earlier run left beside ``target`` (their process id,
+    part of the name, is no longer running). Returns what was removed."""
+    removed = []
+    pat = re.compile(re.escape(f"{STAGING_PREFIX}{target.name}-") + r"(\d+)-[a-z0-9_]{8}$")  # mkdtemp's suffix
+    for p in target.parent.glob(f"{STAGING_PREFIX}{target.name}-*"):
+        m = pat.match(p.name)
+        if m and p.is_dir() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def land_files(files: Mapping[str, bytes], target: str | Path) -> Path:
     """Stage ``files`` beside ``target`` and move them in, measurements.json last.
 
@@ -216,7 +240,9 @@ def land_files(files: Mapping[str, bytes], target: str | Path) -> Path:
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent))
+    remove_dead_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-{os.getpid()}-",
+                                    dir=target.parent))
     try:
         for name, data in files.items():
             write_bytes_atomic(staging / name, data)

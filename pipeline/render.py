@@ -134,15 +134,24 @@ def _station_width(ev: ScrewEvidence, direction) -> np.ndarray:
     return np.asarray(ev.widths_mm, float)[:, a]
 
 
-def worst_station(ev: ScrewEvidence) -> int:
-    """Station with the widest mean halo (the one a reader would look at); middle if none."""
+def worst_station(ev: ScrewEvidence, tie_mm: float = 0.05) -> int:
+    """Station with the widest mean halo (the one a reader would look at).
+
+    Stations within ``tie_mm`` of the widest count as equal and the one nearest the middle
+    of the shaft wins (a uniform halo is then shown mid-shaft, not at the pedicle entry);
+    with no measured ray at all, the middle station.
+    """
     w = np.asarray(ev.widths_mm, float)
-    if w.size == 0 or np.all(np.isnan(w)):
-        return max(0, w.shape[0] // 2) if w.ndim else 0
+    if w.ndim != 2 or w.shape[0] == 0:
+        return 0
+    mid = (w.shape[0] - 1) / 2
+    if np.all(np.isnan(w)):
+        return int(round(mid))
     with np.errstate(all="ignore"):
         m = np.nanmean(w, axis=1)
     m = np.where(np.isnan(m), -np.inf, m)
-    return int(np.argmax(m))
+    cand = np.flatnonzero(m >= m.max() - tie_mm)
+    return int(cand[np.argmin(np.abs(cand - mid))])
 
 
 def screw_axis_figure(volume: Volume, head_lps_mm, tip_lps_mm, ev: ScrewEvidence,
@@ -228,7 +237,7 @@ def screw_cross_figure(volume: Volume, head_lps_mm, tip_lps_mm, ev: ScrewEvidenc
     dist = float(np.linalg.norm(center - head))
     with np.errstate(all="ignore"):
         mean_s = float(np.nanmean(ws)) if ws.size and np.any(np.isfinite(ws)) else float("nan")
-    caption = (f"Cross-section {dist:.1f} mm from the head (widest halo station): true "
+    caption = (f"Cross-section {dist:.1f} mm from the head (widest halo): true "
                f"radius {r:.2f} mm (cyan), halo outline (yellow); halo here mean "
                f"{mean_s:.2f} mm, max {wmax:.2f} mm; excluded rays in red.")
     return Figure(caption, to_png(img))

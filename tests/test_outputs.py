@@ -457,3 +457,22 @@ def test_dicom_input_gets_an_sr_and_source_refs(tmp_path):
     page = (out / "report.html").read_text()
     assert "Zyxwort" not in page and PATIENT_ID not in page
     assert "Spine 2.0 Bone" in page
+
+
+def test_staging_left_by_a_killed_process_is_cleaned_up(study, tmp_path):
+    import subprocess
+    import sys
+
+    vol, _, result, ev = study
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(proc.stdout)  # a process that has exited
+    dead = tmp_path / f".fusionct-staging-out-{dead_pid}-abcd_123"
+    dead.mkdir()
+    (dead / "measurements.json").write_text("{half")
+    other = tmp_path / f".fusionct-staging-out2-{dead_pid}-abcd_123"  # another target's
+    other.mkdir()
+    write_outputs(tmp_path / "out", result, ev, vol)
+    assert not dead.exists()
+    assert other.exists()
+    assert not [p for p in tmp_path.glob(".fusionct-staging-out-*")]
