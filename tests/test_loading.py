@@ -200,3 +200,80 @@ def test_real_nifti_geometry_equals_simpleitk_and_nibabel(realdata):
     assert vol.hu.shape == (112, 101, 122)
     assert -1300 < vol.hu.min() < -900 and 2000 < vol.hu.max() < 4000
     assert -200 < float(np.median(vol.hu)) < 200 or float(np.median(vol.hu)) < -800  # air or soft tissue
+
+
+# ------------------------------------------------------------------ sample_data phantom studies
+SAMPLE_LAYOUTS = {
+    "fine_head_first": ("fine", False),
+    "standard_head_first": ("standard", False),
+    "coarse_head_first": ("coarse", False),
+    "coarse_feet_first": ("coarse", True),
+    "standard_feet_first": ("standard", True),
+}
+
+
+@pytest.fixture(scope="module")
+def phantom_studies(tmp_path_factory):
+    """Phantom studies (bone + localizer + thick soft series, random nested names) at the three
+    test spacings, head-first and feet-first; trimmed to two vertebrae to stay small."""
+    import dataclasses
+
+    from sample_data.dicom_writer import read_truth, write_dicom_study
+    from sample_data.phantom import make_phantom, spacing_specs
+
+    specs = spacing_specs(seed=3, noise_hu=20.0, streaks=False)
+    out = {}
+    for name, (which, feet_first) in SAMPLE_LAYOUTS.items():
+        spec = dataclasses.replace(specs[which], vertebrae=("L5", "S1"), feet_first=feet_first,
+                                   fov_x_mm=(-30.0, 30.0), fov_y_mm=(-20.0, 40.0))
+        folder = write_dicom_study(spec, tmp_path_factory.mktemp(name))
+        phantom, _ = make_phantom(spec)
+        out[name] = (folder, read_truth(folder), phantom)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_LAYOUTS))
+def test_phantom_study_loads_bone_series_equal_to_simpleitk(phantom_studies, name):
+    folder, truth, _ = phantom_studies[name]
+    vol = load_study(folder)
+    bone_uid = truth["dicom"]["bone_series_uid"]
+    assert vol.meta["series_instance_uid"] == bone_uid
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), bone_uid, False, True)
+    r = sitk.ImageSeriesReader()
+    r.SetFileNames(files)
+    img = r.Execute()
+    np.testing.assert_array_equal(vol.hu, sitk.GetArrayFromImage(img).astype(np.float32))
+    np.testing.assert_allclose(vol.origin_lps_mm, img.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(vol.spacing_mm, img.GetSpacing(), rtol=1e-9)
+    np.testing.assert_allclose(vol.direction.ravel(), img.GetDirection(), atol=1e-9)
+    assert sorted(vol.meta["source_paths"]) == sorted(files)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_LAYOUTS))
+def test_phantom_study_reproduces_the_phantom_volume_and_geometry(phantom_studies, name):
+    folder, _, phantom = phantom_studies[name]
+    vol = load_study(folder)
+    np.testing.assert_allclose(vol.spacing_mm, phantom.spacing_mm, atol=1e-4)
+    np.testing.assert_allclose(vol.direction, phantom.direction, atol=1e-6)
+    np.testing.assert_allclose(vol.origin_lps_mm, phantom.origin_lps_mm, atol=1e-4)
+    # stored as int16 with intercept -1024: HU survive to within rounding (0.5 HU), except clipped metal
+    expected = np.clip(np.rint(phantom.hu + 1024), -32768, 32767) - 1024
+    np.testing.assert_array_equal(vol.hu, expected.astype(np.float32))
+
+
+def test_phantom_study_picks_bone_over_localizer_and_thick_soft_series(phantom_studies):
+    folder, truth, _ = phantom_studies["standard_head_first"]
+    vol = load_study(folder)
+    reason = vol.meta["selection_reason"]
+    roles = {s["role"]: s for s in truth["dicom"]["series"]}
+    assert vol.meta["series_instance_uid"] == roles["bone"]["uid"]
+    assert f"Picked series #2 '{roles['bone']['description']}'" in reason
+    assert "bone/sharp kernel" in reason and "thinnest slices" in reason
+    assert f"'{roles['localizer']['description']}': localizer" in reason
+    assert f"'{roles['soft']['description']}': reformat/derived, thicker slices (5 mm)" in reason
+    assert len(vol.meta["source_paths"]) == roles["bone"]["n_files"]
+    assert vol.meta["convolution_kernel"] == "BONE" and vol.meta["input_kind"] == "dicom"
+    text = json.dumps(vol.meta)
+    from sample_data.dicom_writer import PATIENT_NAME, patient_id
+
+    assert PATIENT_NAME.split("^")[0] not in text and patient_id(3) not in text
