@@ -210,6 +210,8 @@ def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -
         excl = (f"<br>Rays used {s.rays_used}, excluded {s.rays_excluded}."
                 if (s.rays_used or s.rays_excluded) else "")
         mig = f"<br>Migration since prior: {fmt_mm(s.migration_mm)}." if s.migration_mm is not None else ""
+        if s.halo_change_mm is not None:
+            mig += f"<br>Halo change since prior: {fmt_mm(s.halo_change_mm)}."
         out.append(f'<div class="finding" id="{esc(key)}"><b>{esc(screw_summary(s))}</b> '
                    f"{_badge(result.status)}<br>Length {fmt_mm(s.length_mm)}, diameter "
                    f"{fmt_mm(s.diameter_mm)}.{excl}{mig}<br>{figs or '<i>no image</i>'}</div>")

@@ -49,6 +49,7 @@ C_HALO_COVERAGE = _fc("FCT003", "Peri-screw lucency halo coverage")
 C_LOOSENING = _fc("FCT004", "Pedicle screw loosening")
 C_DOUBLE_HALO = _fc("FCT005", "Sclerotic rim outside halo")
 C_MIGRATION = _fc("FCT006", "Screw migration since prior CT")
+C_HALO_CHANGE = _fc("FCT007", "Peri-screw lucency halo change since prior CT")
 C_SUB_SUP = _fc("FCT010", "Cage subsidence through superior endplate")
 C_SUB_INF = _fc("FCT011", "Cage subsidence through inferior endplate")
 C_SUB_MAX = _fc("FCT012", "Cage subsidence")
@@ -207,8 +208,20 @@ def tracking_uid(study_uid: str | None, kind: str, ident: str) -> str:
     return generate_uid(prefix=None, entropy_srcs=[str(study_uid), kind, ident])
 
 
-def _num(name, value, unit) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit)
+def _num(name, value, unit, where=None) -> hd.sr.Measurement:
+    """One TID 300 measurement; ``where`` adds its 3D coordinates (SCOORD3D, LPS mm)."""
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit,
+                             referenced_coordinates=[where] if where is not None else None)
+
+
+def _where(frame_uid: str | None, points_lps_mm) -> hd.sr.CoordinatesForMeasurement3D | None:
+    """SCOORD3D in the source frame of reference: a POINT, or a POLYLINE for several."""
+    if not frame_uid:
+        return None
+    pts = np.asarray(points_lps_mm, float).reshape(-1, 3)
+    kind = hd.sr.GraphicTypeValues3D.POINT if len(pts) == 1 else hd.sr.GraphicTypeValues3D.POLYLINE
+    return hd.sr.CoordinatesForMeasurement3D(graphic_type=kind, graphic_data=pts,
+                                             frame_of_reference_uid=frame_uid)
 
 
 def _source_images(index: SliceIndex, p_lps) -> list | None:
@@ -222,19 +235,23 @@ def _algorithm() -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name="fusionct", version=__version__)
 
 
-def screw_group(s: ScrewMeasurement, study_uid, index: SliceIndex) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for one screw: halo widths, coverage, loosening, site."""
+def screw_group(s: ScrewMeasurement, study_uid, index: SliceIndex,
+                frame_uid: str | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one screw: halo widths, coverage, loosening, site; the halo mean
+    carries the shaft (head -> tip) as a 3D polyline."""
     sites = None
     if s.vertebra in VERTEBRA_CODES:
         lat = {"left": codes.SCT.Left, "right": codes.SCT.Right}.get(s.side)
         sites = [hd.sr.FindingSite(anatomic_location=VERTEBRA_CODES[s.vertebra], laterality=lat)]
     measurements = [
-        _num(C_HALO_MEAN, s.halo_mean_mm, UNIT_MM),
+        _num(C_HALO_MEAN, s.halo_mean_mm, UNIT_MM, _where(frame_uid, [s.head_lps_mm, s.tip_lps_mm])),
         _num(C_HALO_MAX, s.halo_max_mm, UNIT_MM),
         _num(C_HALO_COVERAGE, s.halo_coverage, UNIT_RATIO),
     ]
     if s.migration_mm is not None:
         measurements.append(_num(C_MIGRATION, s.migration_mm, UNIT_MM))
+    if s.halo_change_mm is not None:
+        measurements.append(_num(C_HALO_CHANGE, s.halo_change_mm, UNIT_MM))
     yes_no = lambda b: codes.SCT.Present if b else codes.SCT.Absent  # noqa: E731
     qual = [hd.sr.QualitativeEvaluation(C_LOOSENING, yes_no(s.loosening)),
             hd.sr.QualitativeEvaluation(C_DOUBLE_HALO, yes_no(s.double_halo))]
@@ -251,13 +268,14 @@ def screw_group(s: ScrewMeasurement, study_uid, index: SliceIndex) -> hd.sr.Meas
     )
 
 
-def cage_group(c: CageMeasurement, study_uid, index: SliceIndex) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def cage_group(c: CageMeasurement, study_uid, index: SliceIndex,
+               frame_uid: str | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group for one cage: subsidence per endplate, the larger, the grade."""
     sites = [hd.sr.FindingSite(anatomic_location=LEVEL_CODES[c.level])] if c.level in LEVEL_CODES else None
     measurements = [
         _num(C_SUB_SUP, c.subsidence_superior_mm, UNIT_MM),
         _num(C_SUB_INF, c.subsidence_inferior_mm, UNIT_MM),
-        _num(C_SUB_MAX, c.subsidence_mm, UNIT_MM),
+        _num(C_SUB_MAX, c.subsidence_mm, UNIT_MM, _where(frame_uid, [c.centroid_lps_mm])),
     ]
     if c.subsidence_change_mm is not None:
         measurements.append(_num(C_SUB_CHANGE, c.subsidence_change_mm, UNIT_MM))
@@ -273,7 +291,8 @@ def cage_group(c: CageMeasurement, study_uid, index: SliceIndex) -> hd.sr.Measur
     )
 
 
-def level_group(lv: LevelMeasurement, study_uid, index: SliceIndex) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def level_group(lv: LevelMeasurement, study_uid, index: SliceIndex,
+                frame_uid: str | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group for one disc level: bridging fraction and fusion class."""
     sites = [hd.sr.FindingSite(anatomic_location=LEVEL_CODES[lv.level])] if lv.level in LEVEL_CODES else None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -282,7 +301,8 @@ def level_group(lv: LevelMeasurement, study_uid, index: SliceIndex) -> hd.sr.Mea
         finding_type=C_FUSION_ASSESSMENT,
         algorithm_id=_algorithm(),
         finding_sites=sites,
-        measurements=[_num(C_BRIDGING, lv.bridging_fraction, UNIT_RATIO)],
+        measurements=[_num(C_BRIDGING, lv.bridging_fraction, UNIT_RATIO,
+                           _where(frame_uid, [lv.center_lps_mm]))],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(C_FUSION, FUSION_CODES[lv.fusion])],
         source_images=_source_images(index, lv.center_lps_mm),
     )
@@ -292,9 +312,10 @@ def measurement_report(result: StudyResult, headers: Sequence[Dataset]) -> hd.sr
     """The TID 1500 content tree for ``result`` over the source images ``headers``."""
     study_uid = headers[0].StudyInstanceUID
     index = SliceIndex(headers)
-    groups = ([screw_group(s, study_uid, index) for s in result.screws]
-              + [cage_group(c, study_uid, index) for c in result.cages]
-              + [level_group(lv, study_uid, index) for lv in result.levels])
+    frame_uid = str(headers[0].get("FrameOfReferenceUID", "") or "") or None
+    groups = ([screw_group(s, study_uid, index, frame_uid) for s in result.screws]
+              + [cage_group(c, study_uid, index, frame_uid) for c in result.cages]
+              + [level_group(lv, study_uid, index, frame_uid) for lv in result.levels])
     used = {}
     # Image library: only the images the groups reference (a whole series would bloat it).
     ref_uids = set()

@@ -411,7 +411,7 @@ def render_page(doc: dict, figures: dict, token: str, form: dict | None = None,
     head = (f"<p>Study Instance UID {esc(inp.get('study_instance_uid') or '–')}; series "
             f"{esc(inp.get('series_instance_uid') or '–')}"
             + (f" ({esc(inp.get('series_description'))})" if inp.get("series_description") else "")
-            + "</p>")
+            + '. <a href="/report.html">Full report</a></p>')
     notes = "".join(f"<li>{esc(n)}</li>" for n in doc.get("notes", []))
     notes = f'<h2>What the analysis was unsure of</h2><ul class="notes">{notes}</ul>' if notes else ""
     findings = list_findings(doc)
@@ -507,11 +507,25 @@ class ReviewHandler(BaseHTTPRequestHandler):
     def _html(self, status: int, text: str) -> None:
         self._send(status, text.encode("utf-8"), "text/html; charset=utf-8")
 
+    def _host_ok(self) -> bool:
+        """Refuse requests whose Host header is not this server (DNS-rebinding guard)."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        bound, port = self.server.server_address[:2]
+        if not str(bound).startswith("127.") and str(bound) != "::1":
+            return True  # bound beyond loopback on purpose (--host): any name may reach it
+        allowed = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]", str(bound).lower())}
+        if host in allowed:
+            return True
+        self._html(421, _page("<p>Wrong host.</p>"))
+        return False
+
     def _confirmation(self) -> dict | None:
         p = self.server.outdir / CONFIRMATION
         return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
 
     def do_GET(self):
+        if not self._host_ok():
+            return
         path = urlsplit(self.path).path
         out = self.server.outdir
         if path in ("/", "/index.html"):
@@ -530,6 +544,8 @@ class ReviewHandler(BaseHTTPRequestHandler):
             self._html(404, _page("<p>Not found.</p>"))
 
     def do_POST(self):
+        if not self._host_ok():
+            return
         path = urlsplit(self.path).path
         if path != "/sign":
             self._html(404, _page("<p>Not found.</p>"))

@@ -159,3 +159,23 @@ def test_no_sr_for_nifti_input(tmp_path):
     out = write_outputs(tmp_path / "out", truth_result(truth), truth_evidence(truth), nifti_like_volume(vol))
     assert not (out / "report_sr.dcm").exists()
     assert (out / "measurements.json").exists()
+
+
+def test_screw_shafts_are_located_in_the_source_frame_of_reference(sr_study):
+    path, vol, truth = sr_study
+    ds = pydicom.dcmread(path)
+    src = pydicom.dcmread(vol.meta["source_paths"][0], stop_before_pixels=True)
+    lines = []
+
+    def walk(items):
+        for it in items:
+            if it.ValueType == "SCOORD3D" and it.GraphicType == "POLYLINE":
+                assert it.ReferencedFrameOfReferenceUID == src.FrameOfReferenceUID
+                lines.append([float(x) for x in it.GraphicData])
+            if "ContentSequence" in it:
+                walk(it.ContentSequence)
+
+    walk(ds.ContentSequence)
+    assert len(lines) == len(truth["screws"])
+    for s, line in zip(truth["screws"], lines):
+        assert line == pytest.approx(list(s["head_lps_mm"]) + list(s["tip_lps_mm"]), abs=1e-3)

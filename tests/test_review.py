@@ -292,3 +292,15 @@ def test_served_folder_without_results_is_refused(tmp_path):
 
     with pytest.raises(InputError):
         make_server(tmp_path, port=0)
+
+
+def test_requests_for_another_host_name_are_refused(server):
+    run, out, _ = server
+    port = run.server.server_address[1]
+    req = urllib.request.Request(run.base + "/", headers={"Host": f"evil.example:{port}"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=30)
+    assert exc.value.code == 421
+    req = urllib.request.Request(run.base + "/", headers={"Host": f"localhost:{port}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
