@@ -1,0 +1,796 @@
+"""Find the vertebral bodies, their endplates and the disc spaces between them.
+
+The steps, each one function (all positions LPS mm, see ``pipeline.volume``):
+
+1. :func:`resample_to_lps_grid` - a smoothed copy of the CT on an LPS-aligned grid
+   (z superior), so the rest never depends on the series' slice order or direction.
+2. :func:`column_cores` - in each axial plane, the "thick" bone: points at least
+   ``core_radius_mm`` inside a mask of bone-or-disc density. Vertebral bodies are the
+   thickest bone of the trunk; laminae, ribs and iliac blades are thin and drop out.
+3. :func:`select_column_chain` - the chain of such cores stacked along z near the midline
+   (the spinal column); a femoral head or hip implant beside it is never part of it.
+4. :func:`column_centreline` and :func:`column_profile` - a smooth curve through the
+   chain and, along it, cross-section statistics (central HU, fraction of disc-density
+   and metal voxels) from which :func:`split_bodies` finds the disc spaces.
+5. :func:`fit_body` - per body: outline ellipse, superior and inferior endplate planes
+   (the outer surface of the cortical endplate, half-way between the endplate's peak and
+   the disc beyond it) fitted to many rays parallel to the body axis.
+6. :func:`sacrum_index` / :func:`name_vertebrae` - the sacrum is the first body (from the
+   top) with alae: bone running far to both sides in the body's own plane. Names are
+   counted upward from it (S1, L5, L4, ...); without a sacrum the bodies are named by
+   position (V1.. from the top) and a note says so (CONTRACT.md, "Geometry and units").
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.config import Config
+from pipeline.errors import InputError
+from pipeline.results import DiscLevel, Plane, Vertebra
+from pipeline.volume import Volume
+
+# Grid and thresholds of the column search (not clinical criteria: detection internals).
+ANATOMY_STEP_MM = 2.0          # LPS grid step for the column search
+COLUMN_SIGMA_MM = 1.5          # pre-smoothing before thresholding
+COLUMN_THRESHOLD_HU = 100.0    # bone-or-disc: above soft tissue (~40) and below trabecular
+                               # bone even in osteopenic spines (~120-250 HU)
+CORE_RADIUS_MM = 8.0           # in-plane half-thickness a vertebral body always exceeds
+MAX_HOLE_MM2 = 120.0           # holes filled in the mask (not the spinal canal, ~300 mm2)
+BODY_HEIGHT_RANGE_MM = (14.0, 45.0)
+DISC_HEIGHT_RANGE_MM = (2.0, 20.0)
+MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
+ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
+SACRUM_LATERAL_BONE = 0.15     # lateral bone fraction beside S1 (alae); lumbar < 0.08
+LUMBAR_NAMES_ABOVE_S1 = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8")
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample_lps(volume: Volume, points_lps_mm, order: int = 1, cval_hu: float = -1000.0) -> np.ndarray:
+    """HU at LPS points (..., 3) by spline interpolation of ``order`` (1 = trilinear)."""
+    pts = np.asarray(points_lps_mm, float)
+    kji = volume.lps_to_kji(pts.reshape(-1, 3))
+    vals = ndimage.map_coordinates(volume.hu, kji.T, order=order, mode="constant",
+                                   cval=cval_hu, prefilter=False)
+    return vals.reshape(pts.shape[:-1])
+
+
+def lps_bounds(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """LPS bounding box (min, max corner) of the voxel centres, mm."""
+    ni, nj, nk = volume.shape_ijk
+    corners = np.array([[i, j, k] for i in (0, ni - 1) for j in (0, nj - 1) for k in (0, nk - 1)], float)
+    c = volume.ijk_to_lps(corners)
+    return c.min(0), c.max(0)
+
+
+def resample_to_lps_grid(volume: Volume, step_mm: float = ANATOMY_STEP_MM,
+                         sigma_mm: float = COLUMN_SIGMA_MM) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-smoothed HU on an LPS-aligned grid.
+
+    Returns
+    -------
+    grid_hu : ndarray (nz, ny, nx) float32; ``grid_hu[c, b, a]`` is the HU at
+        ``origin_lps_mm + step_mm * (a, b, c)`` (x left, y posterior, z superior).
+    origin_lps_mm : ndarray (3,)
+    """
+    sig_vox = [max(sigma_mm / s, 0.0) for s in volume.spacing_mm[::-1]]
+    smooth = ndimage.gaussian_filter(volume.hu.astype(np.float32, copy=False), sig_vox, mode="nearest")
+    lo, hi = lps_bounds(volume)
+    n = np.floor((hi - lo) / step_mm).astype(int) + 1
+    axes = [lo[a] + step_mm * np.arange(n[a]) for a in range(3)]
+    out = np.empty((n[2], n[1], n[0]), np.float32)
+    xx, yy = np.meshgrid(axes[0], axes[1], indexing="xy")  # (ny, nx)
+    for c, z in enumerate(axes[2]):
+        pts = np.stack([xx, yy, np.full_like(xx, z)], -1)
+        kji = volume.lps_to_kji(pts.reshape(-1, 3))
+        out[c] = ndimage.map_coordinates(smooth, kji.T, order=1, mode="constant",
+                                         cval=-1000.0, prefilter=False).reshape(xx.shape)
+    return out, lo
+
+
+# ------------------------------------------------------------------------------ column
+def column_cores(grid_hu: np.ndarray, step_mm: float, threshold_hu: float = COLUMN_THRESHOLD_HU,
+                 core_radius_mm: float = CORE_RADIUS_MM, max_hole_mm2: float = MAX_HOLE_MM2):
+    """Label the thick bone of each axial plane.
+
+    Returns
+    -------
+    labels : int ndarray like ``grid_hu``; 3-D connected components of the core.
+    depth_mm : float32 ndarray; in-plane distance to the mask boundary (mm).
+    """
+    mask = grid_hu > threshold_hu
+    depth = np.zeros(grid_hu.shape, np.float32)
+    max_hole_px = max(int(max_hole_mm2 / step_mm**2), 1)
+    for c in range(mask.shape[0]):
+        m = mask[c]
+        if not m.any():
+            continue
+        holes = ndimage.binary_fill_holes(m) & ~m
+        hl, nh = ndimage.label(holes)
+        if nh:
+            sizes = np.bincount(hl.ravel())
+            small = sizes <= max_hole_px
+            small[0] = False
+            m = m | small[hl]
+        depth[c] = ndimage.distance_transform_edt(m, sampling=step_mm)
+    labels, _ = ndimage.label(depth >= core_radius_mm)
+    return labels, depth
+
+
+def _component_table(labels, depth, origin, step_mm, min_volume_mm3=1000.0):
+    """Per-component summary: z range, per-slice centroids (x, y), volume."""
+    comps = []
+    objs = ndimage.find_objects(labels)
+    for lab, sl in enumerate(objs, start=1):
+        if sl is None:
+            continue
+        sub = labels[sl] == lab
+        vol = sub.sum() * step_mm**3
+        if vol < min_volume_mm3:
+            continue
+        w = np.where(sub, depth[sl], 0.0)
+        zs, cents = [], []
+        for c in range(sub.shape[0]):
+            ws = w[c]
+            tot = ws.sum()
+            if tot <= 0:
+                continue
+            b, a = np.nonzero(ws)
+            wv = ws[b, a]
+            x = origin[0] + step_mm * (sl[2].start + (a * wv).sum() / tot)
+            y = origin[1] + step_mm * (sl[1].start + (b * wv).sum() / tot)
+            zs.append(origin[2] + step_mm * (sl[0].start + c))
+            cents.append((x, y))
+        comps.append(dict(label=lab, volume=vol, z=np.array(zs), xy=np.array(cents)))
+    return comps
+
+
+def select_column_chain(comps: list[dict], midline_x_mm: float | None = None) -> list[dict]:
+    """The chain of core components stacked along z that covers the most length.
+
+    Consecutive members overlap or are separated by at most a disc-and-a-half in z, and the
+    lower end of the upper one lies near the upper end of the lower one in (x, y). Ties go
+    to the chain nearest the body's midline.
+    """
+    if not comps:
+        return []
+    comps = sorted(comps, key=lambda c: -c["z"].max())  # top first
+    n = len(comps)
+    length = np.array([c["z"].max() - c["z"].min() + ANATOMY_STEP_MM for c in comps])
+    if midline_x_mm is not None:
+        off = np.array([abs(np.median(c["xy"][:, 0]) - midline_x_mm) for c in comps])
+        length = length * np.clip(1.0 - (off - 30.0) / 40.0, 0.05, 1.0)
+    best = length.copy()
+    prev = -np.ones(n, int)
+    for j in range(n):  # j lower than i for i < j in top-first order
+        for i in range(j):
+            up, lo_ = comps[i], comps[j]
+            gap = up["z"].min() - lo_["z"].max()
+            if gap > 30.0 or up["z"].min() < lo_["z"].min() + 4.0:
+                continue
+            d = np.linalg.norm(np.median(up["xy"], 0) - np.median(lo_["xy"], 0))
+            dz = np.median(up["z"]) - np.median(lo_["z"])
+            if d > 15.0 + 0.5 * dz:
+                continue
+            if best[i] + length[j] > best[j]:
+                best[j] = best[i] + length[j]
+                prev[j] = i
+    j = int(np.argmax(best))
+    chain = []
+    while j >= 0:
+        chain.append(comps[j])
+        j = prev[j]
+    return chain[::-1]  # top first
+
+
+def column_centreline(chain: list[dict], step_mm: float = 1.0, smooth_mm: float = 6.0,
+                      extend_mm: float = 20.0) -> np.ndarray:
+    """A smooth curve (N, 3) through the chain, one point per ``step_mm`` of z, top first.
+
+    Gaps between members (discs) are bridged linearly; the ends are extended by
+    ``extend_mm`` along the end direction so that the outer endplates are inside.
+    """
+    z = np.concatenate([c["z"] for c in chain])
+    xy = np.concatenate([c["xy"] for c in chain])
+    order = np.argsort(z)
+    z, xy = z[order], xy[order]
+    # average duplicates (overlapping members)
+    uz, inv = np.unique(np.round(z, 3), return_inverse=True)
+    uxy = np.zeros((len(uz), 2))
+    np.add.at(uxy, inv, xy)
+    uxy /= np.bincount(inv)[:, None]
+    zz = np.arange(uz[0] - extend_mm, uz[-1] + extend_mm + 1e-6, step_mm)
+    x = np.interp(zz, uz, uxy[:, 0])
+    y = np.interp(zz, uz, uxy[:, 1])
+    sig = smooth_mm / step_mm
+    x = ndimage.gaussian_filter1d(x, sig, mode="nearest")
+    y = ndimage.gaussian_filter1d(y, sig, mode="nearest")
+    # linear extension beyond the data ends, following the end slope
+    for end in (0, 1):
+        sel = zz < uz[0] if end == 0 else zz > uz[-1]
+        ref = np.argmin(np.abs(zz - (uz[0] if end == 0 else uz[-1])))
+        k = min(int(8 / step_mm), len(zz) - 1)
+        a, b = (ref, ref + k) if end == 0 else (ref - k, ref)
+        if b <= a or not sel.any():
+            continue
+        sx = (x[b] - x[a]) / (zz[b] - zz[a])
+        sy = (y[b] - y[a]) / (zz[b] - zz[a])
+        x[sel] = x[ref] + sx * (zz[sel] - zz[ref])
+        y[sel] = y[ref] + sy * (zz[sel] - zz[ref])
+    pts = np.stack([x, y, zz], -1)
+    return pts[::-1]
+
+
+def frames_along(curve: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit tangent (pointing superior), left and posterior axes at each curve point."""
+    t = np.gradient(curve, axis=0)
+    t = -t  # curve is top first; tangent towards superior
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    ex = np.array([1.0, 0.0, 0.0])
+    lr = ex - (t @ ex)[:, None] * t
+    lr /= np.linalg.norm(lr, axis=1, keepdims=True)
+    ap = np.cross(t, lr)  # superior x left = posterior (LPS right-handed: z x x = y)
+    return t, lr, ap
+
+
+# ----------------------------------------------------------------------------- profile
+def cross_section_points(curve, lr, ap, half_lr_mm=14.0, half_ap_mm=7.0, step_mm=2.0):
+    """Sample points (N, M, 3) on a window of each cross-section of the curve."""
+    u = np.arange(-half_lr_mm, half_lr_mm + 1e-6, step_mm)
+    w = np.arange(-half_ap_mm, half_ap_mm + 1e-6, step_mm)
+    uu, ww = np.meshgrid(u, w)
+    return (curve[:, None, :] + uu.ravel()[None, :, None] * lr[:, None, :]
+            + ww.ravel()[None, :, None] * ap[:, None, :])
+
+
+def column_profile(volume: Volume, curve: np.ndarray, metal_threshold_hu: float,
+                   quantile: float = 0.3) -> dict:
+    """Cross-section statistics along the column curve (top first, 1 point per mm).
+
+    Returns a dict of arrays: ``low_hu`` (the ``quantile`` of each central cross-section,
+    +-14 mm LR x +-7 mm AP: disc tissue shows through even beside a cage or bridging bone),
+    ``high_hu`` (its 90th percentile without metal: the cortical endplates stand out),
+    ``central_metal_fraction`` (metal in the central +-6 mm: a cage, not the screws, which
+    run beside it), ``valid`` (the whole cross-section is inside the volume) and the local
+    frames.
+    """
+    t, lr, ap = frames_along(curve)
+    pts = cross_section_points(curve, lr, ap)
+    vals = sample_lps(volume, pts, cval_hu=np.nan)
+    valid = np.all(np.isfinite(vals), axis=1)
+    v = np.where(np.isfinite(vals), vals, -1000.0)
+    low = np.quantile(v, quantile, axis=1)
+    no_metal = np.where(v < ENDPLATE_MAX_HU, v, np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            high = np.nanquantile(no_metal, 0.9, axis=1)
+    high = np.where(np.isfinite(high), high, np.nanmax(np.where(np.isfinite(high), high, -1e9)))
+    cpts = cross_section_points(curve, lr, ap, half_lr_mm=6.0, half_ap_mm=6.0, step_mm=1.5)
+    cvals = sample_lps(volume, cpts, cval_hu=-1000.0)
+    metal = (cvals > metal_threshold_hu).mean(axis=1)
+    return dict(low_hu=low, high_hu=high, central_metal_fraction=metal, valid=valid,
+                tangent=t, lr=lr, ap=ap)
+
+
+def _normalised_peaks(signal, valid, prominence, wlen):
+    """Peaks of ``signal`` (valid stations only) with their prominences."""
+    from scipy.signal import find_peaks
+
+    peaks, props = find_peaks(signal, prominence=prominence, wlen=wlen)
+    return [(int(p), float(pr)) for p, pr in zip(peaks, props["prominences"]) if valid[p]]
+
+
+def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: float = 20.0) -> list[int]:
+    """Indices of disc centres along the column profile (see :func:`column_profile`).
+
+    Three kinds of evidence, each scored about 1 for a clear disc, are summed where they
+    coincide (within 4 mm):
+
+    * a dip of the low-quantile HU below the endplates on both sides within 10 mm (disc
+      tissue; scored by its depth over the body-to-disc contrast);
+    * a pair of bright thin peaks of the 90th percentile 5 to 16 mm apart (the two cortical
+      endplates bounding a disc, still there when bone bridges it or a PEEK cage fills it);
+    * metal filling the centre of the cross-section (a titanium cage; scored 2).
+
+    A dark metal streak through a body makes a dip but has no endplate pair beside it;
+    :func:`select_periodic` then keeps the best-scoring set of candidates at least
+    ``MIN_DISC_SPACING_MM`` apart.
+    """
+    valid = prof["valid"]
+    sig = 1.0 / spacing_mm
+    low = ndimage.gaussian_filter1d(np.where(valid, prof["low_hu"], np.nan_to_num(prof["low_hu"])), 1.5 * sig)
+    qv = low[valid]
+    if qv.size < 10:
+        return []
+    body = np.percentile(qv, 75)
+    disc = np.percentile(qv[qv > 0], 10) if np.any(qv > 0) else 0.0
+    contrast = max(min_contrast_hu / 0.3, body - disc)
+    cand: list[tuple[int, float]] = []
+    for p, pr in _normalised_peaks(-low, valid, 0.3 * contrast, int(round(20 * sig)) + 1):
+        cand.append((p, min(pr / contrast, 1.5)))
+    high = ndimage.gaussian_filter1d(prof["high_hu"], 0.5 * sig)
+    hv = high[valid]
+    spread = max(np.percentile(hv, 95) - np.median(hv), min_contrast_hu)
+    hp = _normalised_peaks(high, valid, 0.3 * spread, int(round(10 * sig)) + 1)
+    for (a, pa), (b, pb) in zip(hp[:-1], hp[1:]):
+        if 5.0 <= (b - a) * spacing_mm <= 16.0:
+            cand.append(((a + b) // 2, min(min(pa, pb) / spread, 1.5)))
+    mf = ndimage.gaussian_filter1d(prof["central_metal_fraction"], sig)
+    for p, _ in _normalised_peaks(mf, valid, 0.3, None):
+        if mf[p] >= 0.3:
+            cand.append((p, 2.0))
+    # merge evidence within 4 mm
+    cand.sort()
+    merged: list[list[float]] = []
+    for p, sc in cand:
+        if merged and (p - merged[-1][0]) * spacing_mm <= 4.0:
+            w0, s0 = merged[-1][2], merged[-1][1]
+            merged[-1] = [(merged[-1][0] * w0 + p * sc) / (w0 + sc), s0 + sc, w0 + sc]
+        else:
+            merged.append([p, sc, sc])
+    pos = [int(round(m[0])) for m in merged]
+    scores = [m[1] for m in merged]
+    return select_periodic(pos, scores, MIN_DISC_SPACING_MM / spacing_mm)
+
+
+def select_periodic(positions, scores, min_gap) -> list[int]:
+    """The subset of candidate positions, pairwise at least ``min_gap`` apart when
+    consecutive, with the largest total score (a dip inside a body is too close to the
+    discs on either side to be taken with them, and scores less than they do)."""
+    n = len(positions)
+    if n == 0:
+        return []
+    best = np.array(scores, float)
+    prev = -np.ones(n, int)
+    for j in range(n):
+        for i in range(j):
+            if positions[j] - positions[i] >= min_gap and best[i] + scores[j] > best[j]:
+                best[j] = best[i] + scores[j]
+                prev[j] = i
+    j = int(np.argmax(best))
+    out = []
+    while j >= 0:
+        out.append(positions[j])
+        j = prev[j]
+    return sorted(out)
+
+
+# -------------------------------------------------------------------------- body fitting
+def _orthonormal_frame(axis_si) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(superior, left, posterior) unit vectors with ``left`` closest to LPS +x."""
+    si = np.asarray(axis_si, float)
+    si = si / np.linalg.norm(si)
+    lr = np.array([1.0, 0.0, 0.0]) - si[0] * si
+    lr /= np.linalg.norm(lr)
+    ap = np.cross(si, lr)
+    return si, lr, ap
+
+
+def first_drop_mm(profile: np.ndarray, step_mm: float, threshold: float, start: int = 0,
+                  hold_mm: float = 2.0) -> float | None:
+    """Distance (mm, sub-sample) where ``profile`` first falls below ``threshold`` from
+    ``start`` onward and stays below for ``hold_mm``; None if it never does."""
+    hold = max(1, int(round(hold_mm / step_mm)))
+    below = profile < threshold
+    for i in range(max(start, 1), len(profile) - hold + 1):
+        if below[i:i + hold].all() and not below[i - 1]:
+            a, b = profile[i - 1], profile[i]
+            frac = (a - threshold) / (a - b) if a != b else 0.0
+            return (i - 1 + frac) * step_mm
+    return None
+
+
+def body_outline(volume: Volume, centre, si, lr, ap, inside_hu: float, heights_mm=(-5.0, 5.0),
+                 outside_hu: float = 40.0, max_radius_mm: float = 45.0, step_mm: float = 0.25):
+    """Outline of the body: semi-axes (LR, AP) and the centre correction in its plane.
+
+    Along rays from the axis (+-LR, +-AP, each at small angles) the edge is where HU first
+    falls half-way from the body's inside level to soft tissue and stays there for 5 mm
+    (a dark metal streak across the body is narrower); the
+    posterior ray stops at the spinal canal, not the lamina. Rays are cast at
+    ``heights_mm`` along ``si`` (away from mid-height, where screws and their streaks sit).
+    Left and right take their smallest per-height median (the sacral alae or a transverse
+    process widen some heights only); anterior and posterior the median over heights (at
+    the far heights of a tilted body those rays leave through an endplate).
+    """
+    r = np.arange(0.0, max_radius_mm, step_mm)
+    thr = 0.5 * (inside_hu + outside_hu)
+    dists = {}
+    for name, d0, d90 in (("P", ap, lr), ("A", -ap, lr), ("L", lr, ap), ("R", -lr, ap)):
+        if name == "L" and np.isfinite(dists["P"]) and np.isfinite(dists["A"]):
+            centre = centre + 0.5 * (dists["P"] - dists["A"]) * ap  # LR rays through the middle
+        per_h = []
+        for h in heights_mm:
+            vals = []
+            for ang in (-0.2, 0.0, 0.2):
+                d = np.cos(ang) * d0 + np.sin(ang) * d90
+                prof = sample_lps(volume, centre + h * si + r[:, None] * d)
+                e = first_drop_mm(prof, step_mm, thr, start=int(4.0 / step_mm), hold_mm=5.0)
+                if e is not None:
+                    vals.append(e * np.cos(ang))
+            if len(vals) >= 2:
+                per_h.append(float(np.median(vals)))
+        if not per_h:
+            dists[name] = np.nan
+        elif name in "LR":  # sacral alae or a transverse process widen some heights only
+            dists[name] = min(per_h)
+        else:  # AP rays at the far heights of a tilted body leave through an endplate
+            dists[name] = float(np.median(per_h))
+    semi_ap = 0.5 * (dists["P"] + dists["A"])
+    semi_lr = 0.5 * (dists["L"] + dists["R"])
+    shift_ap = 0.5 * (dists["P"] - dists["A"]) if np.isfinite(semi_ap) else 0.0
+    shift_lr = 0.5 * (dists["L"] - dists["R"]) if np.isfinite(semi_lr) else 0.0
+    shift = shift_lr * lr + shift_ap * ap
+    return semi_lr, semi_ap, shift
+
+
+def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm: float = 9.0,
+                     min_contrast_hu: float = 15.0) -> float | None:
+    """Distance along one ray (mm) of the outer surface of an endplate.
+
+    ``prof`` runs from inside the body outward, past the disc expected at ``disc_mm``.
+    Where the disc is darker than the body (disc tissue), the disc is the lowest 2 mm
+    stretch within ``window_mm`` of ``disc_mm`` and the surface is, walking back towards the
+    body, the first half-way crossing between the endplate's peak and the disc. Where bone
+    bridges the disc (nothing darker than the body), the surface is the half-way crossing
+    from the cortical peak to the bridging bone 3 mm beyond it. None when neither is found.
+    """
+    n = len(prof)
+    lo_i = max(int((disc_mm - window_mm) / step_mm), int(3.0 / step_mm))
+    hi_i = min(int((disc_mm + window_mm) / step_mm) + 1, n)
+    in_i = max(int((disc_mm - window_mm - 4.0) / step_mm), int(3.0 / step_mm))
+    if hi_i - lo_i < int(4.0 / step_mm) or in_i >= n:
+        return None
+    inside = float(np.median(prof[:in_i]))
+    back = int(9.0 / step_mm)
+    lowest = ndimage.uniform_filter1d(prof, max(1, int(2.0 / step_mm)))
+    i_min = lo_i + int(np.argmin(lowest[lo_i:hi_i]))
+    disc_hu = lowest[i_min]
+    if disc_hu < inside - min_contrast_hu:
+        j0 = max(1, i_min - back)
+        peak = prof[j0: i_min + 1].max()
+        thr = 0.5 * (max(peak, inside) + disc_hu)
+        above = np.nonzero(prof[j0: i_min + 1] >= thr)[0]
+        if above.size == 0:
+            return None
+        j = j0 + int(above[-1])
+    else:
+        # bridged: the cortical peak (body side of the disc centre), then half-way down
+        # to the bone beyond it
+        mid_i = min(max(int(disc_mm / step_mm), lo_i + 1), hi_i)
+        i_pk = lo_i + int(np.argmax(prof[lo_i:mid_i]))
+        k = min(i_pk + int(3.0 / step_mm), n - 1)
+        beyond = float(np.median(prof[k: min(k + int(2.0 / step_mm), n)]))
+        peak = prof[i_pk]
+        if peak < max(inside, beyond) + 2 * min_contrast_hu:
+            return None
+        thr = 0.5 * (peak + beyond)
+        below = np.nonzero(prof[i_pk:k + 1] < thr)[0]
+        if below.size == 0:
+            return None
+        j = i_pk + int(below[0]) - 1
+    if j + 1 >= n:
+        return None
+    a, b = prof[j], prof[j + 1]
+    return (j + (a - thr) / (a - b)) * step_mm if a != b else j * step_mm
+
+
+def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direction: int,
+                    disc_mm: float, metal_threshold_hu: float, step_mm: float = 0.25,
+                    window_mm: float = 9.0):
+    """Points on the outer surface of one endplate (``direction`` +1 superior, -1 inferior).
+
+    Rays parallel to the body axis from a grid inside 85 % of the outline, each the mean of
+    a bundle of 5 rays 1.5 mm apart, are read by :func:`endplate_edge_mm`. Rays that meet
+    metal near the endplate (a cage, whose own surface is not the endplate) are skipped, so
+    the plane comes from the intact endplate beside a cage; rays are cut where they leave
+    the volume.
+    """
+    pts_out = []
+    disc_mm = float(disc_mm)
+    s = np.arange(0.0, disc_mm + window_mm + 2.0, step_mm)
+    near = max(int((disc_mm - window_mm - 3.0) / step_mm), 0)  # screws sit nearer mid-height
+    bundle = np.array([[0, 0], [1.5, 0], [-1.5, 0], [0, 1.5], [0, -1.5]])
+    offs = bundle[:, :1] * lr + bundle[:, 1:] * ap
+    for fu in np.linspace(-0.85, 0.85, 9):
+        for fw in np.linspace(-0.85, 0.85, 9):
+            if fu**2 + fw**2 > 0.85**2 + 1e-9:
+                continue
+            base = centre + fu * semi_lr * lr + fw * semi_ap * ap
+            line = base + direction * s[:, None] * si
+            prof = sample_lps(volume, line[None, :, :] + offs[:, None, :], cval_hu=np.nan).mean(0)
+            ok = np.isfinite(prof)
+            if not ok[0]:
+                continue
+            if not ok.all():
+                prof = prof[: int(np.argmin(ok))]  # the ray leaves the volume here
+            if prof[near:].size and prof[near:].max() >= metal_threshold_hu:
+                continue
+            e = endplate_edge_mm(prof, step_mm, disc_mm, window_mm)
+            if e is None or e > (len(prof) - 1) * step_mm - 1.0:
+                continue
+            pts_out.append(base + direction * e * si)
+    return np.array(pts_out).reshape(-1, 3)
+
+
+def fit_plane(points: np.ndarray, outward, max_residual_mm: float = 1.5, iterations: int = 4):
+    """Plane through points, robust to outliers; its normal points along ``outward``.
+
+    Starts from the plane perpendicular to ``outward`` through the median point, keeps the
+    points within max(``max_residual_mm``, 2.5 x median residual) and refits by SVD.
+    Returns (point, unit normal, number of points kept).
+    """
+    pts = np.asarray(points, float)
+    n = np.asarray(outward, float) / np.linalg.norm(outward)
+    c = np.median(pts, axis=0)
+    keep = np.ones(len(pts), bool)
+    for _ in range(iterations):
+        res = np.abs((pts - c) @ n)
+        tol = max(max_residual_mm, 2.5 * float(np.median(res)))
+        keep = res <= tol
+        if keep.sum() < 3:
+            break
+        c = pts[keep].mean(0)
+        _, _, vt = np.linalg.svd(pts[keep] - c)
+        n_new = vt[2] if vt[2] @ n >= 0 else -vt[2]
+        n = n_new
+    res = np.abs((pts - c) @ n)
+    keep = res <= max(max_residual_mm, 2.5 * float(np.median(res)))
+    return c, n, int(keep.sum())
+
+
+def lateral_bone_fraction(volume: Volume, centre, si, lr, ap, semi_lr_mm: float, semi_ap_mm: float,
+                          bone_threshold_hu: float, reach_mm: float = 40.0) -> float:
+    """Fraction of bone-density samples beside the body, the smaller of the two sides.
+
+    The zones run from 1.15 outline semi-axes (at least 28 mm: where the sacral alae meet
+    the body the outline itself is lost) to ``reach_mm`` further out along the body's LR
+    axis, over +-8 mm of height and the body's own depth (AP). Beside a lumbar body they
+    hold psoas and fat (transverse processes sit behind the body); beside S1 they hold the
+    sacral alae and the sacro-iliac joints. Measured on the real CT: lumbar <= 0.08, S1 >= 0.3.
+    """
+    start = max(28.0, 1.15 * min(semi_lr_mm, 26.0))  # a lumbar body is at most ~27 mm wide per side
+    u = np.arange(start, start + reach_mm, 2.0)
+    h = np.arange(-8.0, 8.01, 2.0)
+    w = np.arange(-semi_ap_mm, semi_ap_mm + 0.01, 2.0)
+    uu, hh, ww = np.meshgrid(u, h, w, indexing="ij")
+    fr = []
+    for side in (1.0, -1.0):
+        pts = centre + side * uu[..., None] * lr + hh[..., None] * si + ww[..., None] * ap
+        fr.append(float(np.mean(sample_lps(volume, pts) > bone_threshold_hu)))
+    return min(fr)
+
+
+def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
+             metal_threshold_hu: float = 2200.0, iterations: int = 3) -> dict | None:
+    """Refine one body from a rough centre and axis.
+
+    Each round: the outline in the mid plane (centres the body in LR and AP), then both
+    endplate planes; the new axis bisects the two endplate normals and the new centre lies
+    midway between the planes. A round whose height leaves ``BODY_HEIGHT_RANGE_MM`` is
+    discarded. Returns a dict with ``centre``, ``si``, ``lr``, ``ap``, ``semi`` (LR, AP
+    mm), ``superior`` / ``inferior`` (point, outward normal, or None when not found),
+    ``disc_above_lps`` / ``disc_below_lps`` are the disc centres seen on the column profile
+    (or a typical body height away at an end of the column);
+    ``half_height`` and ``inside_hu``; None when no outline is found.
+    """
+    centre = np.asarray(centre0, float)
+    si, lr, ap = _orthonormal_frame(axis0)
+    discs = {1: np.asarray(disc_above_lps, float), -1: np.asarray(disc_below_lps, float)}
+    half_h = 0.5 * float((discs[1] - discs[-1]) @ si) - 4.0
+    rng = np.random.default_rng(0)
+    tol_mm = max(1.5, 0.7 * float(volume.spacing_mm.max()))  # endplates are concave
+    best = None
+    for _ in range(iterations):
+        ball = rng.normal(0.0, 3.0, (300, 3))
+        inside = float(np.median(sample_lps(volume, centre + ball)))
+        hs = tuple(f * half_h for f in (-0.7, -0.35, 0.35, 0.7))
+        semi_lr, semi_ap, shift = body_outline(volume, centre, si, lr, ap, inside, hs)
+        centre = centre + shift
+        if not np.isfinite(semi_ap) or semi_ap < 5:
+            break
+        if not np.isfinite(semi_lr):  # bone runs on sideways (sacral alae): try again
+            semi_lr = 1.35 * semi_ap    # from the corrected centre with a typical shape
+            if best is None and _ < iterations - 1:
+                continue
+        planes = {}
+        for name, direction in (("superior", 1), ("inferior", -1)):
+            disc_mm = float((discs[direction] - centre) @ (direction * si))
+            pts = endplate_points(volume, centre, si, lr, ap, semi_lr, semi_ap, direction, disc_mm,
+                                  metal_threshold_hu)
+            if len(pts) >= 6:
+                c, n, k = fit_plane(pts, direction * si, max_residual_mm=tol_mm)
+                if k >= 6 and k >= 0.4 * len(pts) and n @ (direction * si) > 0.7:
+                    planes[name] = (c, n)
+        sup, inf = planes.get("superior"), planes.get("inferior")
+        if sup is None or inf is None:
+            if best is None:
+                if sup is not None:
+                    si, lr, ap = _orthonormal_frame(sup[1])
+                best = dict(centre=centre, si=si, lr=lr, ap=ap, semi=(semi_lr, semi_ap),
+                            superior=sup, inferior=inf, inside_hu=inside, half_height=half_h)
+            break
+        new_si = sup[1] - inf[1]
+        new_si /= np.linalg.norm(new_si)
+        # centre: midway between the two planes along the new axis through the centre
+        t_s = ((sup[0] - centre) @ sup[1]) / (new_si @ sup[1])
+        t_i = ((inf[0] - centre) @ inf[1]) / (new_si @ inf[1])
+        if not (BODY_HEIGHT_RANGE_MM[0] <= t_s - t_i <= BODY_HEIGHT_RANGE_MM[1]):
+            break
+        centre = centre + 0.5 * (t_s + t_i) * new_si
+        half_h = 0.5 * (t_s - t_i)
+        si, lr, ap = _orthonormal_frame(new_si)
+        best = dict(centre=centre, si=si, lr=lr, ap=ap, semi=(semi_lr, semi_ap),
+                    superior=sup, inferior=inf, inside_hu=inside, half_height=half_h)
+    return best
+
+
+def _rough_bodies(prof: dict, discs: list[int], curve: np.ndarray) -> tuple[list[dict], list[str]]:
+    """Rough body centres between (and beyond) the disc stations, top first."""
+    notes = []
+    valid = prof["valid"]
+    gaps = np.diff(discs) if len(discs) >= 2 else np.array([])
+    typical = float(np.median(gaps)) if gaps.size else 38.0
+    rough = []
+    for a, b in zip(discs[:-1], discs[1:]):
+        n_split = max(1, int(round((b - a) / typical))) if (b - a) > 1.6 * typical else 1
+        if n_split > 1:
+            notes.append("a disc space was not seen between two vertebrae; split by body height")
+        for m in range(n_split):
+            lo_ = a + (b - a) * m / n_split
+            hi_ = a + (b - a) * (m + 1) / n_split
+            rough.append(dict(station=0.5 * (lo_ + hi_), half=0.5 * (hi_ - lo_) - 4.0))
+    ends = []
+    if discs:
+        first_valid = int(np.argmax(valid))
+        last_valid = len(valid) - 1 - int(np.argmax(valid[::-1]))
+        if discs[0] - first_valid >= 0.55 * typical:
+            ends.append(("top", dict(station=discs[0] - 0.5 * typical, half=0.5 * typical - 4.0)))
+        if last_valid - discs[-1] >= 0.45 * typical:
+            ends.append(("bottom", dict(station=discs[-1] + 0.5 * typical, half=0.5 * typical - 4.0)))
+    for where, r in ends:
+        if where == "top":
+            rough.insert(0, r)
+        else:
+            rough.append(r)
+    n = len(curve)
+    for r in rough:
+        i = int(np.clip(round(r["station"]), 0, n - 1))
+        r["centre"] = curve[i]
+        r["axis"] = prof["tangent"][i]
+        # disc centres above and below (curve index runs downward, 1 mm apart)
+        half = r["half"] + 4.0
+        ia, ib = r["station"] - half, r["station"] + half
+        r["disc_above"] = (curve[int(round(ia))] if 0 <= ia <= n - 1 else curve[i] + half * r["axis"])
+        r["disc_below"] = (curve[int(round(ib))] if 0 <= ib <= n - 1 else curve[i] - half * r["axis"])
+    return rough, notes
+
+
+def name_vertebrae(n_bodies: int, sacrum_index: int | None) -> tuple[list[str], bool]:
+    """Names top to bottom: counted up from S1 when the sacrum is seen, else V1..Vn."""
+    if sacrum_index is None:
+        return [f"V{i + 1}" for i in range(n_bodies)], True
+    names = []
+    for i in range(n_bodies):
+        k = sacrum_index - i  # how many above S1
+        if k == 0:
+            names.append("S1")
+        elif k <= len(LUMBAR_NAMES_ABOVE_S1):
+            names.append(LUMBAR_NAMES_ABOVE_S1[k - 1])
+        else:
+            names.append(f"T{8 - (k - len(LUMBAR_NAMES_ABOVE_S1))}")
+    return names, False
+
+
+def find_vertebrae(volume: Volume, config: Config):
+    """Vertebral bodies top to bottom, the disc levels between them, and how they are named.
+
+    Returns
+    -------
+    vertebrae : list[Vertebra], top to bottom.
+    levels : list[DiscLevel], top to bottom, one per pair of consecutive bodies.
+    named_by_position : bool; True when the sacrum is not in view (names V1..Vn).
+    notes : list[str]; plain sentences for the report on anything uncertain.
+    """
+    if volume.hu.size == 0 or min(volume.hu.shape) < 2:
+        raise InputError("volume", "too small to hold a vertebral column")
+    notes: list[str] = []
+    grid, origin = resample_to_lps_grid(volume)
+    labels, depth = column_cores(grid, ANATOMY_STEP_MM)
+    comps = _component_table(labels, depth, origin, ANATOMY_STEP_MM)
+    trunk = grid > -300.0
+    midline = origin[0] + ANATOMY_STEP_MM * float(np.nonzero(trunk)[2].mean()) if trunk.any() else None
+    chain = select_column_chain(comps, midline)
+    if not chain:
+        return [], [], True, ["no vertebral column found in this volume"]
+    curve = column_centreline(chain)
+    prof = column_profile(volume, curve, config.metal_threshold_hu)
+    discs = find_disc_stations(prof)
+    if not discs:
+        return [], [], True, ["no disc space found along the vertebral column"]
+    rough, more = _rough_bodies(prof, discs, curve)
+    notes += more
+
+    fitted = []
+    for r in rough:
+        f = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
+                     config.metal_threshold_hu)
+        if f is None or f["superior"] is None:
+            notes.append("a vertebra cut by the edge of the volume was left out")
+            continue
+        f["lateral_bone"] = lateral_bone_fraction(volume, f["centre"], f["si"], f["lr"], f["ap"],
+                                                  f["semi"][0], f["semi"][1], config.bone_threshold_hu)
+        fitted.append(f)
+
+    sacrum = next((i for i, f in enumerate(fitted) if f["lateral_bone"] >= SACRUM_LATERAL_BONE), None)
+    if sacrum is not None:
+        fitted = fitted[: sacrum + 1]
+    # a lumbar body needs both endplates; the sacrum only its superior one
+    kept = []
+    for i, f in enumerate(fitted):
+        if f["inferior"] is None and i != sacrum:
+            notes.append("a vertebra without a visible inferior endplate was left out")
+            continue
+        kept.append(f)
+    if sacrum is not None:
+        sacrum = len(kept) - 1
+    names, by_position = name_vertebrae(len(kept), sacrum)
+    if by_position:
+        notes.append("vertebrae named by position (V1 at the top): sacrum not in view")
+
+    heights = [2 * f["half_height"] for f in kept if f["inferior"] is not None]
+    typical_h = float(np.median(heights)) if heights else 26.0
+    vertebrae = []
+    for i, (f, name) in enumerate(zip(kept, names)):
+        sup_c, sup_n = f["superior"]
+        semi = f["semi"]
+        if f["inferior"] is None:  # the sacrum: S1's lower limit is fused, set by a typical height
+            inf_c, inf_n = sup_c - typical_h * f["si"], -f["si"]
+            centre = sup_c - 0.5 * typical_h * f["si"]
+            # the alae join the body below its top: read the outline just under the endplate
+            top = sup_c - 3.0 * f["si"]
+            s_lr, s_ap, shift = body_outline(volume, top, f["si"], f["lr"], f["ap"], f["inside_hu"],
+                                             heights_mm=(-1.0, 0.0, 1.0))
+            if np.isfinite(s_lr) and np.isfinite(s_ap):
+                semi = (s_lr, s_ap)
+                centre = centre + shift
+        else:
+            inf_c, inf_n = f["inferior"]
+            centre = f["centre"]
+        vertebrae.append(Vertebra(
+            name=name, center_lps_mm=centre, axis_si=f["si"], axis_lr=f["lr"],
+            semi_axes_mm=semi, superior_endplate=Plane(sup_c, sup_n),
+            inferior_endplate=Plane(inf_c, inf_n), named_by_position=by_position,
+            is_sacrum=(i == sacrum)))
+    levels = disc_levels(vertebrae)
+    return vertebrae, levels, by_position, list(dict.fromkeys(notes))
+
+
+def _plane_hit(plane: Plane, origin, direction) -> np.ndarray:
+    """Where the line ``origin + t * direction`` meets the plane."""
+    n = np.asarray(plane.normal)
+    p0 = np.asarray(plane.point_lps_mm)
+    d = np.asarray(direction, float)
+    t = ((p0 - origin) @ n) / (d @ n)
+    return origin + t * d
+
+
+def disc_levels(vertebrae: list[Vertebra]) -> list[DiscLevel]:
+    """A disc level between each pair of consecutive bodies, top to bottom.
+
+    Centre: midway between the upper body's inferior endplate and the lower body's superior
+    endplate, on the line joining the two body centres; normal: the mean of the two
+    endplates' superior-pointing normals.
+    """
+    levels = []
+    for up, lo_ in zip(vertebrae[:-1], vertebrae[1:]):
+        cu, cl = np.asarray(up.center_lps_mm), np.asarray(lo_.center_lps_mm)
+        d = cu - cl
+        a = _plane_hit(up.inferior_endplate, cl, d)
+        b = _plane_hit(lo_.superior_endplate, cl, d)
+        normal = np.asarray(lo_.superior_endplate.normal) - np.asarray(up.inferior_endplate.normal)
+        levels.append(DiscLevel(name=f"{up.name}-{lo_.name}", upper=up.name, lower=lo_.name,
+                                center_lps_mm=0.5 * (a + b), normal=normal))
+    return levels
