@@ -12,10 +12,13 @@ load the same way. Every check that protects a measurement (one orientation, one
 uniform spacing, one frame of reference, no duplicate positions, finite rescale) raises
 :class:`~pipeline.errors.InputError` with one plain line naming the file or series.
 
-Gantry tilt is *refused* (not resampled): a tilted series has slices sheared along the
-table, so voxel positions off the slice centre line would be wrong by up to
-``tan(tilt) * distance``; the message names the tilt angle and asks for an untilted
-(or resampled) series.
+Gantry tilt is *resampled*, not refused: a tilted series has its slices sheared along the
+table (each slice displaced in its own plane by ``tan(tilt) * distance``), which an
+orthogonal Volume cannot describe. Each slice is shifted in-plane (bilinear, no mixing
+between slices) onto the orthogonal grid through the first slice, with the slice spacing
+measured along the normal; voxels outside the acquired field of view become air
+(-1024 HU). ``meta['gantry_tilt_deg']`` records the tilt and the selection reason says so.
+Shears beyond any real gantry tilt (over 35 degrees) are refused.
 
 Pixel values of uncompressed little-endian files are read straight from the file at the
 offset the header scan found (``numpy.fromfile``, several files at once in a thread pool);
@@ -43,6 +46,8 @@ SPACING_TOLERANCE_MM = 0.01
 SPACING_TOLERANCE_REL = 0.01
 #: Tilt (angle between slice stacking direction and normal) above which a series is refused.
 GANTRY_TILT_TOLERANCE_DEG = 0.1
+#: Slice shear beyond any real gantry tilt (scanners tilt at most about +-30 degrees).
+MAX_GANTRY_TILT_DEG = 35.0
 #: Sizes beyond these are refused as absurd.
 MAX_IN_PLANE = 4096
 MAX_SLICES = 5000
@@ -92,7 +97,8 @@ def load_study(path: str | Path) -> Volume:
     ------
     InputError
         The input cannot be analyzed (see the module docstring); the message names the
-        file or series and the reason. Gantry-tilted series are refused.
+        file or series and the reason. Gantry-tilted series are resampled to an
+        orthogonal grid (see the module docstring).
     """
     p = Path(path)
     if not p.exists():
@@ -146,14 +152,17 @@ def sort_slices(series: SeriesInfo, root: Path | None = None) -> tuple[list[Slic
     slices : list of SliceHeader
         Sorted by ImagePositionPatient . (row x column), ascending.
     geometry : dict
-        ``origin_lps_mm`` (3,), ``spacing_mm`` (3,), ``direction`` (3, 3), ``rows``, ``columns``.
+        ``origin_lps_mm`` (3,), ``spacing_mm`` (3,), ``direction`` (3, 3), ``rows``, ``columns``,
+        ``gantry_tilt_deg`` and ``tilt_shift_ij_px`` ((n, 2) in-plane pixel offsets of each
+        slice for a tilted series, else None).
 
     Raises
     ------
     InputError
         Missing geometry, mixed orientation, size, spacing or frame of reference, zero or
         negative spacing, duplicate positions, missing slices (non-uniform spacing),
-        gantry tilt, single slice, absurd dimensions, multi-frame files, no pixel data.
+        shear beyond any gantry tilt, single slice, absurd dimensions, multi-frame files,
+        no pixel data.
     """
     label = series.label()
     if series.corrupt_paths:
@@ -238,12 +247,20 @@ def sort_slices(series: SeriesInfo, root: Path | None = None) -> tuple[list[Slic
     along = float(span @ normal)
     lateral = float(np.linalg.norm(span - along * normal))
     tilt_deg = math.degrees(math.atan2(lateral, abs(along)))
-    if tilt_deg > GANTRY_TILT_TOLERANCE_DEG and lateral > 0.05:
-        raise InputError(label, f"gantry tilt of {tilt_deg:.2f} degrees (slices are sheared); fusionct refuses "
-                                "tilted series: use an untilted series or resample it to an orthogonal grid first")
+    tilted = tilt_deg > GANTRY_TILT_TOLERANCE_DEG and lateral > 0.05
+    if tilted and tilt_deg > MAX_GANTRY_TILT_DEG:
+        raise InputError(label, f"slices are sheared by {tilt_deg:.1f} degrees, more than any gantry tilts "
+                                f"({MAX_GANTRY_TILT_DEG:g}); the slice positions are inconsistent")
 
-    # ITK's ImageSeriesReader: distance from first to last slice over n - 1
-    spacing_k = float(np.linalg.norm(span)) / (n - 1)
+    shift_ij = None
+    if tilted:
+        # each slice's in-plane offset from the orthogonal stack through slice 0, in pixels
+        off = (pos - pos[0]) - np.outer((pos - pos[0]) @ normal, normal)
+        shift_ij = np.column_stack([off @ row / first.pixel_spacing_mm[1], off @ col / first.pixel_spacing_mm[0]])
+        spacing_k = along / (n - 1)
+    else:
+        # ITK's ImageSeriesReader: distance from first to last slice over n - 1
+        spacing_k = float(np.linalg.norm(span)) / (n - 1)
     if not spacing_k > 0:
         raise InputError(label, f"zero or negative slice spacing ({spacing_k} mm)")
     geometry = {
@@ -252,6 +269,8 @@ def sort_slices(series: SeriesInfo, root: Path | None = None) -> tuple[list[Slic
         "direction": np.column_stack([row, col, normal]),
         "rows": int(first.rows),
         "columns": int(first.columns),
+        "gantry_tilt_deg": float(tilt_deg) if tilted else 0.0,
+        "tilt_shift_ij_px": shift_ij,
     }
     return slices, geometry
 
@@ -362,10 +381,46 @@ def read_series_hu(slices: list[SliceHeader], rows: int, columns: int, root: Pat
     return out
 
 
+def correct_gantry_tilt(hu: np.ndarray, shift_ij_px: np.ndarray, fill_hu: float = -1024.0) -> np.ndarray:
+    """Resample a gantry-tilted (sheared) stack onto the orthogonal grid through slice 0.
+
+    Slice ``k`` of a tilted series lies displaced in its own plane by ``shift_ij_px[k]``
+    (columns, rows) from where an untilted stack would put it; the orthogonal grid point
+    ``(i, j, k)`` is therefore slice ``k`` sampled at ``(i - di_k, j - dj_k)``, bilinearly.
+    The slices themselves are not moved along the normal, so no interpolation across
+    slices happens. Points that fall outside a slice's field of view get ``fill_hu``
+    (air).
+
+    Parameters
+    ----------
+    hu : ndarray (nk, nj, ni), float32
+    shift_ij_px : ndarray (nk, 2)
+        In-plane offsets (along i, along j) in pixels.
+    fill_hu : float
+        Value outside the acquired field of view.
+
+    Returns
+    -------
+    ndarray (nk, nj, ni), float32
+    """
+    from scipy import ndimage
+
+    out = np.empty_like(hu)
+    for k in range(hu.shape[0]):
+        di, dj = shift_ij_px[k]
+        ndimage.shift(hu[k], (dj, di), output=out[k], order=1, mode="constant", cval=fill_hu)
+    return out
+
+
 def load_series(series: SeriesInfo, reason: str = "", root: Path | None = None) -> Volume:
     """Load one scanned series as a Volume in HU (see :func:`load_study` for geometry)."""
     slices, g = sort_slices(series, root)
     hu = read_series_hu(slices, g["rows"], g["columns"], root)
+    if g["tilt_shift_ij_px"] is not None:
+        hu = correct_gantry_tilt(hu, g["tilt_shift_ij_px"])
+        tilt_note = (f" Gantry tilt of {g['gantry_tilt_deg']:.2f} degrees: slices were shifted in-plane "
+                     "(bilinear) onto an orthogonal grid; voxels outside the acquired field of view are air.")
+        reason = (reason or f"Loaded {series.label()}.") + tilt_note
     meta = {
         "modality": series.modality or None,
         "study_instance_uid": series.study_instance_uid,
@@ -383,10 +438,11 @@ def load_series(series: SeriesInfo, reason: str = "", root: Path | None = None) 
         "series_number": series.series_number,
         "image_type": list(series.image_type),
         "transfer_syntax_uid": slices[0].transfer_syntax_uid,
+        "gantry_tilt_deg": g["gantry_tilt_deg"],
     }
     return Volume(hu=hu, origin_lps_mm=g["origin_lps_mm"], spacing_mm=g["spacing_mm"],
                   direction=g["direction"], meta=meta)
 
 
-__all__ = ["is_nifti_path", "load_dicom_folder", "load_series", "load_study", "read_series_hu",
+__all__ = ["correct_gantry_tilt", "is_nifti_path", "load_dicom_folder", "load_series", "load_study", "read_series_hu",
            "read_stored_pixels", "sort_slices"]

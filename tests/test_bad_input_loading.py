@@ -196,11 +196,10 @@ def test_nan_or_overflow_after_rescale_refused(tmp_path, slope, words):
     assert words in err.reason
 
 
-def test_gantry_tilt_refused_with_angle(tmp_path):
-    tilt = np.radians(15.0)
-    write(tmp_path, slice_step_lps_mm=(0.0, np.tan(tilt), 1.0))
+def test_shear_beyond_any_gantry_tilt_refused_with_angle(tmp_path):
+    write(tmp_path, slice_step_lps_mm=(0.0, np.tan(np.radians(40.0)), 1.0))
     err = refuse(tmp_path)
-    assert "gantry tilt of 15.00 degrees" in err.reason and "refuses" in err.reason
+    assert "sheared by 40.0 degrees" in err.reason and "more than any gantry tilts" in err.reason
 
 
 def test_undecodable_transfer_syntax_named(tmp_path):
