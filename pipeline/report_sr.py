@@ -258,7 +258,7 @@ def screw_group(s: ScrewMeasurement, study_uid, index: SliceIndex,
     mid = (np.asarray(s.head_lps_mm) + np.asarray(s.tip_lps_mm)) / 2
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, "screw", s.id),
-                                                     identifier=f"screw {s.id}"),
+                                                     identifier=s.id),
         finding_type=codes.SCT.BoneScrew,
         algorithm_id=_algorithm(),
         finding_sites=sites,
@@ -281,7 +281,7 @@ def cage_group(c: CageMeasurement, study_uid, index: SliceIndex,
         measurements.append(_num(C_SUB_CHANGE, c.subsidence_change_mm, UNIT_MM))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, "cage", c.id),
-                                                     identifier=f"cage {c.id}"),
+                                                     identifier=c.id),
         finding_type=C_INTERBODY_CAGE,
         algorithm_id=_algorithm(),
         finding_sites=sites,
@@ -297,7 +297,7 @@ def level_group(lv: LevelMeasurement, study_uid, index: SliceIndex,
     sites = [hd.sr.FindingSite(anatomic_location=LEVEL_CODES[lv.level])] if lv.level in LEVEL_CODES else None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, "level", lv.level),
-                                                     identifier=f"level {lv.level}"),
+                                                     identifier=lv.level),
         finding_type=C_FUSION_ASSESSMENT,
         algorithm_id=_algorithm(),
         finding_sites=sites,

@@ -79,7 +79,7 @@ def test_dsrdump_parses_and_shows_the_measurements(sr_study):
     assert "Verification Flag   : UNVERIFIED" in text
     assert "Imaging Measurement Report" in text
     for s in truth["screws"]:
-        assert f'"screw {s["id"]}"' in text
+        assert f'"Tracking Identifier")="{s["id"]}"' in text
     loose = next(s for s in truth["screws"] if s["loosening"])
     assert "Peri-screw lucency halo mean width" in text
     assert f'="{loose["halo_mean_mm"]:g}"' in text or f'="{loose["halo_mean_mm"]}"' in text
@@ -95,17 +95,17 @@ def test_sr_values_equal_the_phantom_truth(sr_study):
     nums = _num_items(ds)
     got = {(t, m): (v, u) for t, m, v, u, _ in nums}
     for s in truth["screws"]:
-        t = f"screw {s['id']}"
+        t = s['id']
         assert got[(t, "Peri-screw lucency halo mean width")] == (pytest.approx(s["halo_mean_mm"]), "mm")
         assert got[(t, "Peri-screw lucency halo 95th percentile width")][0] == pytest.approx(s["halo_max_mm"])
         assert got[(t, "Peri-screw lucency halo coverage")] == (pytest.approx(s["halo_coverage"]), "{ratio}")
     for c in truth["cages"]:
-        t = f"cage {c['id']}"
+        t = c['id']
         assert got[(t, "Cage subsidence through superior endplate")][0] == pytest.approx(c["subsidence_superior_mm"])
         assert got[(t, "Cage subsidence through inferior endplate")][0] == pytest.approx(c["subsidence_inferior_mm"])
         assert got[(t, "Cage subsidence")][0] == pytest.approx(c["subsidence_mm"])
     for lv in truth["levels"]:
-        assert got[(f"level {lv['level']}", "Bridging bone fraction of disc space")][0] == pytest.approx(
+        assert got[(lv['level'], "Bridging bone fraction of disc space")][0] == pytest.approx(
             lv["bridging_fraction"])
     codes = _code_items(ds)
     n_loose = sum(s["loosening"] for s in truth["screws"])

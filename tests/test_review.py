@@ -199,10 +199,10 @@ def test_signing_writes_confirmation_verified_sr_and_confirms_measurements(serve
     if dump is not None:
         assert dump.returncode == 0
         text = dump.stdout
-        assert f'"cage {cage["id"]}"' in text
+        assert f'"Tracking Identifier")="{cage["id"]}"' in text
         assert '"Cage subsidence")="3.1" (mm,UCUM' in text
         assert '(FCT031,99FUSIONCT,"Mild subsidence")' in text  # 3.1 mm -> mild by the criteria
-        assert f'"level {findings[ri]["id"]}"' not in text  # rejected: not reported as verified
+        assert f'"Tracking Identifier")="{findings[ri]["id"]}"' not in text  # rejected: not reported as verified
     if shutil.which("dciodvfy"):
         v = subprocess.run(["dciodvfy", str(out / "report_sr_verified.dcm")], capture_output=True,
                            text=True, timeout=60)
@@ -304,3 +304,20 @@ def test_requests_for_another_host_name_are_refused(server):
     req = urllib.request.Request(run.base + "/", headers={"Host": f"localhost:{port}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.status == 200
+
+
+def test_nifti_study_is_confirmed_without_an_sr(tmp_path):
+    from test_outputs import nifti_like_volume, phantom
+
+    vol, truth = phantom()
+    out = write_outputs(tmp_path / "out", truth_result(truth), truth_evidence(truth), nifti_like_volume(vol))
+    run = Running(out)
+    try:
+        findings = list_findings(json.loads((out / "measurements.json").read_text()))
+        assert run.post(full_form(findings, run.token()))[0] == 200
+    finally:
+        run.close()
+    conf = json.loads((out / "confirmation.json").read_text())
+    assert conf["verified_sr"] is None and len(conf["findings"]) == len(findings)
+    assert not (out / "report_sr_verified.dcm").exists()
+    assert json.loads((out / "measurements.json").read_text())["status"] == "confirmed"
