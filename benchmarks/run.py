@@ -1,0 +1,232 @@
+"""``fusionct bench``: every benchmark of issue 6 in one run, one table, one summary line.
+
+Parts, in the order they run (each prints a progress line on stderr):
+
+1. memory-copy bandwidth of this machine (the physical limit);
+2. each numba kernel against its NumPy/SciPy reference on the standard study's workload,
+   plus numba's compile time from an empty cache (reported separately);
+3. each kernel's effective bandwidth as a share of the copy bandwidth;
+4. loading the standard series: ours, SimpleITK's series reader, plain pydicom;
+5. the standard study end to end in fresh processes, without and with Prefect, with time
+   after start-up, start-up itself and peak memory;
+6. scaling: whole-study time against the number of screws and against the voxel count.
+
+The standard study (``benchmarks.standard``): 512 x 512 x 400 voxels of 0.5 mm, L2-S1 with
+10 screws, 3 cages, 4 disc levels. ``--quick`` runs everything on 256 x 256 x 200 voxels of
+1 mm with fewer repeats (targets are stated for the full size only). Generated studies are
+kept in ``/tmp/fusionct_bench`` (``FUSIONCT_BENCH_DIR``) and reused.
+
+``python -m benchmarks.run [--quick] [--write-results]``; the last option also writes
+``benchmarks/RESULTS.md`` (the table, the machine, the date) for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks.common import REPO, Row, bench_root, machine_info, machine_line, render_table
+from benchmarks.standard import STANDARD, StudySize
+
+
+@dataclass
+class Plan:
+    """What one benchmark run does and at which sizes."""
+
+    name: str
+    study: StudySize
+    repeats: int = 5
+    study_repeats: int = 5
+    prefect: bool = True
+    compile_fresh: bool = True
+    copy_mb: int = 512
+    screw_scaling: StudySize | None = None
+    screw_levels: tuple = (1, 2, 3, 4)
+    voxel_sizes: tuple = ()
+    scaling_repeats: int = 3
+    scaling_warmup: bool = True
+    kernel_scale: float = 1.0
+    check_targets: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def full_plan() -> Plan:
+    """The issue's sizes: 512 x 512 x 400 at 0.5 mm; scaling over 4..10 screws and 13..105 Mvoxel."""
+    return Plan("full", STANDARD, repeats=7, study_repeats=5, screw_scaling=STANDARD,
+                voxel_sizes=(StudySize(256, 200, 1.0, 1.0), StudySize(362, 283, 0.7072, 0.7072),
+                             STANDARD))
+
+
+def quick_plan() -> Plan:
+    """Everything at 256 x 256 x 200 (1 mm) with fewer repeats; no targets judged."""
+    q = StudySize(256, 200, 1.0, 1.0)
+    return Plan("quick", q, repeats=3, study_repeats=3, screw_scaling=q, scaling_repeats=2,
+                copy_mb=256, voxel_sizes=(StudySize(128, 100, 2.0, 2.0),
+                                          StudySize(192, 150, 1.3334, 1.3334), q),
+                check_targets=False)
+
+
+def tiny_plan() -> Plan:
+    """A smoke run of the harness (seconds per part; used by tests)."""
+    t = StudySize(128, 100, 2.0, 2.0)
+    return Plan("tiny", t, repeats=2, study_repeats=1, prefect=False, compile_fresh=False,
+                copy_mb=32, screw_scaling=t, screw_levels=(1, 4),
+                voxel_sizes=(StudySize(96, 75, 2.6667, 2.6667), t), scaling_repeats=1,
+                scaling_warmup=False, kernel_scale=0.05, check_targets=False)
+
+
+def _say(msg: str) -> None:
+    print(f"fusionct bench: {msg}", file=sys.stderr, flush=True)
+
+
+def run_all(plan: Plan) -> dict:
+    """Run every part of ``plan``; returns rows, summary line, machine and raw figures."""
+    from benchmarks.bandwidth import bandwidth_rows, copy_bandwidth
+    from benchmarks.kernels_bench import bench_kernels, compile_fresh, kernel_rows
+    from benchmarks.loading_bench import bench_loading, loading_rows
+    from benchmarks.standard import cached_study_dicom, cached_study_volume
+    from benchmarks.study_bench import (bench_screw_scaling, bench_study, bench_voxel_scaling,
+                                        scaling_rows, study_rows)
+
+    t_start = time.perf_counter()
+    info = machine_info()
+    raw: dict = {"plan": asdict(plan), "machine": info}
+    label = plan.study.label()
+
+    _say(f"memory copy bandwidth ({plan.copy_mb} MB)")
+    copy = copy_bandwidth(plan.copy_mb * 2 ** 20, repeats=plan.repeats)
+    raw["copy"] = copy
+
+    _say(f"standard study {label} (phantom made once, then reused from {bench_root()})")
+    volume, truth = cached_study_volume(plan.study)
+
+    _say("kernels vs references")
+    kres = bench_kernels(volume, truth, repeats=plan.repeats, scale=plan.kernel_scale)
+    raw["kernels"] = [asdict(k) for k in kres]
+    rows: list[Row] = kernel_rows(kres)
+    if plan.compile_fresh:
+        _say("numba compile from an empty cache")
+        comp = compile_fresh()
+        raw["compile_fresh_s"] = comp
+        if comp:
+            rows.append(Row("kernel", "numba compile, empty cache (per kernel)",
+                            note=", ".join(f"{k} {v:.1f} s" for k, v in sorted(comp.items()))
+                            + "; paid once per install (cache=True), not per study"))
+    rows += bandwidth_rows(kres, copy)
+    del volume
+
+    _say(f"loading the {label} series")
+    folder = cached_study_dicom(plan.study)
+    lres = bench_loading(folder, repeats=plan.repeats)
+    raw["loading"] = lres
+    lrows = loading_rows(lres, label)
+    if not plan.check_targets:
+        for r in lrows:
+            r.target, r.met = "", None
+    rows += lrows
+
+    _say(f"whole study, no Prefect ({plan.study_repeats} runs after a warm-up)")
+    plain = bench_study(folder, "plain", plan.study_repeats)
+    prefect = None
+    if plan.prefect:
+        _say(f"whole study, Prefect flow ({plan.study_repeats} runs after a warm-up)")
+        prefect = bench_study(folder, "prefect", plan.study_repeats)
+    raw["study_plain"], raw["study_prefect"] = plain, prefect
+    rows += study_rows(plain, prefect, label, plan.check_targets)
+
+    screws = voxels = None
+    if plan.screw_scaling is not None:
+        _say("scaling with the number of screws")
+        screws = bench_screw_scaling(plan.screw_scaling, plan.scaling_repeats, plan.screw_levels,
+                                     plan.scaling_warmup)
+        raw["scaling_screws"] = screws
+    if plan.voxel_sizes:
+        _say("scaling with the number of voxels")
+        voxels = bench_voxel_scaling(plan.voxel_sizes, plan.scaling_repeats, plan.scaling_warmup)
+        raw["scaling_voxels"] = voxels
+    rows += scaling_rows(screws, voxels)
+    if not plan.check_targets:
+        for r in rows:
+            if r.section in ("study",):
+                r.target, r.met = "", None
+
+    raw["elapsed_s"] = time.perf_counter() - t_start
+    summary = summary_line(kres, plain, prefect, rows, label)
+    return {"rows": rows, "summary": summary, "machine": info, "raw": raw,
+            "table": render_table(rows)}
+
+
+def summary_line(kres, plain: dict, prefect: dict | None, rows, label: str) -> str:
+    """The last line ``fusionct bench`` prints: smallest kernel ratio, whole-study time."""
+    ratios = [(k.ratio, k.name) for k in kres if math.isfinite(k.ratio)]
+    if ratios:
+        r, n = min(ratios)
+        kpart = f"smallest kernel ratio {r:.1f}x ({n})"
+    else:
+        kpart = "no kernel ratio"
+    if plain.get("ok"):
+        spart = (f"whole study {label} {plain['analyze_s']:.2f} s after start-up "
+                 f"(peak {plain['maxrss_mb_max']:.0f} MiB)")
+        if prefect and prefect.get("ok"):
+            spart += (f", {prefect['analyze_s']:.2f} s in the Prefect flow "
+                      f"+ {prefect['prefect_startup_s'] + prefect['import_s']:.1f} s start-up")
+    else:
+        spart = f"whole study {label} FAILED ({plain.get('error')})"
+    judged = [r for r in rows if r.met is not None]
+    tpart = (f"; targets met {sum(bool(r.met) for r in judged)}/{len(judged)}" if judged else "")
+    return f"fusionct bench: {kpart}; {spart}{tpart}"
+
+
+def results_markdown(res: dict) -> str:
+    """benchmarks/RESULTS.md: how it was run, the machine, the table and the summary."""
+    m = res["machine"]
+    plan = res["raw"]["plan"]
+    return "\n".join([
+        "# fusionct benchmark results",
+        "",
+        f"Measured {m['date_utc']} with `fusionct bench`"
+        + (" --quick" if plan["name"] == "quick" else "") + f" (plan `{plan['name']}`), "
+        f"{res['raw']['elapsed_s'] / 60:.0f} min in all.",
+        "",
+        f"Machine: {machine_line(m)}.",
+        "",
+        "Ratios are reference time / our time (above 1: ours is faster), medians after a "
+        "warm-up; numba compile time is listed separately. Whole-study figures come from fresh "
+        "processes (peak memory = `ru_maxrss`).",
+        "",
+        res["table"],
+        "",
+        "```",
+        res["summary"],
+        "```",
+        "",
+    ])
+
+
+def main(quick: bool = False, plan: Plan | None = None, write_results: bool = False) -> int:
+    """Run the benchmarks, print the table and, last, the summary line; 0 on success."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "fusionct" / "numba"))
+    plan = plan or (quick_plan() if quick else full_plan())
+    res = run_all(plan)
+    out = bench_root() / f"results_{plan.name}.json"
+    out.write_text(json.dumps(res["raw"], default=str, indent=1))
+    print(f"Machine: {machine_line(res['machine'])}")
+    print(res["table"])
+    if write_results:
+        (REPO / "benchmarks" / "RESULTS.md").write_text(results_markdown(res))
+    print(res["summary"])
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="smoke-test sizes")
+    ap.add_argument("--write-results", action="store_true")
+    a = ap.parse_args()
+    sys.exit(main(a.quick, tiny_plan() if a.tiny else None, a.write_results))
