@@ -9,7 +9,8 @@ needs later).
 How a run lands
 ---------------
 1. Every file is written and fsynced into a staging folder *beside* the destination
-   (``.fusionct-staging-*``, same file system, so each move is one atomic rename).
+   (``.fusionct-staging-*``, same file system, so each move is one atomic rename; inside
+   the destination instead when its parent is read-only or another file system).
 2. Files move in one by one with ``os.replace``; ``measurements.json`` moves **last**, so a
    run killed at any moment never leaves a half-written measurements.json, and a folder
    whose measurements.json is present always holds that run's complete set (or, while a
@@ -219,16 +220,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def staging_parent(target: Path) -> Path:
+    """Where the staging folder goes: beside ``target`` when that folder is writable and on
+    the same file system (so every move is one rename), else inside ``target`` itself
+    (e.g. OUTDIR is a mount point or its parent is read-only)."""
+    parent = target.parent
+    try:
+        if os.access(parent, os.W_OK) and os.stat(parent).st_dev == os.stat(target).st_dev:
+            return parent
+    except OSError:
+        pass
+    return target
+
+
 def remove_dead_staging(target: Path) -> list[Path]:
-    """Delete staging folders a killed earlier run left beside ``target`` (their process id,
+    """Delete staging folders a killed earlier run left for ``target`` (their process id,
     part of the name, is no longer running). Returns what was removed."""
     removed = []
     pat = re.compile(re.escape(f"{STAGING_PREFIX}{target.name}-") + r"(\d+)-[a-z0-9_]{8}$")  # mkdtemp's suffix
-    for p in target.parent.glob(f"{STAGING_PREFIX}{target.name}-*"):
-        m = pat.match(p.name)
-        if m and p.is_dir() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+    for folder in {target.parent, target}:
+        for p in folder.glob(f"{STAGING_PREFIX}{target.name}-*"):
+            m = pat.match(p.name)
+            if m and p.is_dir() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
     return removed
 
 
@@ -242,7 +257,7 @@ def land_files(files: Mapping[str, bytes], target: str | Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     remove_dead_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-{os.getpid()}-",
-                                    dir=target.parent))
+                                    dir=staging_parent(target)))
     try:
         for name, data in files.items():
             write_bytes_atomic(staging / name, data)
