@@ -184,9 +184,17 @@ def write_dicom_study(spec: PhantomSpec, outdir, *, extra_series: bool = True) -
         ``outdir``. ``truth.json`` there holds the truth of ``make_phantom`` plus a ``dicom``
         section (study/series UIDs, descriptions, file counts).
     """
+    vol, truth = make_phantom(spec)
+    return write_volume_study(vol, truth, spec, outdir, extra_series=extra_series)
+
+
+def write_volume_study(vol: Volume, truth: dict, spec: PhantomSpec, outdir, *,
+                       extra_series: bool = True) -> Path:
+    """Write an already made phantom (``make_phantom(spec)``) as a DICOM study; see
+    ``write_dicom_study``. Saves making the phantom twice when a test needs both."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    vol, truth = make_phantom(spec)
+    truth = dict(truth)
     key = _spec_key(spec)
     uids = {"study": _uid(key, "study"), "frame": _uid(key, "frame")}
     when = _dt.datetime(2024, 3, 1, 9, 30, 0) + _dt.timedelta(days=int(spec.seed) % 365)
@@ -266,4 +274,4 @@ def read_truth(study_dir) -> dict:
     return json.loads((Path(study_dir) / "truth.json").read_text(encoding="utf-8"))
 
 
-__all__ = ["write_dicom_study", "read_truth", "patient_id", "PATIENT_NAME", "MANUFACTURER"]
+__all__ = ["write_dicom_study", "write_volume_study", "read_truth", "patient_id", "PATIENT_NAME", "MANUFACTURER"]

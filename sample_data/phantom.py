@@ -1043,54 +1043,81 @@ def _apply_blooming(hu, metal_excess, spacing, gain=None, weight=None, sigma_mm=
     hu[sl] += (gain * (1.0 - weight) - 1.0) * ex + (gain * weight) * tail
 
 
+STREAK_DARK_HU = 150.0      # depth of the dark band joining two metal objects
+STREAK_BAND_SIGMA_MM = 1.5
+STREAK_RAY_SIGMA_MM = 0.8
+STREAK_RAY_DECAY_MM = 25.0
+STREAK_MAX_DARK_HU = 250.0
+
+
+def _streak_window(xs, ys, p, q, pad):
+    """Index window (rows, cols) of the slice covering the segment p-q padded by ``pad`` mm."""
+    i0 = np.searchsorted(xs, min(p[0], q[0]) - pad)
+    i1 = np.searchsorted(xs, max(p[0], q[0]) + pad)
+    j0 = np.searchsorted(ys, min(p[1], q[1]) - pad)
+    j1 = np.searchsorted(ys, max(p[1], q[1]) + pad)
+    return slice(j0, j1), slice(i0, i1)
+
+
 def _apply_streaks(hu, lab, grid: _Grid, seed: int):
     """Beam-hardening streaks per axial slice: dark bands along the lines joining pairs of
-    metal objects and a few radial streaks from each, decaying with distance."""
-    ni = hu.shape[2]
-    nj = hu.shape[1]
+    metal objects (the classic dark streak between two screws, which can imitate a halo)
+    and a few bright or dark radial streaks from each object, decaying with distance.
+    Deterministic from the seed and the slice index."""
+    nk, nj, ni = hu.shape
     sx, sy = grid.spacing[0], grid.spacing[1]
-    xs = (grid.origin[0] + sx * np.arange(ni, dtype=np.float32))[None, :]
-    ys = (grid.origin[1] + sy * np.arange(nj, dtype=np.float32))[:, None]
+    xs = (grid.origin[0] + sx * np.arange(ni)).astype(np.float32)
+    ys = (grid.origin[1] + sy * np.arange(nj)).astype(np.float32)
     metal = np.isin(lab, METAL_LABELS)
     ks = np.flatnonzero(metal.any(axis=(1, 2)))
+    reach = 3.0 * STREAK_RAY_DECAY_MM
     for k in ks:
         labels2, nlab = ndimage.label(metal[k])
         if nlab == 0:
             continue
         idx = np.arange(1, nlab + 1)
         areas = ndimage.sum_labels(np.ones_like(labels2), labels2, idx) * sx * sy
-        keep = areas >= 2.0
-        if not keep.any():
+        keep = np.flatnonzero(areas >= 2.0)
+        if keep.size == 0:
             continue
+        keep = keep[np.argsort(-areas[keep], kind="stable")[:6]]  # the largest objects
         cms = np.array(ndimage.center_of_mass(metal[k], labels2, idx[keep]))
         areas = areas[keep]
-        cx = grid.origin[0] + sx * cms[:, 1]
-        cy = grid.origin[1] + sy * cms[:, 0]
+        cen = np.column_stack([grid.origin[0] + sx * cms[:, 1], grid.origin[1] + sy * cms[:, 0]])
         rng = _rng(seed, "streaks", int(k))
-        add = np.zeros((nj, ni), np.float32)
-        m = len(cx)
+        sl2 = np.zeros((nj, ni), np.float32)
+        m = len(cen)
         for a in range(m):
             for b in range(a + 1, m):
-                dxy = np.array([cx[b] - cx[a], cy[b] - cy[a]])
-                Ls = float(np.hypot(*dxy))
+                Ls = float(np.hypot(*(cen[b] - cen[a])))
                 if Ls < 3.0:
                     continue
-                ax = dxy / Ls
-                t = (xs - cx[a]) * ax[0] + (ys - cy[a]) * ax[1]
-                dperp = np.abs(-(xs - cx[a]) * ax[1] + (ys - cy[a]) * ax[0])
+                ax = (cen[b] - cen[a]) / Ls
+                rows, cols = _streak_window(xs, ys, cen[a], cen[b], 4 * STREAK_BAND_SIGMA_MM + 3)
+                X = xs[cols][None, :] - np.float32(cen[a][0])
+                Y = ys[rows][:, None] - np.float32(cen[a][1])
+                t = X * np.float32(ax[0]) + Y * np.float32(ax[1])
+                dperp = -X * np.float32(ax[1]) + Y * np.float32(ax[0])
                 strength = min(1.0, math.sqrt(areas[a] * areas[b]) / 25.0)
                 along = _soft(np.minimum(t, Ls - t) + 3.0, 4.0)
-                add -= (150.0 * strength) * along * np.exp(-0.5 * (dperp / 1.5) ** 2)
-        for a in range(m):
-            for _ in range(3):
+                sl2[rows, cols] -= np.float32(STREAK_DARK_HU * strength) * along * np.exp(
+                    np.float32(-0.5 / STREAK_BAND_SIGMA_MM ** 2) * dperp * dperp)
+        for a in range(min(m, 4)):
+            for _ in range(2):
                 ang = rng.uniform(0, 2 * np.pi)
                 amp = rng.choice([-1.0, 1.0]) * rng.uniform(40.0, 110.0)
                 ax = np.array([math.cos(ang), math.sin(ang)])
-                t = (xs - cx[a]) * ax[0] + (ys - cy[a]) * ax[1]
-                dperp = np.abs(-(xs - cx[a]) * ax[1] + (ys - cy[a]) * ax[0])
-                add += (amp * np.exp(-np.maximum(t, 0) / 25.0) * (t > 2.0)
-                        * np.exp(-0.5 * (dperp / 0.8) ** 2)).astype(np.float32)
-        hu[k] += add
+                end_pt = cen[a] + reach * ax
+                rows, cols = _streak_window(xs, ys, cen[a], end_pt, 4 * STREAK_RAY_SIGMA_MM)
+                X = xs[cols][None, :] - np.float32(cen[a][0])
+                Y = ys[rows][:, None] - np.float32(cen[a][1])
+                t = X * np.float32(ax[0]) + Y * np.float32(ax[1])
+                dperp = -X * np.float32(ax[1]) + Y * np.float32(ax[0])
+                sl2[rows, cols] += (np.float32(amp) * np.exp(-np.maximum(t, 0) / STREAK_RAY_DECAY_MM)
+                                    * _soft(t - 2.0, 1.0)
+                                    * np.exp(np.float32(-0.5 / STREAK_RAY_SIGMA_MM ** 2) * dperp * dperp))
+        # overlapping bands do not add up without limit
+        hu[k] += np.clip(sl2, -STREAK_MAX_DARK_HU, STREAK_MAX_DARK_HU)
 
 
 # --------------------------------------------------------------------------- the phantom
