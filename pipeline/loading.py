@@ -127,6 +127,10 @@ def load_dicom_folder(folder: str | Path) -> Volume:
         if any(is_nifti_path(f) for f in series.non_dicom_paths):
             hint = " (it holds a NIfTI file: give that file itself as the input)"
         raise InputError(folder, f"no DICOM files among its {series.n_files} files{hint}")
+    studies = {s.study_instance_uid for s in series if s.modality == "CT"}
+    if len(studies) > 1:
+        raise InputError(folder, f"holds CT series of {len(studies)} different studies (StudyInstanceUID); "
+                                 "give one study per folder (a prior goes in --baseline)")
     chosen, reason = select_series(series)
     if series.corrupt_paths:
         f = _rel(series.corrupt_paths[0], folder)

@@ -186,6 +186,7 @@ def test_absurd_dimensions_refused(tmp_path):
     assert "absurd image size" in err.reason
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
 @pytest.mark.parametrize("slope,words", [("1e38", "overflows"), ("NaN", "invalid rescale")])
 def test_nan_or_overflow_after_rescale_refused(tmp_path, slope, words):
     def edit(k, ds):
@@ -302,3 +303,10 @@ def test_nifti_with_one_trailing_volume_axis_loads(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "ct4d.nii.gz"))
     vol = load_study(tmp_path / "ct4d.nii.gz")
     np.testing.assert_array_equal(vol.hu, np.transpose(data[..., 0], (2, 1, 0)).astype(np.float32))
+
+
+def test_two_ct_studies_in_one_folder_refused(tmp_path):
+    write(tmp_path / "now", study_uid="1.2.826.0.1.3680043.99.10")
+    write(tmp_path / "prior", study_uid="1.2.826.0.1.3680043.99.11")
+    err = refuse(tmp_path)
+    assert "2 different studies" in err.reason and "one study per folder" in err.reason
