@@ -159,9 +159,10 @@ class SeriesInfo:
 
     @property
     def is_axial(self) -> bool:
-        """The slice normal lies within about 25 degrees of the patient's long (S-I) axis."""
+        """The slice normal lies within about 37 degrees of the patient's long (S-I) axis
+        (gantry-tilted axial series tilt up to about 30 degrees)."""
         n = _normal(self.orientation)
-        return n is not None and abs(n[2]) >= 0.9
+        return n is not None and abs(n[2]) >= 0.8
 
     @property
     def slice_spacing_mm(self) -> float | None:
