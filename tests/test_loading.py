@@ -299,32 +299,51 @@ def test_phantom_study_picks_bone_over_localizer_and_thick_soft_series(phantom_s
     assert PATIENT_NAME.split("^")[0] not in text and patient_id(3) not in text
 
 
+@pytest.mark.parametrize("tilted_plane", [False, True], ids=["positions_sheared", "image_plane_tilted"])
 @pytest.mark.parametrize("tilt_deg", [12.0, -20.0])
-def test_gantry_tilted_series_resampled_onto_orthogonal_grid(tmp_path, tilt_deg):
-    """A linear HU field sampled on a sheared (tilted) stack comes back exact on the orthogonal grid."""
+def test_gantry_tilted_series_resampled_onto_orthogonal_grid(tmp_path, tilt_deg, tilted_plane):
+    """A linear HU field sampled on a sheared (tilted) stack comes back exact on the orthogonal grid.
+
+    Two ways scanners write tilt: axial image planes whose positions drift in y from slice to
+    slice, or image planes tilted about x (ImageOrientationPatient) stacked straight along z.
+    """
     nk, nj, ni, dz = 8, 40, 30, 2.0
+    t = np.radians(tilt_deg)
     origin = np.array([-15.0, -20.0, -40.0])
-    step = np.array([0.0, np.tan(np.radians(tilt_deg)) * dz, dz])  # gantry tilt shears along y
+    row = np.array([1.0, 0.0, 0.0])
+    if tilted_plane:
+        col = np.array([0.0, np.cos(t), np.sin(t)])
+        step = np.array([0.0, 0.0, dz])                  # table moves along z
+        normal = np.cross(row, col)
+        spacing_along_normal = dz * normal[2]
+    else:
+        col = np.array([0.0, 1.0, 0.0])
+        step = np.array([0.0, np.tan(t) * dz, dz])       # positions drift along y
+        normal = np.array([0.0, 0.0, 1.0])
+        spacing_along_normal = dz
 
     def field(x, y, z):
         return 3.0 * x + 2.0 * y + 4.0 * z + 500.0
 
     i, j = np.meshgrid(np.arange(ni), np.arange(nj), indexing="xy")
-    stored = np.stack([field(origin[0] + i, origin[1] + j + k * step[1], origin[2] + k * dz) for k in range(nk)])
+    pix = [origin + k * step + i[..., None] * row + j[..., None] * col for k in range(nk)]
+    stored = np.stack([field(p[..., 0], p[..., 1], p[..., 2]) for p in pix])
     write_ct_series(tmp_path, stored=np.rint(stored).astype(np.int32), origin_lps_mm=origin, spacing_mm=(1.0, 1.0, dz),
-                    slice_step_lps_mm=step, signed=True, rescale_intercept=0.0, names="shuffled")
+                    row_dir=row, col_dir=col, slice_step_lps_mm=step, signed=True, rescale_intercept=0.0,
+                    names="shuffled")
     vol = load_study(tmp_path)
     assert vol.meta["gantry_tilt_deg"] == pytest.approx(abs(tilt_deg), abs=0.01)
     assert "Gantry tilt" in vol.meta["selection_reason"]
-    np.testing.assert_allclose(vol.direction, np.eye(3), atol=1e-9)
-    np.testing.assert_allclose(vol.spacing_mm, [1.0, 1.0, dz], atol=1e-6)
+    np.testing.assert_allclose(vol.direction, np.column_stack([row, col, normal]), atol=1e-6)
+    np.testing.assert_allclose(vol.spacing_mm, [1.0, 1.0, spacing_along_normal], atol=1e-5)
     np.testing.assert_allclose(vol.origin_lps_mm, origin, atol=1e-6)
     x, y, z = vol.voxel_grid_lps()
     expected = field(x, y, z)
     # inside each slice's acquired field of view the resampled values match the field
-    shift_rows = np.arange(nk)[:, None, None] * step[1]
-    inside = (np.arange(nj)[None, :, None] - shift_rows >= 0) & (np.arange(nj)[None, :, None] - shift_rows <= nj - 1)
-    inside = np.broadcast_to(inside, vol.hu.shape)
+    off = np.array([(k * step) - (k * step @ normal) * normal for k in range(nk)])
+    shift_rows = (off @ col)[:, None, None]
+    jj = np.arange(nj)[None, :, None]
+    inside = np.broadcast_to((jj - shift_rows >= 0) & (jj - shift_rows <= nj - 1), vol.hu.shape)
     assert inside.mean() > 0.6
     np.testing.assert_allclose(vol.hu[inside], expected[inside], atol=0.51)
     assert np.all(vol.hu[~inside] < expected[~inside])  # outside: air or blended with air
