@@ -42,6 +42,7 @@ DISC_HEIGHT_RANGE_MM = (2.0, 20.0)
 MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
 SACRUM_LATERAL_BONE = 0.15     # lateral bone fraction beside S1 (alae); lumbar < 0.08
+_DEBUG = False
 LUMBAR_NAMES_ABOVE_S1 = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8")
 
 
@@ -249,7 +250,9 @@ def column_profile(volume: Volume, curve: np.ndarray, metal_threshold_hu: float,
 
     Returns a dict of arrays: ``low_hu`` (the ``quantile`` of each central cross-section,
     +-14 mm LR x +-7 mm AP: disc tissue shows through even beside a cage or bridging bone),
-    ``high_hu`` (its 90th percentile without metal: the cortical endplates stand out),
+    ``high_hu`` (its 75th percentile away from metal: the cortical endplates stand out),
+    ``non_trabecular`` (the fraction of samples far from the body level ``body_hu``: disc,
+    PEEK cage, bridging bone and endplates, not the body's inside),
     ``central_metal_fraction`` (metal in the central +-6 mm: a cage, not the screws, which
     run beside it), ``valid`` (the whole cross-section is inside the volume) and the local
     frames.
@@ -260,18 +263,28 @@ def column_profile(volume: Volume, curve: np.ndarray, metal_threshold_hu: float,
     valid = np.all(np.isfinite(vals), axis=1)
     v = np.where(np.isfinite(vals), vals, -1000.0)
     low = np.quantile(v, quantile, axis=1)
-    no_metal = np.where(v < ENDPLATE_MAX_HU, v, np.nan)
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            high = np.nanquantile(no_metal, 0.9, axis=1)
-    high = np.where(np.isfinite(high), high, np.nanmax(np.where(np.isfinite(high), high, -1e9)))
+    # without metal and its blooming (the grid neighbours of metal samples)
+    nw = len(np.arange(-7.0, 7.0 + 1e-6, 2.0))
+    grid = (v >= ENDPLATE_MAX_HU).reshape(len(v), nw, -1)
+    near_metal = ndimage.binary_dilation(grid, structure=np.ones((1, 3, 3), bool)).reshape(len(v), -1)
+    no_metal = np.where(near_metal, np.nan, v)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        high = np.nanquantile(no_metal, 0.75, axis=1)
+        med = np.nanmedian(no_metal, axis=1)
+    fill = np.nanmedian(high) if np.isfinite(high).any() else 0.0
+    high = np.where(np.isfinite(high), high, fill)
+    # the body level: trabecular bone fills most stations; a disc, a PEEK cage or bridging
+    # bone is not trabecular-like
+    body_hu = float(np.nanmedian(med[valid])) if valid.any() else 0.0
+    band = max(45.0, 0.35 * (body_hu - 40.0))
+    other = np.mean(np.abs(v - body_hu) > band, axis=1)
     cpts = cross_section_points(curve, lr, ap, half_lr_mm=6.0, half_ap_mm=6.0, step_mm=1.5)
     cvals = sample_lps(volume, cpts, cval_hu=-1000.0)
     metal = (cvals > metal_threshold_hu).mean(axis=1)
-    return dict(low_hu=low, high_hu=high, central_metal_fraction=metal, valid=valid,
-                tangent=t, lr=lr, ap=ap)
+    return dict(low_hu=low, high_hu=high, non_trabecular=other, body_hu=body_hu,
+                central_metal_fraction=metal, valid=valid, tangent=t, lr=lr, ap=ap)
 
 
 def _normalised_peaks(signal, valid, prominence, wlen):
@@ -285,13 +298,16 @@ def _normalised_peaks(signal, valid, prominence, wlen):
 def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: float = 20.0) -> list[int]:
     """Indices of disc centres along the column profile (see :func:`column_profile`).
 
-    Three kinds of evidence, each scored about 1 for a clear disc, are summed where they
-    coincide (within 4 mm):
+    Four kinds of evidence, each scored about 1 for a clear disc, are summed where they
+    coincide (within 4 mm); the first two are weighted by how bright the endplates on
+    both sides within 10 mm are (see ``flanks``):
 
     * a dip of the low-quantile HU below the endplates on both sides within 10 mm (disc
       tissue; scored by its depth over the body-to-disc contrast);
-    * a pair of bright thin peaks of the 90th percentile 5 to 16 mm apart (the two cortical
+    * a pair of bright thin peaks of the 75th percentile 5 to 16 mm apart (the two cortical
       endplates bounding a disc, still there when bone bridges it or a PEEK cage fills it);
+    * a run of stations where most samples are far from the body level (disc, PEEK,
+      bridging bone; scored by its prominence, 0.5 at least);
     * metal filling the centre of the cross-section (a titanium cage; scored 2).
 
     A dark metal streak through a body makes a dip but has no endplate pair beside it;
@@ -307,12 +323,29 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     body = np.percentile(qv, 75)
     disc = np.percentile(qv[qv > 0], 10) if np.any(qv > 0) else 0.0
     contrast = max(min_contrast_hu / 0.3, body - disc)
-    cand: list[tuple[int, float]] = []
-    for p, pr in _normalised_peaks(-low, valid, 0.3 * contrast, int(round(20 * sig)) + 1):
-        cand.append((p, min(pr / contrast, 1.5)))
     high = ndimage.gaussian_filter1d(prof["high_hu"], 0.5 * sig)
     hv = high[valid]
-    spread = max(np.percentile(hv, 95) - np.median(hv), min_contrast_hu)
+    level = float(np.median(hv))
+    spread = max(float(np.percentile(hv, 95)) - level, min_contrast_hu)
+    n = len(high)
+    reach = int(round(10 * sig))
+
+    def flanks(p):
+        """How bright the brightest endplate-like point is on the weaker side of ``p``."""
+        a = high[max(p - reach, 0): max(p - 1, 0)]
+        b = high[min(p + 2, n): min(p + reach + 1, n)]
+        if a.size == 0 or b.size == 0:
+            return 0.0
+        return float(np.clip((min(a.max(), b.max()) - level) / spread, 0.0, 1.0))
+
+    cand: list[tuple[int, float]] = []
+    # dips (disc tissue) and non-trabecular runs (disc, PEEK, bridging bone) count only with
+    # bright flanks: a dark streak or a lucent halo at screw level inside a body has none
+    for p, pr in _normalised_peaks(-low, valid, 0.3 * contrast, int(round(20 * sig)) + 1):
+        cand.append((p, min(pr / contrast, 1.5) * flanks(p)))
+    nt = ndimage.gaussian_filter1d(prof["non_trabecular"], sig)
+    for p, pr in _normalised_peaks(nt, valid, 0.5, int(round(20 * sig)) + 1):
+        cand.append((p, min(pr, 1.0) * flanks(p)))
     hp = _normalised_peaks(high, valid, 0.3 * spread, int(round(10 * sig)) + 1)
     for (a, pa), (b, pb) in zip(hp[:-1], hp[1:]):
         if 5.0 <= (b - a) * spacing_mm <= 16.0:
@@ -432,18 +465,24 @@ def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm
 
     ``prof`` runs from inside the body outward, past the disc expected at ``disc_mm``.
     Where the disc is darker than the body (disc tissue), the disc is the lowest 2 mm
-    stretch within ``window_mm`` of ``disc_mm`` and the surface is, walking back towards the
+    stretch from ``window_mm`` before to half of it past ``disc_mm`` and the surface is, walking back towards the
     body, the first half-way crossing between the endplate's peak and the disc. Where bone
     bridges the disc (nothing darker than the body), the surface is the half-way crossing
     from the cortical peak to the bridging bone 3 mm beyond it. None when neither is found.
     """
     n = len(prof)
-    lo_i = max(int((disc_mm - window_mm) / step_mm), int(3.0 / step_mm))
-    hi_i = min(int((disc_mm + window_mm) / step_mm) + 1, n)
-    in_i = max(int((disc_mm - window_mm - 4.0) / step_mm), int(3.0 / step_mm))
+    # a screw crossing the ray near mid-height: start past its metal and blooming
+    metal = np.nonzero(prof >= ENDPLATE_MAX_HU)[0]
+    start = 0 if metal.size == 0 else int(metal[-1]) + int(2.0 / step_mm)
+    lo_i = max(int((disc_mm - window_mm) / step_mm), start + int(3.0 / step_mm))
+    hi_i = min(int((disc_mm + 0.5 * window_mm) / step_mm) + 1, n)
+    in_i = max(int((disc_mm - window_mm - 4.0) / step_mm), int(3.0 / step_mm), lo_i - int(4.0 / step_mm))
     if hi_i - lo_i < int(4.0 / step_mm) or in_i >= n:
         return None
-    inside = float(np.median(prof[:in_i]))
+    body = prof[start:in_i]
+    if body.size < 4:
+        return None
+    inside = float(np.median(body))
     back = int(9.0 / step_mm)
     lowest = ndimage.uniform_filter1d(prof, max(1, int(2.0 / step_mm)))
     i_min = lo_i + int(np.argmin(lowest[lo_i:hi_i]))
@@ -515,30 +554,48 @@ def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direct
     return np.array(pts_out).reshape(-1, 3)
 
 
-def fit_plane(points: np.ndarray, outward, max_residual_mm: float = 1.5, iterations: int = 4):
-    """Plane through points, robust to outliers; its normal points along ``outward``.
+def fit_plane(points: np.ndarray, outward, max_residual_mm: float = 1.5, min_cos: float = 0.8,
+              trials: int = 400, iterations: int = 3):
+    """Plane through points, robust to outliers (RANSAC); its normal points along ``outward``.
 
-    Starts from the plane perpendicular to ``outward`` through the median point, keeps the
-    points within max(``max_residual_mm``, 2.5 x median residual) and refits by SVD.
-    Returns (point, unit normal, number of points kept).
+    Planes through random triples (seeded, so results repeat) whose normal is within
+    acos(``min_cos``) of ``outward`` vote with the points within ``max_residual_mm``; the
+    best is refitted by SVD to its inliers. Rays that caught a screw, a streak or the next
+    endplate form smaller, off-plane clusters. Returns (point, unit normal, inlier count).
     """
     pts = np.asarray(points, float)
-    n = np.asarray(outward, float) / np.linalg.norm(outward)
-    c = np.median(pts, axis=0)
-    keep = np.ones(len(pts), bool)
+    out = np.asarray(outward, float) / np.linalg.norm(outward)
+    m = len(pts)
+    if m < 3:
+        return (pts.mean(0) if m else np.zeros(3)), out, 0
+    rng = np.random.default_rng(12345)
+    tri = np.array([rng.choice(m, 3, replace=False) for _ in range(trials)])
+    a, b, c = pts[tri[:, 0]], pts[tri[:, 1]], pts[tri[:, 2]]
+    nrm = np.cross(b - a, c - a)
+    ln = np.linalg.norm(nrm, axis=1)
+    ok = ln > 1e-6
+    nrm[ok] /= ln[ok, None]
+    nrm *= np.sign(nrm @ out)[:, None]
+    ok &= (nrm @ out) >= min_cos
+    if not ok.any():
+        nrm = np.broadcast_to(out, nrm.shape).copy()
+        ok[:] = True
+    res = np.abs(np.einsum("tk,pk->tp", nrm, pts) - np.einsum("tk,tk->t", nrm, a)[:, None])
+    votes = np.where(ok, (res <= max_residual_mm).sum(1), -1)
+    best = int(np.argmax(votes))
+    keep = res[best] <= max_residual_mm
+    n, c0 = nrm[best], a[best]
     for _ in range(iterations):
-        res = np.abs((pts - c) @ n)
-        tol = max(max_residual_mm, 2.5 * float(np.median(res)))
-        keep = res <= tol
         if keep.sum() < 3:
             break
-        c = pts[keep].mean(0)
-        _, _, vt = np.linalg.svd(pts[keep] - c)
-        n_new = vt[2] if vt[2] @ n >= 0 else -vt[2]
+        c0 = pts[keep].mean(0)
+        _, _, vt = np.linalg.svd(pts[keep] - c0)
+        n_new = vt[2] if vt[2] @ out >= 0 else -vt[2]
+        if n_new @ out < min_cos:
+            break
         n = n_new
-    res = np.abs((pts - c) @ n)
-    keep = res <= max(max_residual_mm, 2.5 * float(np.median(res)))
-    return c, n, int(keep.sum())
+        keep = np.abs((pts - c0) @ n) <= max_residual_mm
+    return c0, n, int(keep.sum())
 
 
 def lateral_bone_fraction(volume: Volume, centre, si, lr, ap, semi_lr_mm: float, semi_ap_mm: float,
@@ -586,7 +643,7 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
     for _ in range(iterations):
         ball = rng.normal(0.0, 3.0, (300, 3))
         inside = float(np.median(sample_lps(volume, centre + ball)))
-        hs = tuple(f * half_h for f in (-0.7, -0.35, 0.35, 0.7))
+        hs = tuple(f * half_h for f in (-0.8, -0.55, 0.55, 0.8))
         semi_lr, semi_ap, shift = body_outline(volume, centre, si, lr, ap, inside, hs)
         centre = centre + shift
         if not np.isfinite(semi_ap) or semi_ap < 5:
@@ -642,29 +699,32 @@ def _rough_bodies(prof: dict, discs: list[int], curve: np.ndarray) -> tuple[list
             lo_ = a + (b - a) * m / n_split
             hi_ = a + (b - a) * (m + 1) / n_split
             rough.append(dict(station=0.5 * (lo_ + hi_), half=0.5 * (hi_ - lo_) - 4.0))
-    ends = []
-    if discs:
-        first_valid = int(np.argmax(valid))
-        last_valid = len(valid) - 1 - int(np.argmax(valid[::-1]))
-        if discs[0] - first_valid >= 0.55 * typical:
-            ends.append(("top", dict(station=discs[0] - 0.5 * typical, half=0.5 * typical - 4.0)))
-        if last_valid - discs[-1] >= 0.45 * typical:
-            ends.append(("bottom", dict(station=discs[-1] + 0.5 * typical, half=0.5 * typical - 4.0)))
-    for where, r in ends:
-        if where == "top":
-            rough.insert(0, r)
-        else:
-            rough.append(r)
     n = len(curve)
     for r in rough:
         i = int(np.clip(round(r["station"]), 0, n - 1))
         r["centre"] = curve[i]
         r["axis"] = prof["tangent"][i]
-        # disc centres above and below (curve index runs downward, 1 mm apart)
-        half = r["half"] + 4.0
-        ia, ib = r["station"] - half, r["station"] + half
-        r["disc_above"] = (curve[int(round(ia))] if 0 <= ia <= n - 1 else curve[i] + half * r["axis"])
-        r["disc_below"] = (curve[int(round(ib))] if 0 <= ib <= n - 1 else curve[i] - half * r["axis"])
+        half = r["half"] + 4.0  # disc centres above and below (curve index runs downward)
+        r["disc_above"] = curve[int(np.clip(round(r["station"] - half), 0, n - 1))]
+        r["disc_below"] = curve[int(np.clip(round(r["station"] + half), 0, n - 1))]
+    # a body beyond the first / last disc: placed from that disc along the curve's direction
+    # there (the curve bends away at the ends of the column, the sacrum above all)
+    if discs:
+        first_valid = int(np.argmax(valid))
+        last_valid = len(valid) - 1 - int(np.argmax(valid[::-1]))
+        half = 0.5 * typical
+        if discs[0] - first_valid >= 0.55 * typical:
+            d = discs[0]
+            ax = prof["tangent"][d]
+            rough.insert(0, dict(station=d - half, half=half - 4.0, axis=ax,
+                                 centre=curve[d] + half * ax, disc_below=curve[d],
+                                 disc_above=curve[d] + typical * ax))
+        if last_valid - discs[-1] >= 0.45 * typical:
+            d = discs[-1]
+            ax = prof["tangent"][d]
+            rough.append(dict(station=d + half, half=half - 4.0, axis=ax,
+                              centre=curve[d] - half * ax, disc_above=curve[d],
+                              disc_below=curve[d] - typical * ax))
     return rough, notes
 
 
@@ -717,16 +777,28 @@ def find_vertebrae(volume: Volume, config: Config):
     for r in rough:
         f = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
                      config.metal_threshold_hu)
-        if f is None or f["superior"] is None:
+        if f is None or f["superior"] is None or not _plane_in_volume(volume, *f["superior"], f["semi"]):
             notes.append("a vertebra cut by the edge of the volume was left out")
             continue
-        f["lateral_bone"] = lateral_bone_fraction(volume, f["centre"], f["si"], f["lr"], f["ap"],
-                                                  f["semi"][0], f["semi"][1], config.bone_threshold_hu)
+        if f["inferior"] is not None and not _plane_in_volume(volume, *f["inferior"], f["semi"]):
+            f["inferior"] = None
+        # the alae run from just under S1's superior endplate downwards, in its own frame
+        sup_c, sup_n = f["superior"]
+        si_s, lr_s, ap_s = _orthonormal_frame(sup_n)
+        f["lateral_bone"] = lateral_bone_fraction(volume, np.asarray(sup_c) - 12.0 * si_s, si_s, lr_s,
+                                                  ap_s, f["semi"][0], f["semi"][1],
+                                                  config.bone_threshold_hu)
         fitted.append(f)
+        if _DEBUG:
+            print("DBG", np.round(f["centre"], 1), np.round(f["si"], 2), np.round(f["semi"], 1),
+                  f["lateral_bone"], f["superior"] is not None, f["inferior"] is not None)
 
     sacrum = next((i for i, f in enumerate(fitted) if f["lateral_bone"] >= SACRUM_LATERAL_BONE), None)
     if sacrum is not None:
         fitted = fitted[: sacrum + 1]
+        f = fitted[sacrum]
+        f["inferior"] = None  # fused below S1: whatever was found there is not an endplate
+        f["si"], f["lr"], f["ap"] = _orthonormal_frame(f["superior"][1])
     # a lumbar body needs both endplates; the sacrum only its superior one
     kept = []
     for i, f in enumerate(fitted):
@@ -766,6 +838,20 @@ def find_vertebrae(volume: Volume, config: Config):
             is_sacrum=(i == sacrum)))
     levels = disc_levels(vertebrae)
     return vertebrae, levels, by_position, list(dict.fromkeys(notes))
+
+
+def _plane_in_volume(volume: Volume, point, normal, semi_mm=(0.0, 0.0), margin_mm: float = 2.0) -> bool:
+    """Whether the volume holds the endplate (its centre and rim at 70 % of the outline)
+    and ``margin_mm`` beyond it, i.e. the endplate is not the edge of the scan."""
+    ni, nj, nk = volume.shape_ijk
+    n = np.asarray(normal, float)
+    _, lr, ap = _orthonormal_frame(n)
+    c = np.asarray(point, float)
+    rim = [c] + [c + 0.7 * su * semi_mm[0] * lr + 0.7 * sw * semi_mm[1] * ap
+                 for su, sw in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    pts = np.array([p + margin_mm * n for p in rim])
+    ijk = volume.lps_to_ijk(pts)
+    return bool(np.all(ijk >= -0.5) and np.all(ijk <= np.array([ni, nj, nk]) - 0.5))
 
 
 def _plane_hit(plane: Plane, origin, direction) -> np.ndarray:
