@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import fields
-from pathlib import Path
+from pathlib import Path, PurePath
+
+import numpy as np
 
 from pipeline import __version__
 from pipeline.results import (
@@ -39,13 +41,20 @@ def is_identifying_key(key: str) -> bool:
 
 
 def _finite_or_none(obj):
-    """Plain values with NaN/inf replaced by None (JSON has no NaN)."""
+    """JSON-ready values: NaN/inf -> None (JSON has no NaN), arrays -> lists, numpy
+    scalars -> Python, paths -> str."""
+    if isinstance(obj, np.ndarray):
+        return _finite_or_none(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _finite_or_none(obj.item())
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {str(k): _finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, PurePath):
+        return str(obj)
     return obj
 
 

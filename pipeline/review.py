@@ -130,6 +130,12 @@ def list_findings(doc: dict) -> list[dict]:
     return out
 
 
+def doc_fingerprint(doc: dict) -> str:
+    """Short hash of the results a page was rendered from (sent back with the form, so a
+    page older than the current measurements.json cannot sign it)."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def person_name(typed: str) -> str:
     """A typed name ("Dr Jane Smith", "Smith, Jane") as a DICOM PN ("Smith^Jane^^Dr")."""
     t = re.sub(r"[\\\x00-\x1f]", " ", typed).strip()
@@ -340,6 +346,9 @@ def sign(outdir: str | Path, form: dict[str, str], lock: threading.Lock | None =
             raise ReviewError(HTTPStatus.CONFLICT, ["This study is already confirmed; it cannot be signed again."])
         raw = (outdir / MEASUREMENTS).read_bytes()
         doc = json.loads(raw)
+        if "results" in form and form["results"] != doc_fingerprint(doc):
+            raise ReviewError(HTTPStatus.CONFLICT, ["The results changed since this page was loaded "
+                                                   "(the study was analyzed again); reload the page."])
         findings = list_findings(doc)
         name, org, decisions = validate_submission(findings, form)
         import highdicom as hd
@@ -455,6 +464,7 @@ def render_page(doc: dict, figures: dict, token: str, form: dict | None = None,
             "</div>")
     body = (f"{err}<form method=\"post\" action=\"/sign\" id=\"review\">"
             f'<input type="hidden" name="token" value="{esc(token)}">'
+            f'<input type="hidden" name="results" value="{doc_fingerprint(doc)}">'
             + "".join(blocks)
             + '<h2>Sign</h2><p>Your name: <input name="name" id="name" size="40" '
             f'value="{esc(form.get("name", ""))}"> Organization (optional): '
@@ -480,9 +490,23 @@ class ReviewServer(ThreadingHTTPServer):
         self.outdir = Path(outdir)
         self.token = secrets.token_urlsafe(16)
         self.sign_lock = threading.Lock()
-        figs_path = self.outdir / EVIDENCE
-        self.figures = load_figures(figs_path) if figs_path.exists() else {}
+        self._figures: dict = {}
+        self._figures_stamp = None
         super().__init__(address, handler)
+
+    @property
+    def figures(self) -> dict:
+        """Key images from evidence.npz, re-read when the file changes (a new analysis)."""
+        path = self.outdir / EVIDENCE
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            return {}
+        if stamp != self._figures_stamp:
+            self._figures = load_figures(path)
+            self._figures_stamp = stamp
+        return self._figures
 
 
 class ReviewHandler(BaseHTTPRequestHandler):
@@ -564,7 +588,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
             conf = sign(out, form, self.server.sign_lock)
         except ReviewError as exc:
             doc = read_measurements(out)
-            if exc.status == HTTPStatus.CONFLICT:
+            if exc.status == HTTPStatus.CONFLICT and not is_confirmed(out):  # results changed
+                self._html(409, render_page(doc, self.server.figures, self.server.token,
+                                            problems=exc.problems))
+            elif exc.status == HTTPStatus.CONFLICT:
                 self._html(409, render_page(doc, self.server.figures, self.server.token,
                                             confirmation=self._confirmation())
                            .replace("<body>", "<body><p id=\"conflict\"><b>Already confirmed.</b></p>", 1))

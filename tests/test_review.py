@@ -321,3 +321,28 @@ def test_nifti_study_is_confirmed_without_an_sr(tmp_path):
     assert conf["verified_sr"] is None and len(conf["findings"]) == len(findings)
     assert not (out / "report_sr_verified.dcm").exists()
     assert json.loads((out / "measurements.json").read_text())["status"] == "confirmed"
+
+
+def test_a_page_older_than_the_results_cannot_sign(server):
+    run, out, truth = server
+    findings = list_findings(json.loads((out / "measurements.json").read_text()))
+    _, page = run.get("/")
+    token = re.search(r'name="token" value="([^"]+)"', page).group(1)
+    results = re.search(r'name="results" value="([^"]+)"', page).group(1)
+    # the study is analyzed again while the page is open (one screw fewer)
+    from dataclasses import replace
+
+    from test_outputs import nifti_like_volume, phantom
+
+    vol, _ = phantom()
+    res = truth_result(truth)
+    write_outputs(out, replace(res, screws=res.screws[1:]), truth_evidence(truth), nifti_like_volume(vol))
+    form = full_form(findings, token)
+    form["results"] = results
+    status, body = run.post(form)
+    assert status == 409 and "reload the page" in body
+    assert not (out / "confirmation.json").exists()
+    assert json.loads((out / "measurements.json").read_text())["status"] == "draft"
+    # the fresh page lists the new findings and signs
+    _, page = run.get("/")
+    assert page.count('<div class="finding"') == len(findings) - 1
