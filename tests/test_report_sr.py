@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -11,7 +13,9 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from pipeline.outputs import write_outputs
 from pipeline.report_sr import PRIVATE_SCHEME, build_sr, read_source_headers, sr_bytes
-from test_outputs import PATIENT_ID, PATIENT_NAME, dicom_study, truth_evidence, truth_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers live in test_outputs.py
+from test_outputs import PATIENT_ID, PATIENT_NAME, dicom_study, truth_evidence, truth_result  # noqa: E402
 
 
 @pytest.fixture(scope="module")

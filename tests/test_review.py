@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -21,7 +22,9 @@ from pipeline import review as review_mod
 from pipeline.outputs import write_outputs
 from pipeline.report_json import validate_measurements
 from pipeline.review import list_findings, make_server, person_name
-from test_outputs import PATIENT_ID, dicom_study, truth_evidence, truth_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers live in test_outputs.py
+from test_outputs import PATIENT_ID, dicom_study, truth_evidence, truth_result  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pytest
 from pipeline.outputs import write_outputs
 from pipeline.report_json import validate_measurements
 from pipeline.review import list_findings, make_server
-from test_outputs import dicom_study, truth_evidence, truth_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers live in test_outputs.py
+from test_outputs import dicom_study, truth_evidence, truth_result  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
