@@ -9,6 +9,8 @@ make_phantom_layers(spec) -> PhantomLayers : the noise-free label map and true H
 truth_anatomy(truth) -> pipeline.results.Anatomy : the exact geometry objects.
 write_dicom_study(spec, outdir, *, extra_series=True) -> Path : a real DICOM study + truth.json.
 demo_spec(), spacing_specs(seed, noise_hu, streaks) : the bundled and the test studies.
+pinned_spec(spec), follow_up_spec(prior, ...) : prior/follow-up pairs of one patient with
+    known vertebral motion, screw migration, added subsidence.
 """
 from sample_data.phantom import (
     LABELS,
@@ -17,9 +19,11 @@ from sample_data.phantom import (
     PhantomSpec,
     apply_imaging,
     demo_spec,
+    follow_up_spec,
     level_names,
     make_phantom,
     make_phantom_layers,
+    pinned_spec,
     resolve_spec,
     spacing_specs,
     truth_anatomy,
@@ -35,6 +39,6 @@ def write_dicom_study(spec, outdir, *, extra_series=True):
 
 __all__ = [
     "LABELS", "CageSpec", "PhantomLayers", "PhantomSpec", "apply_imaging", "demo_spec",
-    "level_names", "make_phantom", "make_phantom_layers", "resolve_spec", "spacing_specs",
+    "follow_up_spec", "pinned_spec", "level_names", "make_phantom", "make_phantom_layers", "resolve_spec", "spacing_specs",
     "truth_anatomy", "write_dicom_study",
 ]

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from pipeline.volume import Volume
-from sample_data.phantom import PhantomSpec, _plain, _rng, make_phantom
+from sample_data.phantom import PhantomSpec, _plain, _rng, make_phantom, prior_study_date
 
 PATIENT_NAME = "PHANTOM^FUSION"
 PATIENT_BIRTH_DATE = "19580312"
@@ -49,7 +49,7 @@ def _base_dataset(spec: PhantomSpec, uids: dict, when: _dt.datetime) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.PatientName = PATIENT_NAME
-    ds.PatientID = patient_id(spec.seed)
+    ds.PatientID = patient_id(spec.findings_seed)
     ds.PatientBirthDate = PATIENT_BIRTH_DATE
     ds.PatientSex = "F"
     ds.PatientAge = f"{when.year - 1958:03d}Y"
@@ -197,7 +197,8 @@ def write_volume_study(vol: Volume, truth: dict, spec: PhantomSpec, outdir, *,
     truth = dict(truth)
     key = _spec_key(spec)
     uids = {"study": _uid(key, "study"), "frame": _uid(key, "frame")}
-    when = _dt.datetime(2024, 3, 1, 9, 30, 0) + _dt.timedelta(days=int(spec.seed) % 365)
+    day = prior_study_date(spec)
+    when = _dt.datetime(int(day[:4]), int(day[4:6]), int(day[6:]), 9, 30, 0)
     base = _base_dataset(spec, uids, when)
     rng = _rng(spec.seed, "files", key)
     files: list[tuple[Dataset, str]] = []

@@ -153,8 +153,17 @@ class PhantomSpec:
     feet_first : the study is acquired feet first (k runs towards the feet, i to the right).
     vertebra_shifts_mm : per vertebra an LPS translation applied to it and its screws
         (for prior/follow-up pairs with known motion).
+    vertebra_rotations_deg : per vertebra (rx, ry, rz) degrees, a rigid rotation about its
+        centre (x, then y, then z, LPS axes) applied with its screws after the layout.
     screw_shifts_mm : per screw an extra LPS translation relative to its vertebra
         (screw migration).
+    body_sizes_mm : per vertebra (LR semi-axis, AP semi-axis, height) overriding the
+        seeded anatomy.
+    rod_fractures, screw_fractures : per rod id (``rod-left``) / screw id a
+        ``(position 0..1 along it, gap_mm)``: a gap across the rod / shaft.
+    anatomy_seed : seeds the anatomy and findings instead of ``seed`` (``seed`` then only
+        drives noise, streaks and UIDs): a follow-up of the same patient keeps it.
+    study_date : ``YYYYMMDD`` for the DICOM study; None derives one from the seed.
     z_offset_mm : table position: the mean vertebral centre sits at this z.
     """
 
@@ -179,10 +188,21 @@ class PhantomSpec:
     extended_hu: bool = False
     feet_first: bool = False
     vertebra_shifts_mm: dict = field(default_factory=dict)
+    vertebra_rotations_deg: dict = field(default_factory=dict)
     screw_shifts_mm: dict = field(default_factory=dict)
+    body_sizes_mm: dict = field(default_factory=dict)
+    rod_fractures: dict = field(default_factory=dict)
+    screw_fractures: dict = field(default_factory=dict)
+    anatomy_seed: int | None = None
+    study_date: str | None = None
     z_offset_mm: float = -120.0
     fov_x_mm: tuple = (-55.0, 55.0)
     fov_y_mm: tuple = (-35.0, 65.0)
+
+    @property
+    def findings_seed(self) -> int:
+        """The seed of the anatomy and the findings (``anatomy_seed`` when set)."""
+        return int(self.seed if self.anatomy_seed is None else self.anatomy_seed)
 
     def psf_sigma(self) -> tuple[float, float, float]:
         """The PSF sigma in mm along x, y, z (derived from the spacing when not given)."""
@@ -217,6 +237,96 @@ def demo_spec() -> PhantomSpec:
     )
 
 
+def pinned_spec(spec: PhantomSpec) -> PhantomSpec:
+    """The same study with every seeded default written out explicitly (anatomy, hardware,
+    findings) and ``anatomy_seed`` fixed, so changing one value or the seed changes nothing
+    else: the base of prior/follow-up pairs."""
+    res = resolve_spec(spec)
+    sc = res["screws"]
+    return replace(
+        spec,
+        anatomy_seed=spec.findings_seed,
+        instrumented_levels=tuple(res["instrumented_levels"]),
+        tilts_deg={n: v["tilt_deg"] for n, v in res["vertebrae"].items()},
+        body_sizes_mm={n: (*v["semi_axes_mm"], v["height_mm"]) for n, v in res["vertebrae"].items()},
+        disc_heights_mm={lv: v["disc_height_mm"] for lv, v in res["levels"].items()},
+        cages={lv: (None if v["cage"] is None else CageSpec(**{**v["cage"],
+                    "footprint_mm": tuple(v["cage"]["footprint_mm"]),
+                    "offset_mm": tuple(v["cage"]["offset_mm"])}))
+               for lv, v in res["levels"].items()},
+        bridging_fractions={lv: v["bridging_fraction_target"] for lv, v in res["levels"].items()},
+        screw_diameters_mm={k: v["diameter_mm"] for k, v in sc.items()},
+        screw_lengths_mm={k: v["length_mm"] for k, v in sc.items()},
+        halo_widths_mm={k: v["halo_width_mm"] for k, v in sc.items()},
+        halo_fractions={k: v["halo_fraction"] for k, v in sc.items()},
+        halo_start_deg={k: v["halo_start_deg"] for k, v in sc.items()},
+        double_halo={k: v["double_halo"] for k, v in sc.items()},
+    )
+
+
+def follow_up_spec(prior: PhantomSpec, *, seed: int | None = None, days_later: int = 180,
+                   vertebra_shifts_mm: dict | None = None,
+                   vertebra_rotations_deg: dict | None = None,
+                   screw_shifts_mm: dict | None = None,
+                   added_subsidence_mm: dict | None = None,
+                   halo_widths_mm: dict | None = None,
+                   bridging_fractions: dict | None = None) -> PhantomSpec:
+    """A later study of the same patient: same anatomy and hardware, known changes.
+
+    Parameters
+    ----------
+    prior : the earlier study's spec.
+    seed : the follow-up's noise/UID seed (default ``prior.seed + 1``).
+    days_later : the follow-up's study date after the prior's.
+    vertebra_shifts_mm, vertebra_rotations_deg : per vertebra rigid motion (added to the
+        prior's), e.g. patient repositioning; screws move with their vertebra.
+    screw_shifts_mm : per screw migration relative to its vertebra (added to the prior's).
+    added_subsidence_mm : per level ``(superior, inferior)`` mm added to the cage's subsidence.
+    halo_widths_mm, bridging_fractions : new values for those screws / levels.
+
+    The truth of the two studies differs exactly by these changes.
+    """
+    base = pinned_spec(prior)
+    new = {}
+
+    def _add(old: dict, delta: dict | None) -> dict:
+        out = {k: tuple(v) for k, v in old.items()}
+        for k, d in (delta or {}).items():
+            out[k] = tuple(float(a) + float(b) for a, b in zip(out.get(k, (0.0, 0.0, 0.0)), d))
+        return out
+
+    new["vertebra_shifts_mm"] = _add(base.vertebra_shifts_mm, vertebra_shifts_mm)
+    new["vertebra_rotations_deg"] = _add(base.vertebra_rotations_deg, vertebra_rotations_deg)
+    new["screw_shifts_mm"] = _add(base.screw_shifts_mm, screw_shifts_mm)
+    cages = dict(base.cages)
+    for lv, (dsup, dinf) in (added_subsidence_mm or {}).items():
+        if cages.get(lv) is None:
+            raise ValueError(f"no cage at {lv} to subside")
+        c = cages[lv]
+        cages[lv] = replace(c, subsidence_superior_mm=c.subsidence_superior_mm + float(dsup),
+                            subsidence_inferior_mm=c.subsidence_inferior_mm + float(dinf))
+    new["cages"] = cages
+    if halo_widths_mm:
+        new["halo_widths_mm"] = {**base.halo_widths_mm, **halo_widths_mm}
+        new["halo_fractions"] = {k: (v if v > 0 else 1.0) for k, v in base.halo_fractions.items()}
+    if bridging_fractions:
+        new["bridging_fractions"] = {**base.bridging_fractions, **bridging_fractions}
+    from datetime import date, timedelta
+    d0 = prior_study_date(prior)
+    d1 = date(int(d0[:4]), int(d0[4:6]), int(d0[6:])) + timedelta(days=int(days_later))
+    new["study_date"] = d1.strftime("%Y%m%d")
+    new["seed"] = prior.seed + 1 if seed is None else int(seed)
+    return replace(base, **new)
+
+
+def prior_study_date(spec: PhantomSpec) -> str:
+    """The study date (``YYYYMMDD``) a spec's DICOM study carries."""
+    if spec.study_date:
+        return spec.study_date
+    from datetime import date, timedelta
+    return (date(2024, 3, 1) + timedelta(days=int(spec.seed) % 365)).strftime("%Y%m%d")
+
+
 def spacing_specs(seed: int = 0, noise_hu: float = 20.0, streaks: bool = True) -> dict:
     """Specs at the three test spacings, same anatomy and findings (same seed).
 
@@ -233,6 +343,16 @@ def _rx(theta_deg: float) -> np.ndarray:
     t = math.radians(theta_deg)
     c, s = math.cos(t), math.sin(t)
     return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
+def _rotation_xyz(angles_deg) -> np.ndarray:
+    """Rotation by rx about x, then ry about y, then rz about z (degrees, LPS axes)."""
+    rx, ry, rz = (math.radians(float(a)) for a in angles_deg)
+    cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
+    Rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    Rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return Rz @ Ry @ Rx
 
 
 def _unit(v) -> np.ndarray:
@@ -285,7 +405,8 @@ def resolve_spec(spec: PhantomSpec) -> dict:
     _check_spec(spec)
     names = list(spec.vertebrae)
     levels = level_names(names)
-    g = _rng(spec.seed, "study")
+    seed = spec.findings_seed
+    g = _rng(seed, "study")
     if spec.instrumented_levels is None:
         runs = [(lv,) for lv in levels] + [tuple(levels[i:i + 2]) for i in range(len(levels) - 1)]
         instrumented = _choice(g, runs)
@@ -297,20 +418,22 @@ def resolve_spec(spec: PhantomSpec) -> dict:
 
     verts = {}
     for n in names:
-        r = _rng(spec.seed, "vertebra", n)
+        r = _rng(seed, "vertebra", n)
         a, b, h = _BODY[n]
         jitter = r.uniform(-1.0, 1.0, size=3)
         tilt = float(spec.tilts_deg.get(n, _TILT[n] + 2.0 * jitter[0]))
+        a, b, h = spec.body_sizes_mm.get(n, (a + 0.5 * jitter[1], b + 0.3 * jitter[1],
+                                              h + 0.8 * jitter[2]))
         verts[n] = {
             "tilt_deg": tilt,
-            "semi_axes_mm": [a + 0.5 * jitter[1], b + 0.3 * jitter[1]],
-            "height_mm": h + 0.8 * jitter[2],
+            "semi_axes_mm": [float(a), float(b)],
+            "height_mm": float(h),
             "is_sacrum": n == "S1",
         }
 
     lv_out = {}
     for lv in levels:
-        r = _rng(spec.seed, "level", lv)
+        r = _rng(seed, "level", lv)
         inst = lv in instrumented
         disc_h = float(spec.disc_heights_mm.get(lv, r.uniform(8.5, 11.5)))
         # cage
@@ -361,7 +484,7 @@ def resolve_spec(spec: PhantomSpec) -> dict:
     for n in screw_verts:
         for side in ("left", "right"):
             sid = f"{n}-{side}"
-            r = _rng(spec.seed, "screw", sid)
+            r = _rng(seed, "screw", sid)
             d_default = _choice(r, [5.5, 6.5, 7.5]) if n != "S1" else _choice(r, [6.5, 7.5])
             len_default = _choice(r, [40.0, 45.0])
             w_default = _choice(r, [0.0, 0.0, 0.5, 1.5, 2.0, 2.5, 3.0])
@@ -413,6 +536,8 @@ def _layout(spec: PhantomSpec, res: dict) -> dict:
     for n in names:
         frames[n]["center"] = frames[n]["center"] + shift + np.asarray(
             spec.vertebra_shifts_mm.get(n, (0.0, 0.0, 0.0)), float)
+        if n in spec.vertebra_rotations_deg:
+            frames[n]["R"] = _rotation_xyz(spec.vertebra_rotations_deg[n]) @ frames[n]["R"]
 
     vertebrae = []
     for n in names:
@@ -430,6 +555,8 @@ def _layout(spec: PhantomSpec, res: dict) -> dict:
             "height_mm": h,
             "tilt_deg": V[n]["tilt_deg"],
             "is_sacrum": n == "S1",
+            "shift_mm": [float(x) for x in spec.vertebra_shifts_mm.get(n, (0.0, 0.0, 0.0))],
+            "rotation_deg": [float(x) for x in spec.vertebra_rotations_deg.get(n, (0.0, 0.0, 0.0))],
             "superior_endplate": {"point_lps_mm": sup_pt.tolist(), "normal": R[:, 2].tolist()},
             "inferior_endplate": {"point_lps_mm": inf_pt.tolist(), "normal": (-R[:, 2]).tolist()},
         })
@@ -444,6 +571,7 @@ def _layout(spec: PhantomSpec, res: dict) -> dict:
         pl = np.array(vmap[lower]["superior_endplate"]["point_lps_mm"])
         n = _unit(np.array(vmap[upper]["axis_si"]) + np.array(vmap[lower]["axis_si"]))
         e_u = np.array([1.0, 0.0, 0.0])
+        e_u = _unit(e_u - (e_u @ n) * n)
         e_v = np.cross(n, e_u)
         center = 0.5 * (pu + pl)
         semi = [0.5 * (vmap[upper]["semi_axes_mm"][k] + vmap[lower]["semi_axes_mm"][k]) for k in (0, 1)]
@@ -489,6 +617,8 @@ def _layout(spec: PhantomSpec, res: dict) -> dict:
             "halo_mean_mm": w * f, "halo_max_mm": w if f >= 0.05 else 0.0,
             "halo_coverage": cov, "loosening": bool(cov >= crit.halo_coverage_for_loosening),
             "double_halo": S["double_halo"],
+            "fracture": _fracture_truth(spec.screw_fractures.get(sid), [head, tip]),
+            "shift_mm": extra.tolist(),
             "pedicle_radius_mm": max(8.0, 0.5 * S["diameter_mm"] + w + 1.5
                                      + (SCLEROTIC_RIM_MM if S["double_halo"] else 0.0)),
         })
@@ -504,10 +634,31 @@ def _layout(spec: PhantomSpec, res: dict) -> dict:
         if len(pts) >= 2:
             first = pts[0] + 6.0 * _unit(pts[0] - pts[1])
             last = pts[-1] + 6.0 * _unit(pts[-1] - pts[-2])
-            rods.append({"id": f"rod-{side}", "side": side, "diameter_mm": ROD_DIAMETER_MM,
-                         "points_lps_mm": [p.tolist() for p in [first, *pts, last]]})
+            poly = [first, *pts, last]
+            rid = f"rod-{side}"
+            rods.append({"id": rid, "side": side, "diameter_mm": ROD_DIAMETER_MM,
+                         "points_lps_mm": [p.tolist() for p in poly],
+                         "fracture": _fracture_truth(spec.rod_fractures.get(rid), poly)})
     return {"vertebrae": vertebrae, "levels": levels, "screws": screws, "cages": cages,
             "rods": rods}
+
+
+def _fracture_truth(frac, poly):
+    """Where a gap cuts a rod or shaft: ``frac = (position 0..1 along the polyline, gap_mm)``."""
+    if frac is None:
+        return None
+    pos, gap = float(frac[0]), float(frac[1])
+    if not (0.0 < pos < 1.0 and gap > 0):
+        raise ValueError("a fracture needs a position in (0, 1) and a gap > 0 mm")
+    poly = [np.asarray(p, float) for p in poly]
+    seg = [np.linalg.norm(q - p) for p, q in zip(poly[:-1], poly[1:])]
+    target = pos * sum(seg)
+    for p, q, L in zip(poly[:-1], poly[1:], seg):
+        if target <= L:
+            return {"position": pos, "gap_mm": gap, "center_lps_mm": (p + (q - p) * target / L).tolist(),
+                    "direction": _unit(q - p).tolist()}
+        target -= L
+    raise AssertionError("unreachable")
 
 
 def _place_cage(cid, lv, cs, center, n, e_u, e_v, du, dv, up_inf, low_sup, crit) -> dict:
@@ -625,9 +776,10 @@ def _box_sdf(l, half):
     return d.min(0), d.argmin(0)
 
 
-def _texture(x, y, z, seed):
-    """Mild trabecular texture (HU, about +-25), a smooth deterministic function of LPS mm."""
-    r = _rng(seed, "texture")
+def _texture(x, y, z, seed, key=""):
+    """Mild trabecular texture (HU, about +-25), a smooth deterministic function of position
+    (mm, in whatever frame the caller passes)."""
+    r = _rng(seed, "texture", key)
     ph = r.uniform(0, 2 * np.pi, 6).astype(np.float32)
     k = np.float32(2 * np.pi)
     return (14.0 * np.sin(k * x / 3.7 + ph[0]) * np.sin(k * y / 4.3 + ph[1])
@@ -767,8 +919,8 @@ def _paint_vertebra(g: _Grid, hu, lab, v: dict, screws: list, seed: int):
     dist = np.minimum(dist, -d_canal)
     alpha = _soft(dist, width)
     shell = _soft(CORTEX_MM - dist, width)
-    x, y, z = g.coords(sl)
-    trab = HU["trabecular"] + _texture(x, y, z, seed)
+    # texture in the vertebra's own frame: it moves with the vertebra between two studies
+    trab = HU["trabecular"] + _texture(u, vv, w, seed, v["name"])
     value = trab + shell * (HU["cortical"] - trab)
     _composite(hu, lab, sl, alpha, value, LABELS["trabecular"])
     sub = lab[sl]
@@ -887,7 +1039,7 @@ def _paint_disc(g: _Grid, hu, lab, level: dict, vmap: dict, masks: dict, seed: i
     gp = masks["gap_pos"][iv, iu]
     hgt = s_up + s_lo
     in_gap = np.abs(s_lo - gp * hgt) < 0.5 * NONBRIDGING_GAP_MM
-    bone_val = HU["bridging_bone"] + _texture(x, y, z, seed + 1)
+    bone_val = HU["bridging_bone"] + _texture(u, v, _, seed, level["level"])
     value = np.where(br | (nb & ~in_gap), bone_val, np.float32(HU["disc"]))
     _composite(hu, lab, sl, alpha, value, LABELS["disc"])
     sub = lab[sl]
@@ -974,7 +1126,13 @@ def _paint_screw(g: _Grid, hu, lab, s: dict, halo_only: bool):
         _composite(hu, lab, sl, a, HU["halo"], LABELS["halo"])
         return
     d = np.minimum(r - rho, da)
-    a = _soft(d, np.where(r - rho < da, wr, wa))
+    wd = np.where(r - rho < da, wr, wa)
+    fr = s.get("fracture")
+    if fr is not None:
+        dg = np.abs(t - fr["position"] * L) - 0.5 * fr["gap_mm"]
+        wd = np.where(dg < d, wa, wd)
+        d = np.minimum(d, dg)
+    a = _soft(d, wd)
     _composite(hu, lab, sl, a, HU["titanium"], LABELS["screw_shaft"])
     rt = 0.5 * TULIP_DIAMETER_MM
     dt = np.minimum(-t, TULIP_HEIGHT_MM + t)
@@ -1001,7 +1159,16 @@ def _paint_rod(g: _Grid, hu, lab, rod: dict):
         dist = np.sqrt(dx * dx + dy * dy + dz * dz)
         wr = (np.abs(dx) * g.spacing[0] + np.abs(dy) * g.spacing[1]
               + np.abs(dz) * g.spacing[2]) / np.maximum(dist, 1e-3)
-        a = _soft(r - dist, np.maximum(wr, 0.5 * g.spacing.min()))
+        d = r - dist
+        wd = np.maximum(wr, 0.5 * g.spacing.min())
+        fr = rod.get("fracture")
+        if fr is not None:
+            fc, fd = np.asarray(fr["center_lps_mm"], np.float32), np.asarray(fr["direction"])
+            dg = (np.abs((x - fc[0]) * fd[0] + (y - fc[1]) * fd[1] + (z - fc[2]) * fd[2])
+                  - 0.5 * fr["gap_mm"])
+            wd = np.where(dg < d, np.float32(g.width(fd)), wd)
+            d = np.minimum(d, dg)
+        a = _soft(d, wd)
         _composite(hu, lab, sl, a, HU["titanium"], LABELS["rod"])
 
 
@@ -1181,11 +1348,11 @@ def make_phantom_layers(spec: PhantomSpec) -> PhantomLayers:
     maps = {}
     for level in geo["levels"]:
         tgt = res["levels"][level["level"]]["bridging_fraction_target"]
-        m = _bridging_masks(level, geo["cages"], tgt, spec.seed)
+        m = _bridging_masks(level, geo["cages"], tgt, spec.findings_seed)
         maps[level["level"]] = m
-        _paint_disc(g, hu, lab, level, vmap, m, spec.seed)
+        _paint_disc(g, hu, lab, level, vmap, m, spec.findings_seed)
     for v in geo["vertebrae"]:
-        _paint_vertebra(g, hu, lab, v, geo["screws"], spec.seed)
+        _paint_vertebra(g, hu, lab, v, geo["screws"], spec.findings_seed)
     for s in geo["screws"]:
         _paint_screw(g, hu, lab, s, halo_only=True)
     for cg in geo["cages"]:

@@ -23,8 +23,10 @@ from sample_data import (
     PhantomSpec,
     apply_imaging,
     demo_spec,
+    follow_up_spec,
     make_phantom,
     make_phantom_layers,
+    pinned_spec,
     spacing_specs,
     truth_anatomy,
     write_dicom_study,
@@ -254,6 +256,33 @@ def test_halo_voxel_count_matches_truth_width_and_fraction(standard_layers):
     assert rim and np.count_nonzero(layers.labels == LABELS["sclerotic_rim"]) > 0
 
 
+def test_halo_along_rays_matches_truth_mean_and_coverage(standard_layers):
+    """Rays perpendicular to each shaft, from its true surface, cross the halo label over the
+    truth's width in the truth's fraction of directions (CONTRACT.md halo definitions)."""
+    spec, layers = standard_layers
+    halo = (layers.labels == LABELS["halo"]).astype(np.float32)
+    step = 0.1
+    for s in layers.truth["screws"]:
+        head, tip = np.array(s["head_lps_mm"]), np.array(s["tip_lps_mm"])
+        ax = (tip - head) / np.linalg.norm(tip - head)
+        e1 = np.cross(ax, [1.0, 0, 0]); e1 /= np.linalg.norm(e1)
+        e2 = np.cross(ax, e1)
+        rs = s["diameter_mm"] / 2 + np.arange(step / 2, 5.0, step)
+        ts = np.arange(1.0, s["length_mm"] - 1.0, 1.5)
+        angs = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        dirs = np.cos(angs)[:, None] * e1 + np.sin(angs)[:, None] * e2
+        pts = (head + ts[:, None, None, None] * ax + rs[None, None, :, None] * dirs[None, :, None, :])
+        ijk = (pts - layers.origin_lps_mm) / layers.spacing_mm
+        v = ndimage.map_coordinates(halo, ijk[..., ::-1].reshape(-1, 3).T, order=1)
+        widths = (v.reshape(pts.shape[:3]) >= 0.5).sum(axis=2) * step
+        assert widths.mean() == pytest.approx(s["halo_mean_mm"], abs=0.2), s["id"]
+        if s["halo_width_mm"] >= 1.3:
+            assert (widths >= 1.0).mean() == pytest.approx(s["halo_coverage"], abs=0.06), s["id"]
+            assert np.percentile(widths, 95) == pytest.approx(s["halo_max_mm"], abs=0.35), s["id"]
+        elif s["halo_width_mm"] == 0:
+            assert widths.max() == 0
+
+
 def test_cage_deepest_voxel_matches_truth_subsidence(standard_layers):
     spec, layers = standard_layers
     truth = layers.truth
@@ -303,6 +332,46 @@ def test_peek_cage_has_four_marker_pins(standard_layers):
     assert n_pins == 4 * len(peek)
     for c in peek:
         assert c["marker_inset_mm"] == 1.0
+
+
+def test_follow_up_differs_from_prior_exactly_by_the_requested_changes():
+    prior = small_spec(instrumented_levels=("L4-L5", "L5-S1"), noise_hu=0, streaks=False)
+    _, t_pin = make_phantom(pinned_spec(prior))
+    _, t0 = make_phantom(prior)
+    assert t_pin["screws"] == t0["screws"] and t_pin["cages"] == t0["cages"]
+    fu = follow_up_spec(prior, vertebra_shifts_mm={"L4": (1.0, -0.5, 0.3)},
+                        screw_shifts_mm={"L5-left": (0.0, -0.9, 0.0)},
+                        added_subsidence_mm={"L4-L5": (0.5, 1.0)})
+    _, t1 = make_phantom(fu)
+    s0 = {s["id"]: s for s in t0["screws"]}
+    s1 = {s["id"]: s for s in t1["screws"]}
+    np.testing.assert_allclose(np.subtract(s1["L4-left"]["tip_lps_mm"], s0["L4-left"]["tip_lps_mm"]),
+                               [1.0, -0.5, 0.3], atol=1e-9)
+    np.testing.assert_allclose(np.subtract(s1["L5-left"]["head_lps_mm"], s0["L5-left"]["head_lps_mm"]),
+                               [0.0, -0.9, 0.0], atol=1e-9)
+    assert s1["S1-right"]["head_lps_mm"] == s0["S1-right"]["head_lps_mm"]
+    c0 = {c["id"]: c for c in t0["cages"]}
+    c1 = {c["id"]: c for c in t1["cages"]}
+    for cid in c0:
+        add = (0.5, 1.0) if cid.startswith("L4-L5") else (0.0, 0.0)
+        assert c1[cid]["subsidence_superior_mm"] == pytest.approx(c0[cid]["subsidence_superior_mm"] + add[0])
+        assert c1[cid]["subsidence_inferior_mm"] == pytest.approx(c0[cid]["subsidence_inferior_mm"] + add[1])
+    assert [lv["bridging_fraction"] for lv in t1["levels"]] == [lv["bridging_fraction"] for lv in t0["levels"]]
+    assert fu.seed != prior.seed and fu.findings_seed == prior.findings_seed
+
+
+def test_rod_and_screw_fractures_cut_a_gap():
+    spec = small_spec(instrumented_levels=("L4-L5", "L5-S1"), noise_hu=0, streaks=False,
+                      rod_fractures={"rod-left": (0.3, 2.0)}, screw_fractures={"L5-right": (0.5, 2.0)})
+    layers = make_phantom_layers(spec)
+    rod = next(r for r in layers.truth["rods"] if r["id"] == "rod-left")
+    c, d = np.array(rod["fracture"]["center_lps_mm"]), np.array(rod["fracture"]["direction"])
+    assert _label_at(layers, c) != LABELS["rod"]
+    assert _label_at(layers, c + 3.0 * d) == LABELS["rod"] and _label_at(layers, c - 3.0 * d) == LABELS["rod"]
+    s = next(s for s in layers.truth["screws"] if s["id"] == "L5-right")
+    c = np.array(s["fracture"]["center_lps_mm"]); d = np.array(s["fracture"]["direction"])
+    assert _label_at(layers, c) != LABELS["screw_shaft"]
+    assert _label_at(layers, c + 3.0 * d) == LABELS["screw_shaft"]
 
 
 # ------------------------------------------------------------------------------ physics
