@@ -239,6 +239,13 @@ def bench_kernels(volume, truth, repeats: int = 5, scale: float = 1.0) -> list[K
     return results
 
 
+def float64_copy_time(volume, repeats: int = 3) -> float:
+    """Median seconds of ``np.asarray(hu, np.float64)``: the references start with this copy of
+    the whole volume (``map_coordinates`` on float64), so it is part of their time."""
+    hu = np.ascontiguousarray(volume.hu, np.float32)
+    return time_call(lambda: np.asarray(hu, np.float64), repeats=repeats).median_s
+
+
 def kernel_rows(results: list[KernelResult]) -> list[Row]:
     """Table rows for :func:`bench_kernels` (target: at least 20x the reference)."""
     rows = []

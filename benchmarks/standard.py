@@ -118,8 +118,22 @@ def make_study_volume(size: StudySize = STANDARD, instrumented_levels=STANDARD_L
     return Volume(hu, origin, vol.spacing_mm, vol.direction, meta=dict(vol.meta)), truth
 
 
+def _generator_hash() -> str:
+    """Hash of the phantom generator and this file: a changed generator makes new studies."""
+    import hashlib
+
+    from benchmarks.common import REPO
+
+    h = hashlib.blake2b(digest_size=4)
+    for p in (REPO / "sample_data" / "phantom.py", Path(__file__)):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 def study_key(size: StudySize, instrumented_levels=STANDARD_LEVELS, seed: int = 6) -> str:
-    return f"study_{size.label()}_{size.pixel_mm:g}x{size.slice_mm:g}mm_{len(instrumented_levels)}lv_s{seed}"
+    """File-name stem of a cached benchmark study (size, levels, seed, generator version)."""
+    return (f"study_{size.label()}_{size.pixel_mm:g}x{size.slice_mm:g}mm_"
+            f"{len(instrumented_levels)}lv_s{seed}_{_generator_hash()}")
 
 
 def cached_study_volume(size: StudySize = STANDARD, instrumented_levels=STANDARD_LEVELS, seed: int = 6):
