@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import io
 import json
 import re
@@ -37,9 +38,19 @@ from pipeline.results import (
 )
 from pipeline.volume import Volume
 
-PATIENT_NAME = "Zyxwort^Quentin"
-PATIENT_ID = "PID-99731"
 COARSE_MM = (1.0, 1.0, 2.0)
+
+
+def _patient():
+    from sample_data import demo_spec
+    from sample_data.dicom_writer import PATIENT_NAME as NAME
+    from sample_data.dicom_writer import patient_id
+
+    spec = demo_spec()
+    return NAME, patient_id(spec.findings_seed)
+
+
+PATIENT_NAME, PATIENT_ID = _patient()  # the fake patient sample_data writes into DICOM
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -127,64 +138,22 @@ def truth_evidence(truth: dict, n_az: int = 36, station_step_mm: float = 1.0) ->
     return ev
 
 
-def write_ct_series(volume: Volume, folder: Path, patient_name=PATIENT_NAME,
-                    patient_id=PATIENT_ID) -> list[Path]:
-    """One axial CT series (head first, identity direction) with a patient module, as the
-    source study of an SR test. Returns the file paths (one per slice)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    assert np.allclose(volume.direction, np.eye(3)), "test writer handles head-first volumes"
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    sx, sy, sz = volume.spacing_mm
-    paths = []
-    for k in range(volume.hu.shape[0]):
-        sop = generate_uid()
-        fm = FileMetaDataset()
-        fm.MediaStorageSOPClassUID = CTImageStorage
-        fm.MediaStorageSOPInstanceUID = sop
-        fm.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = fm
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality = "CT"
-        ds.PatientName, ds.PatientID = patient_name, patient_id
-        ds.PatientBirthDate, ds.PatientSex = "19580214", "M"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260310", "101500", "A77", "1"
-        ds.ReferringPhysicianName = ""
-        ds.SeriesNumber, ds.InstanceNumber = 3, k + 1
-        ds.SeriesDescription = "Spine 2.0 Bone"
-        ds.Manufacturer = "fusionct-test"
-        ds.ConvolutionKernel = "BONE"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [float(x) for x in volume.ijk_to_lps([0, 0, k])]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [float(sy), float(sx)]
-        ds.SliceThickness = float(sz)
-        ds.Rows, ds.Columns = volume.hu.shape[1], volume.hu.shape[2]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-        ds.KVP = 120
-        ds.PixelData = np.rint(volume.hu[k]).astype(np.int16).tobytes()
-        p = folder / f"slice_{k:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
-
-
 def dicom_study(tmp: Path):
-    """Phantom -> DICOM series on disk -> Volume as the loader gives it (meta with
-    source_paths, input_kind dicom), plus the truth."""
+    """The phantom written as a DICOM study by sample_data (bone series plus a localizer
+    and a thick soft-tissue series, nested random file names), loaded as the flow loads it:
+    the Volume carries meta with source_paths and input_kind dicom. Returns (volume, truth)."""
+    from sample_data import demo_spec, make_phantom
+    from sample_data.dicom_writer import read_truth, write_volume_study
+
     from pipeline.loading import load_study
 
-    vol0, truth = phantom()
-    write_ct_series(vol0, tmp / "dicom")
+    spec = demo_spec()
+    spec.spacing_mm = COARSE_MM
+    vol0, truth0 = make_phantom(spec)
+    write_volume_study(vol0, truth0, spec, tmp / "dicom", extra_series=True)
     vol = load_study(tmp / "dicom")
-    return vol, truth
+    assert vol.meta["series_instance_uid"] == read_truth(tmp / "dicom")["dicom"]["bone_series_uid"]
+    return vol, read_truth(tmp / "dicom")
 
 
 def nifti_like_volume(vol: Volume) -> Volume:
@@ -296,7 +265,7 @@ def test_report_html_is_self_contained_with_one_image_set_per_finding(written):
     # every finding is marked as awaiting confirmation (table cells and sections)
     n_findings = len(truth["screws"]) + len(truth["cages"]) + len(truth["levels"])
     assert page.count("awaiting confirmation") >= 2 * n_findings
-    assert vol.meta["selection_reason"] in page
+    assert html.escape(vol.meta["selection_reason"]) in page
     assert "Levels named from the sacrum upwards." in page
     assert "3 of 723 halo rays excluded" in page
     loose = [s["id"] for s in truth["screws"] if s["loosening"]]
@@ -437,11 +406,11 @@ def test_dicom_meta_identifiers_never_reach_json_csv_or_html(study, tmp_path):
     out = write_outputs(tmp_path / "out", r2, ev, v2)
     for name in ("measurements.json", "levels.csv", "screws.csv", "cages.csv", "report.html"):
         text = (out / name).read_text()
-        assert "Zyxwort" not in text and PATIENT_ID not in text, name
+        assert PATIENT_NAME not in text and PATIENT_ID not in text, name
     page = (out / "report.html").read_text()
     assert "1.2.3.4" in page and "20260310" in page
     with np.load(out / "evidence.npz") as z:
-        assert "Zyxwort" not in str(z["meta_json"]) and PATIENT_ID not in str(z["meta_json"])
+        assert PATIENT_NAME not in str(z["meta_json"]) and PATIENT_ID not in str(z["meta_json"])
 
 
 def test_dicom_input_gets_an_sr_and_source_refs(tmp_path):
@@ -455,8 +424,9 @@ def test_dicom_input_gets_an_sr_and_source_refs(tmp_path):
     assert {r["SOPInstanceUID"] for r in refs} == set(vol.meta["sop_instance_uids"])
     assert all("PatientName" not in r and "PatientID" not in r for r in refs)
     page = (out / "report.html").read_text()
-    assert "Zyxwort" not in page and PATIENT_ID not in page
-    assert "Spine 2.0 Bone" in page
+    assert PATIENT_NAME not in page and PATIENT_ID not in page
+    assert html.escape(vol.meta["series_description"]) in page
+    assert html.escape(vol.meta["selection_reason"]) in page  # which series and why
 
 
 def test_staging_left_by_a_killed_process_is_cleaned_up(study, tmp_path):

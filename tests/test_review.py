@@ -24,7 +24,7 @@ from pipeline.report_json import validate_measurements
 from pipeline.review import list_findings, make_server, person_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers live in test_outputs.py
-from test_outputs import PATIENT_ID, dicom_study, truth_evidence, truth_result  # noqa: E402
+from test_outputs import PATIENT_ID, PATIENT_NAME, dicom_study, truth_evidence, truth_result  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_page_shows_every_finding_with_value_and_images(server):
             assert f'id="d{n}-{d}"' in block
     loose = next(s for s in truth["screws"] if s["loosening"])
     assert f"max {loose['halo_max_mm']:.2f} mm" in page
-    assert PATIENT_ID not in page and "Zyxwort" not in page
+    assert PATIENT_ID not in page and PATIENT_NAME not in page
     assert "awaiting confirmation" in page
 
 
@@ -277,7 +277,7 @@ def test_logs_carry_no_patient_or_surgeon_identifiers(server, caplog):
     run.get("/")
     assert run.post(full_form(findings, run.token()))[0] == 200
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "Zyxwort" not in text and PATIENT_ID not in text and "Ada" not in text
+    assert PATIENT_NAME not in text and PATIENT_ID not in text and "Ada" not in text
 
 
 @pytest.mark.parametrize("typed,pn", [
