@@ -446,3 +446,55 @@ def test_staging_left_by_a_killed_process_is_cleaned_up(study, tmp_path):
     assert not dead.exists()
     assert other.exists()
     assert not [p for p in tmp_path.glob(".fusionct-staging-out-*")]
+
+
+CHILD = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from test_outputs import nifti_like_volume, phantom, truth_evidence, truth_result
+import pipeline.outputs as o
+
+real = o.replace_into
+def slow(src, dst):
+    print("moving", Path(dst).name, flush=True)
+    if Path(dst).name == "measurements.json":
+        time.sleep(120)  # the parent kills us here, before the last rename
+    return real(src, dst)
+
+o.replace_into = slow
+vol, truth = phantom()
+o.write_outputs(sys.argv[2], truth_result(truth, notes=("second run",)), truth_evidence(truth),
+                nifti_like_volume(vol))
+"""
+
+
+def test_sigkill_before_the_last_rename_keeps_the_old_measurements(study, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    vol, truth, result, ev = study
+    out = write_outputs(tmp_path / "out", result, ev, vol)
+    before = (out / "measurements.json").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(Path(__file__).parent), str(out)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        moved = []
+        for line in proc.stdout:
+            moved.append(line.split()[-1])
+            if moved[-1] == "measurements.json":
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert moved[-1] == "measurements.json" and "report.html" in moved
+    assert (out / "measurements.json").read_bytes() == before  # whole, and the earlier one
+    assert len(list(tmp_path.glob(".fusionct-staging-out-*"))) == 1  # a killed run can't clean up
+    # the next run removes the dead run's staging folder and lands completely
+    write_outputs(out, result, ev, vol)
+    assert not list(tmp_path.glob(".fusionct-staging-out-*"))
+    json.loads((out / "measurements.json").read_text())
