@@ -161,6 +161,9 @@ class PhantomSpec:
         seeded anatomy.
     rod_fractures, screw_fractures : per rod id (``rod-left``) / screw id a
         ``(position 0..1 along it, gap_mm)``: a gap across the rod / shaft.
+    pedicle_breaches : per screw id ``(mm, "lateral" | "medial")``: the screw is moved out of
+        its pedicle so its shaft reaches that far past the pedicle's outer cortex (truth
+        ``breach_grade`` by Gertzbein-Robbins); such a screw has no halo.
     anatomy_seed : seeds the anatomy and findings instead of ``seed`` (``seed`` then only
         drives noise, streaks and UIDs): a follow-up of the same patient keeps it.
     study_date : ``YYYYMMDD`` for the DICOM study; None derives one from the seed.
@@ -193,6 +196,7 @@ class PhantomSpec:
     body_sizes_mm: dict = field(default_factory=dict)
     rod_fractures: dict = field(default_factory=dict)
     screw_fractures: dict = field(default_factory=dict)
+    pedicle_breaches: dict = field(default_factory=dict)
     anatomy_seed: int | None = None
     study_date: str | None = None
     z_offset_mm: float = -120.0
@@ -605,22 +609,41 @@ def _layout(spec: PhantomSpec, res: dict) -> dict:
         dir_local = np.array([-sgn * math.sin(conv), -math.cos(conv), 0.0])  # head -> tip
         head_local = tip_local - S["length_mm"] * dir_local
         extra = np.asarray(spec.screw_shifts_mm.get(sid, (0.0, 0.0, 0.0)), float)
-        tip = c + R @ tip_local + extra
-        head = c + R @ head_local + extra
+        # the pedicle follows the nominal trajectory; migration and breach move the screw in it
+        ped_tip = c + R @ tip_local
+        ped_head = c + R @ head_local
+        r = 0.5 * S["diameter_mm"]
         w, f = S["halo_width_mm"], S["halo_fraction"]
+        ped_r = max(8.0, r + 5.5, r + w + 1.5 + (SCLEROTIC_RIM_MM if S["double_halo"] else 0.0))
+        breach_mm, breach_dir = 0.0, None
+        offset = np.zeros(3)
+        if sid in spec.pedicle_breaches:
+            breach_mm, breach_dir = spec.pedicle_breaches[sid]
+            breach_mm = float(breach_mm)
+            if breach_dir not in ("lateral", "medial") or breach_mm <= 0:
+                raise ValueError(f"breach of {sid} must be (mm > 0, 'lateral' or 'medial')")
+            lateral = np.array([sgn * math.cos(conv), -math.sin(conv), 0.0])
+            side_dir = lateral if breach_dir == "lateral" else -lateral
+            offset = R @ ((ped_r - r + breach_mm) * side_dir)
+            w, f = 0.0, 0.0  # a breaching screw is modelled without a halo
+        tip = ped_tip + offset + extra
+        head = ped_head + offset + extra
         cov = f if w >= crit.halo_threshold_mm else 0.0
         screws.append({
             "id": sid, "vertebra": S["vertebra"], "side": S["side"],
             "head_lps_mm": head.tolist(), "tip_lps_mm": tip.tolist(),
             "length_mm": float(np.linalg.norm(tip - head)), "diameter_mm": S["diameter_mm"],
-            "halo_width_mm": w, "halo_fraction": f, "halo_start_deg": S["halo_start_deg"],
+            "halo_width_mm": w, "halo_fraction": f if w > 0 else 0.0,
+            "halo_start_deg": S["halo_start_deg"],
             "halo_mean_mm": w * f, "halo_max_mm": w if f >= 0.05 else 0.0,
             "halo_coverage": cov, "loosening": bool(cov >= crit.halo_coverage_for_loosening),
-            "double_halo": S["double_halo"],
+            "double_halo": S["double_halo"] and w > 0,
             "fracture": _fracture_truth(spec.screw_fractures.get(sid), [head, tip]),
             "shift_mm": extra.tolist(),
-            "pedicle_radius_mm": max(8.0, 0.5 * S["diameter_mm"] + w + 1.5
-                                     + (SCLEROTIC_RIM_MM if S["double_halo"] else 0.0)),
+            "breach_mm": breach_mm, "breach_direction": breach_dir,
+            "breach_grade": _gertzbein_robbins(breach_mm),
+            "pedicle_head_lps_mm": ped_head.tolist(), "pedicle_tip_lps_mm": ped_tip.tolist(),
+            "pedicle_radius_mm": ped_r,
         })
 
     rods = []
@@ -641,6 +664,13 @@ def _layout(spec: PhantomSpec, res: dict) -> dict:
                          "fracture": _fracture_truth(spec.rod_fractures.get(rid), poly)})
     return {"vertebrae": vertebrae, "levels": levels, "screws": screws, "cages": cages,
             "rods": rods}
+
+
+def _gertzbein_robbins(breach_mm: float) -> str:
+    """Pedicle breach grade (Gertzbein-Robbins): A none, B < 2, C 2-4, D 4-6, E >= 6 mm."""
+    if breach_mm <= 0:
+        return "A"
+    return "B" if breach_mm < 2 else "C" if breach_mm < 4 else "D" if breach_mm < 6 else "E"
 
 
 def _fracture_truth(frac, poly):
@@ -831,8 +861,8 @@ def _vertebra_parts(v: dict, screws: list) -> list:
     for side, sgn in (("left", 1.0), ("right", -1.0)):
         if side in mine:
             s = mine[side]
-            head = R.T @ (np.array(s["head_lps_mm"]) - c)
-            tip = R.T @ (np.array(s["tip_lps_mm"]) - c)
+            head = R.T @ (np.array(s["pedicle_head_lps_mm"]) - c)
+            tip = R.T @ (np.array(s["pedicle_tip_lps_mm"]) - c)
             radius = s["pedicle_radius_mm"]
         else:
             conv = math.radians(15.0)
@@ -927,7 +957,8 @@ def _paint_vertebra(g: _Grid, hu, lab, v: dict, screws: list, seed: int):
     sub[(alpha >= 0.5) & (shell >= 0.5)] = LABELS["cortical"]
 
 
-def _bridging_masks(level: dict, cages: list, target: float, seed: int) -> dict:
+def _bridging_masks(level: dict, cages: list, target: float, seed: int,
+                    clamp: bool = False) -> dict:
     """2-D maps (0.1 mm grid) over the level's cross-section: the domain (inside the body
     outline, cage footprints excluded), bridged columns (fraction ``target`` of the domain)
     and non-bridging columns (interrupted by a gap). Returns the maps and exact fractions."""
@@ -960,9 +991,13 @@ def _bridging_masks(level: dict, cages: list, target: float, seed: int) -> dict:
     r = _rng(seed, "bridging", level["level"])
     bridged = np.zeros_like(ell)
     frac = 0.0
+    reachable = float(allowed.sum() / domain.sum())
+    if clamp and target > reachable - 0.03:
+        target = max(0.6, reachable - 0.03)  # a seeded default "fused" that must fit
     if target > 0:
         if allowed.sum() < target * domain.sum():
-            raise ValueError(f"bridging fraction {target} is not reachable at {level['level']}")
+            raise ValueError(f"bridging fraction {target} is not reachable at {level['level']} "
+                             f"(at most {reachable:.2f} with these cages)")
         # random blobs, grown together until they cover the target fraction
         cand = np.flatnonzero(allowed.ravel())
         n_blobs = int(r.integers(5, 10))
@@ -999,6 +1034,7 @@ def _bridging_masks(level: dict, cages: list, target: float, seed: int) -> dict:
         sel = nonbridged & ((U - cu_) ** 2 + (Vg - cv_) ** 2 <= gp["radius_mm"] ** 2)
         gap_pos[sel] = gp["gap_position"]
     return {"origin_uv_mm": (-a, -b), "step_mm": step, "domain": domain, "bridged": bridged,
+            "target": float(target),
             "nonbridged": nonbridged, "gap_pos": gap_pos, "fraction": frac,
             "nonbridging_columns": gaps, "cage_footprint": cage_fp}
 
@@ -1348,7 +1384,8 @@ def make_phantom_layers(spec: PhantomSpec) -> PhantomLayers:
     maps = {}
     for level in geo["levels"]:
         tgt = res["levels"][level["level"]]["bridging_fraction_target"]
-        m = _bridging_masks(level, geo["cages"], tgt, spec.findings_seed)
+        m = _bridging_masks(level, geo["cages"], tgt, spec.findings_seed,
+                            clamp=level["level"] not in spec.bridging_fractions)
         maps[level["level"]] = m
         _paint_disc(g, hu, lab, level, vmap, m, spec.findings_seed)
     for v in geo["vertebrae"]:
@@ -1367,7 +1404,7 @@ def make_phantom_layers(spec: PhantomSpec) -> PhantomLayers:
         m = maps[level["level"]]
         b = m["fraction"]
         level["bridging_fraction"] = b
-        level["bridging_fraction_target"] = res["levels"][level["level"]]["bridging_fraction_target"]
+        level["bridging_fraction_target"] = m["target"]
         level["fusion"] = crit.fusion_class(b)
         level["domain_area_mm2"] = float(m["domain"].sum() * BRIDGING_GRID_MM ** 2)
         level["nonbridging_columns"] = m["nonbridging_columns"]

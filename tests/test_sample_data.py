@@ -374,6 +374,23 @@ def test_rod_and_screw_fractures_cut_a_gap():
     assert _label_at(layers, c + 3.0 * d) == LABELS["screw_shaft"]
 
 
+def test_pedicle_breach_puts_the_shaft_past_the_pedicle_cortex():
+    spec = small_spec(spacing_mm=(0.5, 0.5, 1.0), instrumented_levels=("L4-L5",), noise_hu=0,
+                      streaks=False, pedicle_breaches={"L4-left": (3.0, "lateral")})
+    layers = make_phantom_layers(spec)
+    s = next(s for s in layers.truth["screws"] if s["id"] == "L4-left")
+    assert s["breach_grade"] == "C" and s["halo_coverage"] == 0 and not s["loosening"]
+    ph, pt = np.array(s["pedicle_head_lps_mm"]), np.array(s["pedicle_tip_lps_mm"])
+    h, t = np.array(s["head_lps_mm"]), np.array(s["tip_lps_mm"])
+    pax = (pt - ph) / np.linalg.norm(pt - ph)
+    off = (h - ph) - ((h - ph) @ pax) * pax
+    # the shaft's outer edge lies breach_mm beyond the pedicle's outer surface
+    assert np.linalg.norm(off) + s["diameter_mm"] / 2 == pytest.approx(s["pedicle_radius_mm"] + 3.0)
+    # the shaft occupies a point 1.5 mm outside the pedicle surface, along the offset
+    mid = ph + 0.3 * (pt - ph) + (s["pedicle_radius_mm"] + 1.5) * off / np.linalg.norm(off)
+    assert _label_at(layers, mid) == LABELS["screw_shaft"]
+
+
 # ------------------------------------------------------------------------------ physics
 def test_blooming_makes_a_fixed_threshold_read_the_shaft_too_wide():
     spec = PhantomSpec(seed=3, spacing_mm=(0.5, 0.5, 1.0), vertebrae=("L4", "L5"), noise_hu=0,
