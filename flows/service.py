@@ -414,6 +414,7 @@ class IntakeService:
         from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = 0  # no limit on the PDUs peers send us (fewer, larger reads)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)

@@ -60,13 +60,19 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _rel(path: str, root: Path | None) -> str:
-    """A file named relative to the input folder (short, and free of the user's tree)."""
+    """A file named relative to the input folder (short, and free of the user's tree).
+
+    Bytes that are not UTF-8 in a file name are shown as U+FFFD: the message must encode
+    (Prefect serialises it as JSON; stderr may be UTF-8 strict).
+    """
     if root is None:
-        return os.path.basename(path)
-    try:
-        return os.path.relpath(path, root)
-    except ValueError:
-        return os.path.basename(path)
+        name = os.path.basename(path)
+    else:
+        try:
+            name = os.path.relpath(path, root)
+        except ValueError:
+            name = os.path.basename(path)
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def is_nifti_path(path: str | Path) -> bool:

@@ -325,10 +325,9 @@ def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(
 
     study_dir = tmp_path / "study"
     write_dicom_study(demo_spec(), study_dir)
-    files = sorted(p for p in study_dir.rglob("*") if p.is_file() and p.suffix != ".json")
-    import pydicom
-
-    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    truth = json.loads((study_dir / "truth.json").read_text())
+    study_uid = truth["dicom"]["study_instance_uid"]
+    files = sorted(str(p) for p in study_dir.rglob("*") if p.is_file() and p.name != "truth.json")
     port, out = free_port(), tmp_path / "out"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
            "PREFECT_HOME": str(tmp_path / "prefect_home")}
@@ -341,14 +340,15 @@ def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(
         assert wait_for(lambda: "serving" in log_path.read_text() or proc.poll() is not None, 90, 0.2), \
             log_path.read_text()[-2000:]
         assert proc.poll() is None, log_path.read_text()[-2000:]
-        sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FUSIONCT", "+sd", "+r",
-                               "127.0.0.1", str(port), str(study_dir)],
-                              capture_output=True, text=True, timeout=120)
+        sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FUSIONCT",
+                               "127.0.0.1", str(port), *files],
+                              capture_output=True, text=True, timeout=180)
         assert sent.returncode == 0, sent.stderr[-2000:]
         result = out / study_uid / "measurements.json"
         assert wait_for(result.exists, 300, 0.5), log_path.read_text()[-3000:]
         doc = json.loads(result.read_text())
         assert doc["input"]["study_instance_uid"] == study_uid
+        assert len(doc["screws"]) == len(truth["screws"])
         status = json.loads((out / ".intake" / study_uid / "status.json").read_text())
         assert status["state"] == "done" and status["instances"] == len(files)
         print(f"\nlast instance -> result: {status['seconds_from_last_instance']:.1f} s "
