@@ -279,6 +279,10 @@ def _pixel_element(f, ds, transfer_syntax: str) -> tuple[bool, int | None, int |
 
     Returns (has_pixel_data, value_offset_or_None, length_or_None, float_pixels).
     """
+    if transfer_syntax in ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"):
+        # deflated / big endian: the file bytes here are not a little-endian element
+        # header; pydicom inflates or byte-swaps and decodes the pixels later
+        return True, None, None, False
     head = f.read(12)
     if len(head) < 8:
         return False, None, None, False
