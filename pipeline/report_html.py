@@ -238,6 +238,42 @@ def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -
     return "".join(out)
 
 
+def _plain_cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if math.isfinite(v) else "–"
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
+        return ", ".join(_plain_cell(float(x)) for x in v)
+    if isinstance(v, (dict, list, tuple)):
+        return esc(v)
+    return esc("–" if v is None else v)
+
+
+def extras_section(result: StudyResult) -> str:
+    """Optional sections other steps add to ``result.extras`` (comparison with a prior
+    study, alignment, ...), shown generically: a list of records as a table, a mapping as
+    key/value rows. Each is marked awaiting confirmation like every finding."""
+    out = []
+    for key, value in (result.extras or {}).items():
+        if key in ("software_version",) or value in (None, {}, []):
+            continue
+        title = esc(key.replace("_", " ").capitalize())
+        if isinstance(value, (list, tuple)) and value and all(isinstance(r, dict) for r in value):
+            cols: list[str] = []
+            for r in value:
+                cols += [c for c in r if c not in cols]
+            head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+            rows = "".join("<tr>" + "".join(f"<td>{_plain_cell(r.get(c))}</td>" for c in cols) + "</tr>"
+                           for r in value)
+            body = f"<table><tr>{head}</tr>{rows}</table>"
+        elif isinstance(value, dict):
+            body = "<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{_plain_cell(v)}</td></tr>"
+                                       for k, v in value.items()) + "</table>"
+        else:
+            body = f"<p>{_plain_cell(value)}</p>"
+        out.append(f'<h2 id="extra-{esc(key)}">{title}</h2>{_badge(result.status)}{body}')
+    return "".join(out)
+
+
 def build_report_html(result: StudyResult, meta: Mapping, figures: Mapping[str, list[Figure]],
                       input_info: Mapping | None = None) -> str:
     """The whole page as one string.
@@ -265,6 +301,7 @@ def build_report_html(result: StudyResult, meta: Mapping, figures: Mapping[str, 
         f"<h2>What the analysis was unsure of</h2>{unsure_section(result)}"
         f"<h2>Per level</h2>{level_table(result)}"
         f"{finding_sections(result, figures)}"
+        f"{extras_section(result)}"
         "<p><small>Halo: lucent zone measured perpendicular to the screw from its true radius; "
         "loosening when the halo is at least the threshold over the stated share of the "
         "intraosseous surface. Subsidence: from the intact endplate rim to the cage's deepest "

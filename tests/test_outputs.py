@@ -498,3 +498,21 @@ def test_sigkill_before_the_last_rename_keeps_the_old_measurements(study, tmp_pa
     write_outputs(out, result, ev, vol)
     assert not list(tmp_path.glob(".fusionct-staging-out-*"))
     json.loads((out / "measurements.json").read_text())
+
+
+def test_extra_sections_from_other_steps_reach_the_report(study, tmp_path):
+    from dataclasses import replace
+
+    vol, truth, result, ev = study
+    extras = {"software_version": __version__,
+              "alignment": [{"level": "L4-L5", "segmental_lordosis_deg": 12.25, "disc_height_mm": 9.5}],
+              "baseline": {"prior_study_date": "20250101", "interval_days": 400}}
+    out = write_outputs(tmp_path / "out", replace(result, extras=extras), ev, vol)
+    page = (out / "report.html").read_text()
+    sec = page[page.index('id="extra-alignment"'):]
+    assert "segmental_lordosis_deg" in sec and "12.25" in sec and "9.50" in sec
+    assert 'id="extra-baseline"' in page and "20250101" in page
+    assert 'id="extra-software_version"' not in page
+    doc = json.loads((out / "measurements.json").read_text())
+    validate_measurements(doc)
+    assert doc["alignment"][0]["disc_height_mm"] == 9.5
