@@ -142,7 +142,9 @@ def load_dicom_folder(folder: str | Path) -> Volume:
         f = _rel(series.corrupt_paths[0], folder)
         raise InputError(f, f"looks like DICOM but cannot be parsed (corrupt or truncated) and may belong to "
                             f"{chosen.label()}; remove or replace it")
-    return load_series(chosen, reason=reason, root=folder)
+    vol = load_series(chosen, reason=reason, root=folder)
+    vol.meta["skipped_non_dicom_files"] = len(series.non_dicom_paths)
+    return vol
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,8 +226,11 @@ def sort_slices(series: SeriesInfo, root: Path | None = None) -> tuple[list[Slic
     row, col = o[:3], o[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
         raise InputError(_rel(first.path, root), "ImageOrientationPatient is not two orthogonal unit vectors")
-    # like ITK/GDCM: unit row and column cosines, normal their cross product
-    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    # like SimpleITK (GDCM/ITK): unit column cosine, row made orthogonal to it, normal their
+    # cross product; removes the rounding of the 6-decimal text in ImageOrientationPatient
+    col = col / np.linalg.norm(col)
+    row = row - (row @ col) * col
+    row /= np.linalg.norm(row)
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
 

@@ -11,6 +11,8 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from pipeline.loading import load_study
@@ -347,3 +349,19 @@ def test_gantry_tilted_series_resampled_onto_orthogonal_grid(tmp_path, tilt_deg,
     assert inside.mean() > 0.6
     np.testing.assert_allclose(vol.hu[inside], expected[inside], atol=0.51)
     assert np.all(vol.hu[~inside] < expected[~inside])  # outside: air or blended with air
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(quat=st.tuples(*[st.floats(-1, 1) for _ in range(4)]).filter(lambda q: np.linalg.norm(q) > 0.3),
+       spacing=st.tuples(st.sampled_from([0.3, 0.5, 0.78125]), st.sampled_from([0.5, 0.7, 1.0]),
+                         st.sampled_from([0.6, 1.0, 1.25, 3.0])),
+       order=st.sampled_from(["shuffled", "ordered", "reversed"]))
+def test_any_orientation_and_order_equals_simpleitk(tmp_path_factory, quat, spacing, order):
+    """Random rotations of the image plane, spacings and file orders: same as SimpleITK."""
+    w, x, y, z = np.asarray(quat) / np.linalg.norm(quat)
+    rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                    [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                    [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    folder = tmp_path_factory.mktemp("rot")
+    write_ct_series(folder, (5, 12, 10), spacing_mm=spacing, row_dir=rot[:, 0], col_dir=rot[:, 1], names=order)
+    assert_same_as_sitk(load_study(folder), folder)

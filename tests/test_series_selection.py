@@ -108,7 +108,8 @@ def test_non_dicom_files_are_skipped_and_counted(tmp_path):
     found = scan_dicom_folder(tmp_path)
     assert len(found) == 1 and found[0].n_files == 4
     assert len(found.non_dicom_paths) == 3 and found.n_files == 7
-    assert load_study(tmp_path).hu.shape == (4, 8, 8)
+    vol = load_study(tmp_path)
+    assert vol.hu.shape == (4, 8, 8) and vol.meta["skipped_non_dicom_files"] == 3
 
 
 def test_series_with_empty_uids_still_groups_and_loads(tmp_path):
