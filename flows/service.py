@@ -119,6 +119,7 @@ class StudyStore:
         self.root = Path(out_root).resolve()
         self.intake = self.root / INTAKE
         self.intake.mkdir(parents=True, exist_ok=True)
+        self._status_lock = threading.Lock()
 
     def study_dir(self, study_uid: str) -> Path:
         return self.intake / safe_name(study_uid)
@@ -148,10 +149,14 @@ class StudyStore:
         """Freeze what has arrived so far: hard links (a copy where links fail) in a run folder.
 
         Later arrivals replace files in ``input/`` by rename, so the snapshot keeps the
-        exact bytes the run reads.
+        exact bytes the run reads. Call with the study's ``lock`` held.
         """
         src_root = self.input_dir(study_uid)
-        dst_root = self.study_dir(study_uid) / "runs" / uuid.uuid4().hex[:12]
+        runs = self.study_dir(study_uid) / "runs"
+        if runs.exists():  # snapshots left by a killed service (callers hold the study lock)
+            for stale in runs.iterdir():
+                shutil.rmtree(stale, ignore_errors=True)
+        dst_root = runs / uuid.uuid4().hex[:12]
         for src in sorted(src_root.rglob("*")):
             if not src.is_file() or src.name.startswith("."):
                 continue
@@ -169,12 +174,13 @@ class StudyStore:
     def write_status(self, study_uid: str, **fields) -> dict:
         """Merge ``fields`` into ``status.json`` of the study (atomic)."""
         path = self.study_dir(study_uid) / "status.json"
-        try:
-            status = json.loads(path.read_text())
-        except (OSError, ValueError):
-            status = {}
-        status.update(fields, study_instance_uid=str(study_uid))
-        _write_atomic(path, data=(json.dumps(status, indent=2) + "\n").encode())
+        with self._status_lock:
+            try:
+                status = json.loads(path.read_text())
+            except (OSError, ValueError):
+                status = {}
+            status.update(fields, study_instance_uid=str(study_uid))
+            _write_atomic(path, data=(json.dumps(status, indent=2) + "\n").encode())
         return status
 
     def read_status(self, study_uid: str) -> dict:
