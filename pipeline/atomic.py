@@ -105,7 +105,14 @@ def write_bytes_exclusive(path: str | Path, data: bytes, *, mode: int = 0o644) -
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system: check, then rename
+            if os.path.lexists(path):
+                raise FileExistsError(str(path)) from None
+            os.replace(tmp, path)
     finally:
         try:
             os.unlink(tmp)

@@ -349,3 +349,22 @@ def test_a_page_older_than_the_results_cannot_sign(server):
     # the fresh page lists the new findings and signs
     _, page = run.get("/")
     assert page.count('<div class="finding"') == len(findings) - 1
+
+
+def test_exclusive_create_never_replaces_an_existing_file(tmp_path, monkeypatch):
+    from pipeline.atomic import write_bytes_exclusive
+
+    write_bytes_exclusive(tmp_path / "confirmation.json", b"first")
+    with pytest.raises(FileExistsError):
+        write_bytes_exclusive(tmp_path / "confirmation.json", b"second")
+    assert (tmp_path / "confirmation.json").read_bytes() == b"first"
+
+    def no_links(*a, **k):
+        raise PermissionError("this file system has no hard links")
+
+    monkeypatch.setattr("os.link", no_links)
+    write_bytes_exclusive(tmp_path / "other.json", b"x")
+    with pytest.raises(FileExistsError):
+        write_bytes_exclusive(tmp_path / "other.json", b"y")
+    assert (tmp_path / "other.json").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confirmation.json", "other.json"]
