@@ -365,3 +365,34 @@ def test_any_orientation_and_order_equals_simpleitk(tmp_path_factory, quat, spac
     folder = tmp_path_factory.mktemp("rot")
     write_ct_series(folder, (5, 12, 10), spacing_mm=spacing, row_dir=rot[:, 0], col_dir=rot[:, 1], names=order)
     assert_same_as_sitk(load_study(folder), folder)
+
+
+def test_deflated_series_loads_like_native(tmp_path):
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    paths = write_ct_series(tmp_path / "native", (4, 16, 16), names="ordered", signed=True, seed=4)
+    (tmp_path / "deflated").mkdir()
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(tmp_path / "deflated" / p.name, enforce_file_format=True)
+    native, deflated = load_study(tmp_path / "native"), load_study(tmp_path / "deflated")
+    assert deflated.meta["transfer_syntax_uid"] == str(DeflatedExplicitVRLittleEndian)
+    np.testing.assert_array_equal(native.hu, deflated.hu)
+    np.testing.assert_allclose(native.origin_lps_mm, deflated.origin_lps_mm)
+
+
+def test_big_endian_series_written_by_dcmtk_loads_like_native(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("dcmconv") is None:
+        pytest.skip("dcmconv (Debian package dcmtk) is not installed")
+    paths = write_ct_series(tmp_path / "native", (4, 16, 16), names="ordered", signed=True, seed=5)
+    (tmp_path / "be").mkdir()
+    for p in paths:
+        subprocess.run(["dcmconv", "+tb", str(p), str(tmp_path / "be" / p.name)], check=True, capture_output=True)
+    native, be = load_study(tmp_path / "native"), load_study(tmp_path / "be")
+    assert be.meta["transfer_syntax_uid"] == "1.2.840.10008.1.2.2"
+    np.testing.assert_array_equal(native.hu, be.hu)
