@@ -719,6 +719,15 @@ def _place_cage(cid, lv, cs, center, n, e_u, e_v, du, dv, up_inf, low_sup, crit)
     chk_l = -((centroid - Pl) @ Nl - np.abs(axes @ Nl) @ half)
     assert abs(chk_u - d_sup) < 1e-9 and abs(chk_l - d_inf) < 1e-9
     smax = max(d_sup, d_inf)
+    markers = None
+    if cs["material"] == "peek":
+        ins = Config().peek_marker_inset_mm
+        markers = []
+        for su in (-1, 1):
+            for sv in (-1, 1):
+                base = centroid + su * (half[1] - ins) * axes[1] + sv * (half[2] - ins) * axes[2]
+                markers.append([(base - (half[0] - ins) * axes[0]).tolist(),
+                                (base + (half[0] - ins) * axes[0]).tolist()])
     return {
         "id": cid, "level": lv, "material": cs["material"],
         "centroid_lps_mm": centroid.tolist(), "axes": axes.tolist(),
@@ -728,6 +737,8 @@ def _place_cage(cid, lv, cs, center, n, e_u, e_v, du, dv, up_inf, low_sup, crit)
         "subsidence_grade_superior": crit.subsidence_grade(d_sup),
         "subsidence_grade_inferior": crit.subsidence_grade(d_inf),
         "marker_inset_mm": Config().peek_marker_inset_mm if cs["material"] == "peek" else None,
+        "marker_diameter_mm": MARKER_DIAMETER_MM if cs["material"] == "peek" else None,
+        "markers_lps_mm": markers,
     }
 
 
@@ -1048,7 +1059,8 @@ def _paint_disc(g: _Grid, hu, lab, level: dict, vmap: dict, masks: dict, seed: i
     R = np.column_stack([level["axis_u"], level["axis_v"], n])
     up = vmap[level["upper"]]["inferior_endplate"]
     lo = vmap[level["lower"]]["superior_endplate"]
-    half_h = 0.5 * level["disc_height_mm"] + b * 0.25 + 2.0
+    wedge = math.acos(min(1.0, abs(float(np.dot(up["normal"], lo["normal"])))))
+    half_h = 0.5 * level["disc_height_mm"] + b * math.tan(wedge) + 2.0
     sl = g.slices(*_bbox(c, R, (-a, -b, -half_h), (a, b, half_h), pad=1.0))
     if sl is None:
         return
