@@ -21,8 +21,43 @@ def _first_line(e: Exception, path: Path) -> str:
     return text.splitlines()[0][:160] if text else "unknown reason"
 
 
+def _check_complete(path: Path, needed_bytes: int) -> None:
+    """Refuse a file cut short (SimpleITK would zero-fill the missing voxels silently).
+
+    ``.nii``: the file must hold the header, extensions and every voxel. ``.nii.gz``: the
+    gzip trailer's ISIZE (uncompressed size mod 2**32) is checked first (O(1)); when it does
+    not match, the stream is decompressed once to prove it is whole and long enough.
+    """
+    import gzip
+    import zlib
+
+    if not str(path).lower().endswith(".gz"):
+        size = path.stat().st_size
+        if size < needed_bytes:
+            raise InputError(path.name, f"truncated NIfTI file: {size} of the {needed_bytes} bytes its header declares")
+        return
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() >= 4:
+            f.seek(-4, 2)
+            isize = int.from_bytes(f.read(4), "little")
+            if isize == needed_bytes % 2**32:
+                return
+    total = 0
+    try:
+        with gzip.open(path, "rb") as g:
+            while chunk := g.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, zlib.error, OSError) as e:
+        raise InputError(path.name, f"truncated or corrupt NIfTI gzip stream ({type(e).__name__}) after "
+                                    f"{total} of {needed_bytes} bytes") from None
+    if total < needed_bytes:
+        raise InputError(path.name, f"truncated NIfTI file: {total} of the {needed_bytes} bytes its header declares")
+
+
 def _check_affine(path: Path) -> None:
-    """Refuse a header whose voxel-to-world affine is not finite or not invertible."""
+    """Refuse a header whose voxel-to-world affine is not finite or not invertible, or a
+    file that does not hold every voxel its header declares."""
     import nibabel as nib
 
     try:
@@ -31,8 +66,10 @@ def _check_affine(path: Path) -> None:
         shape = img.shape
         affine = np.asarray(img.affine, float)
         zooms = np.asarray(hdr.get_zooms()[:3], float)
+        needed = int(hdr.get_data_offset()) + int(np.prod(shape)) * hdr.get_data_dtype().itemsize
     except Exception as e:  # noqa: BLE001 - nibabel raises many types on bad headers
         raise InputError(path.name, f"not a readable NIfTI file ({type(e).__name__}: {_first_line(e, path)})") from None
+    _check_complete(path, needed)
     if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
         raise InputError(path.name, f"NIfTI image must be one 3-D volume, got shape {tuple(shape)}")
     if min(shape[:3]) < 2:
@@ -65,8 +102,8 @@ def load_nifti(path: str | Path) -> Volume:
     Raises
     ------
     InputError
-        Unreadable file, more than one volume, broken (NaN / singular) affine, zero spacing,
-        non-finite voxel values.
+        Unreadable or truncated file, more than one volume, broken (NaN / singular) affine,
+        zero spacing, non-finite voxel values.
     """
     import SimpleITK as sitk
 

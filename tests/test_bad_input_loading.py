@@ -310,3 +310,31 @@ def test_two_ct_studies_in_one_folder_refused(tmp_path):
     write(tmp_path / "prior", study_uid="1.2.826.0.1.3680043.99.11")
     err = refuse(tmp_path)
     assert "2 different studies" in err.reason and "one study per folder" in err.reason
+
+
+@pytest.mark.parametrize("name", ["cut.nii", "cut.nii.gz"])
+def test_truncated_nifti_refused_not_zero_filled(tmp_path, name):
+    p = _nifti(tmp_path / name, np.eye(4))
+    full = np.arange(32 ** 3, dtype=np.int16).reshape(32, 32, 32)
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(full, np.eye(4)), str(p))
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    err = refuse(p)
+    assert err.where == name and "truncated" in err.reason
+
+
+def test_nifti_gz_with_trailing_bytes_still_loads(tmp_path):
+    """A gzip trailer that does not match (extra bytes, multi-member) falls back to a full check."""
+    import gzip
+
+    import nibabel as nib
+
+    raw = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    nib.save(nib.Nifti1Image(raw, np.eye(4)), str(tmp_path / "ct.nii"))
+    body = (tmp_path / "ct.nii").read_bytes()
+    # two gzip members: header+half, then the rest plus 16 padding bytes
+    (tmp_path / "ct.nii.gz").write_bytes(gzip.compress(body[:400]) + gzip.compress(body[400:] + b"\0" * 16))
+    vol = load_study(tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(vol.hu, np.transpose(raw, (2, 1, 0)).astype(np.float32))
