@@ -388,6 +388,8 @@ def build_sr(result: StudyResult, headers: Sequence[Dataset], *,
         manufacturer_model_name="fusionct",
         software_versions=__version__,
         coding_schemes=[PRIVATE_SCHEME_ITEM],
+        # UTF-8, so any reviewer's name (and any source patient name) survives intact
+        specific_character_set="ISO_IR 192",
     )
     return sr
 

@@ -368,3 +368,18 @@ def test_exclusive_create_never_replaces_an_existing_file(tmp_path, monkeypatch)
         write_bytes_exclusive(tmp_path / "other.json", b"y")
     assert (tmp_path / "other.json").read_bytes() == b"x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confirmation.json", "other.json"]
+
+
+def test_reviewer_name_outside_latin1_survives_in_the_verified_sr(outdir):
+    out, _ = outdir
+    findings = list_findings(json.loads((out / "measurements.json").read_text()))
+    form = {f"d{n}": "accepted" for n in range(len(findings))}
+    form.update(name="Prof. Jürgen Müller-Łukasz", organization="Klinik Süd")
+    review_mod.sign(out, form)
+    ver = pydicom.dcmread(out / "report_sr_verified.dcm")
+    assert ver.SpecificCharacterSet == "ISO_IR 192"
+    obs = ver.VerifyingObserverSequence[0]
+    assert str(obs.VerifyingObserverName) == "Müller-Łukasz^Jürgen^^Prof."
+    assert obs.VerifyingOrganization == "Klinik Süd"
+    assert json.loads((out / "confirmation.json").read_text(encoding="utf-8"))["confirmed_by"] == \
+        "Prof. Jürgen Müller-Łukasz"
