@@ -37,7 +37,7 @@ COLUMN_THRESHOLD_HU = 100.0    # bone-or-disc: above soft tissue (~40) and below
                                # bone even in osteopenic spines (~120-250 HU)
 CORE_RADIUS_MM = 8.0           # in-plane half-thickness a vertebral body always exceeds
 MAX_HOLE_MM2 = 120.0           # holes filled in the mask (not the spinal canal, ~300 mm2)
-BODY_HEIGHT_RANGE_MM = (14.0, 45.0)
+BODY_HEIGHT_RANGE_MM = (18.0, 45.0)
 DISC_HEIGHT_RANGE_MM = (2.0, 20.0)
 MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
@@ -488,7 +488,7 @@ def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm
     i_min = lo_i + int(np.argmin(lowest[lo_i:hi_i]))
     disc_hu = lowest[i_min]
     if disc_hu < inside - min_contrast_hu:
-        j0 = max(1, i_min - back)
+        j0 = max(1, start, lo_i - int(3.0 / step_mm), i_min - back)
         peak = prof[j0: i_min + 1].max()
         thr = 0.5 * (max(peak, inside) + disc_hu)
         above = np.nonzero(prof[j0: i_min + 1] >= thr)[0]
@@ -598,6 +598,32 @@ def fit_plane(points: np.ndarray, outward, max_residual_mm: float = 1.5, min_cos
     return c0, n, int(keep.sum())
 
 
+def plane_spans(points: np.ndarray, centre, normal, lr, ap, max_residual_mm: float):
+    """How far (mm) the inliers of a fitted plane reach on both sides of the body axis:
+    twice the smaller of the two one-sided reaches, along LR and along AP."""
+    pts = np.asarray(points, float)
+    keep = np.abs((pts - np.asarray(centre)) @ np.asarray(normal)) <= max_residual_mm
+    if keep.sum() < 2:
+        return 0.0, 0.0
+    rel = pts[keep] - np.asarray(centre)
+    u, w = rel @ lr, rel @ ap
+    return (2.0 * float(min(-u.min(), u.max(), key=float)) if u.size else 0.0,
+            2.0 * float(min(-w.min(), w.max(), key=float)) if w.size else 0.0)
+
+
+def borrow_tilt(normal, other_normal, lr, ap, fix_lr: bool, fix_ap: bool) -> np.ndarray:
+    """Replace the LR and/or AP tilt of ``normal`` by the mirrored tilt of the opposite
+    endplate's ``other_normal`` (used when an endplate was seen on one side only, e.g.
+    beside a cage; endplates of one body are near parallel in the unseen direction)."""
+    n = np.asarray(normal, float).copy()
+    o = -np.asarray(other_normal, float)
+    if fix_lr:
+        n = n + ((o - n) @ lr) * lr
+    if fix_ap:
+        n = n + ((o - n) @ ap) * ap
+    return n / np.linalg.norm(n)
+
+
 def lateral_bone_fraction(volume: Volume, centre, si, lr, ap, semi_lr_mm: float, semi_ap_mm: float,
                           bone_threshold_hu: float, reach_mm: float = 40.0) -> float:
     """Fraction of bone-density samples beside the body, the smaller of the two sides.
@@ -652,7 +678,7 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
             semi_lr = 1.35 * semi_ap    # from the corrected centre with a typical shape
             if best is None and _ < iterations - 1:
                 continue
-        planes = {}
+        planes, spans = {}, {}
         for name, direction in (("superior", 1), ("inferior", -1)):
             disc_mm = float((discs[direction] - centre) @ (direction * si))
             pts = endplate_points(volume, centre, si, lr, ap, semi_lr, semi_ap, direction, disc_mm,
@@ -661,6 +687,20 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
                 c, n, k = fit_plane(pts, direction * si, max_residual_mm=tol_mm)
                 if k >= 6 and k >= 0.4 * len(pts) and n @ (direction * si) > 0.7:
                     planes[name] = (c, n)
+                    spans[name] = plane_spans(pts, c, n, lr, ap, tol_mm)
+                    # reaches measured from the body axis, not from the inliers' mean
+                    rel_c = centre + ((c - centre) @ si) * si
+                    keep_pts = pts[np.abs((pts - c) @ n) <= tol_mm]
+                    spans[name] = plane_spans(keep_pts, rel_c, si, lr, ap, 1e9)
+        if len(planes) == 2:  # an endplate seen on one side only borrows the other's tilt
+            for name, other in (("superior", "inferior"), ("inferior", "superior")):
+                s_lr, s_ap = spans[name]
+                o_lr, o_ap = spans[other]
+                fix_lr = s_lr < 0.8 * semi_lr and o_lr >= 0.8 * semi_lr
+                fix_ap = s_ap < 0.6 * semi_ap and o_ap >= 0.6 * semi_ap
+                if fix_lr or fix_ap:
+                    c, n = planes[name]
+                    planes[name] = (c, borrow_tilt(n, planes[other][1], lr, ap, fix_lr, fix_ap))
         sup, inf = planes.get("superior"), planes.get("inferior")
         if sup is None or inf is None:
             if best is None:
@@ -840,7 +880,7 @@ def find_vertebrae(volume: Volume, config: Config):
     return vertebrae, levels, by_position, list(dict.fromkeys(notes))
 
 
-def _plane_in_volume(volume: Volume, point, normal, semi_mm=(0.0, 0.0), margin_mm: float = 2.0) -> bool:
+def _plane_in_volume(volume: Volume, point, normal, semi_mm=(0.0, 0.0), margin_mm: float = 4.0) -> bool:
     """Whether the volume holds the endplate (its centre and rim at 70 % of the outline)
     and ``margin_mm`` beyond it, i.e. the endplate is not the edge of the scan."""
     ni, nj, nk = volume.shape_ijk

@@ -276,3 +276,324 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
                                         tip_lps_mm=tr["tip"], diameter_mm=2.0 * tr["radius"],
                                         vertebra=v.name, side=side))
     return screws
+
+
+def _shaft_distance_mm(points: np.ndarray, screws) -> np.ndarray:
+    """Distance of each point to the nearest screw shaft segment (inf without screws)."""
+    d = np.full(len(points), np.inf)
+    for s in screws:
+        h, t = np.asarray(s.head_lps_mm), np.asarray(s.tip_lps_mm)
+        ax = t - h
+        L = float(np.linalg.norm(ax))
+        ax /= L
+        rel = points - h
+        tt = np.clip(rel @ ax, 0.0, L)
+        d = np.minimum(d, np.linalg.norm(rel - tt[:, None] * ax, axis=1))
+    return d
+
+
+# -------------------------------------------------------------------------------- cages
+def level_frame(level: DiscLevel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(normal, e_u, e_v): the level normal (superior), e_u closest to LPS +x, e_v = n x e_u."""
+    n = np.asarray(level.normal, float)
+    e_u = np.array([1.0, 0.0, 0.0]) - n[0] * n
+    e_u /= np.linalg.norm(e_u)
+    return n, e_u, np.cross(n, e_u)
+
+
+def disc_region_mask(points: np.ndarray, upper: Vertebra, lower: Vertebra, level: DiscLevel,
+                     depth_mm: float = 7.0, outline_scale: float = 1.15) -> np.ndarray:
+    """Points in a level's disc space: between the two endplates (allowing ``depth_mm`` of
+    subsidence into either body) and inside the body outline (scaled)."""
+    up, lo = upper.inferior_endplate, lower.superior_endplate
+    s_up = (points - np.asarray(up.point_lps_mm)) @ np.asarray(up.normal)
+    s_lo = (points - np.asarray(lo.point_lps_mm)) @ np.asarray(lo.normal)
+    n, e_u, e_v = level_frame(level)
+    rel = points - np.asarray(level.center_lps_mm)
+    a = 0.5 * (upper.semi_axes_mm[0] + lower.semi_axes_mm[0]) * outline_scale
+    b = 0.5 * (upper.semi_axes_mm[1] + lower.semi_axes_mm[1]) * outline_scale
+    ell = (rel @ e_u / a) ** 2 + (rel @ e_v / b) ** 2 <= 1.0
+    return (s_up >= -depth_mm) & (s_lo >= -depth_mm) & ell
+
+
+def _components(volume: Volume, kji: np.ndarray) -> list[np.ndarray]:
+    """26-connected groups of the given voxel indices (each an index array into ``kji``)."""
+    if len(kji) == 0:
+        return []
+    lo = kji.min(0)
+    shape = kji.max(0) - lo + 1
+    m = np.zeros(shape, bool)
+    loc = kji - lo
+    m[loc[:, 0], loc[:, 1], loc[:, 2]] = True
+    lab, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+    ids = lab[loc[:, 0], loc[:, 1], loc[:, 2]]
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(1, n + 2))
+    return [order[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
+def _box_edges(volume: Volume, centre, axes, half0, data_max_hu):
+    """Refine a metal box: along each axis, profiles from inside through the faces at a
+    3 x 3 grid of offsets; each face at :func:`metal_edge_mm`. Returns centre, half sizes."""
+    centre = np.asarray(centre, float)
+    half = np.asarray(half0, float)
+    new_c, new_h = centre.copy(), half.copy()
+    for k in range(3):
+        o1, o2 = [m for m in range(3) if m != k]
+        ends = {1: [], -1: []}
+        for f1 in (-0.4, 0.0, 0.4):
+            for f2 in (-0.4, 0.0, 0.4):
+                base = centre + f1 * half[o1] * axes[o1] + f2 * half[o2] * axes[o2]
+                s = np.arange(0.0, half[k] + 6.0, 0.05)
+                for sgn in (1, -1):
+                    prof = sample_lps(volume, base + sgn * s[:, None] * axes[k])
+                    if prof[0] < 0.5 * data_max_hu:
+                        continue
+                    # the surround: the darkest 1 mm just outside (between two cages side
+                    # by side the gap is narrow and lit by both)
+                    beyond = ndimage.uniform_filter1d(prof, 20)[(s > half[k] + 0.5) & (s < half[k] + 5.0)]
+                    sur = float(beyond.min()) if beyond.size else float(prof[-1])
+                    e = metal_edge_mm(prof, s, sur, is_saturated(float(prof[:20].max()), data_max_hu))
+                    if e is not None:
+                        ends[sgn].append(e)
+        if ends[1] and ends[-1]:
+            p, m = float(np.median(ends[1])), float(np.median(ends[-1]))
+            new_h[k] = 0.5 * (p + m)
+            new_c = new_c + 0.5 * (p - m) * axes[k]
+    return new_c, new_h
+
+
+def _rectangles(points_uv: np.ndarray, tol_mm: float = 1.5) -> list[tuple[int, ...]]:
+    """Disjoint sets of 4 points forming rectangles whose boxes do not overlap.
+
+    A rectangle: two antipodal pairs about the 4 points' mean (equal distances to it, within
+    ``tol_mm``), sides 3 to 45 mm. Among all ways to take disjoint, non-overlapping
+    rectangles the one with the most rectangles (then the best fit) wins, so the inner pins
+    of two cages side by side are not paired with each other.
+    """
+    from itertools import combinations
+
+    cands = []
+    for quad in combinations(range(len(points_uv)), 4):
+        p = points_uv[list(quad)]
+        c = p.mean(0)
+        r = np.linalg.norm(p - c, axis=1)
+        if r.max() - r.min() > tol_mm:
+            continue
+        dd = np.linalg.norm(p[:, None] - p[None], axis=2)
+        sides = np.sort(dd[np.triu_indices(4, 1)])[:4]
+        if sides.min() < 3.0 or sides.max() > 45.0:
+            continue
+        cands.append((float(r.max() - r.min()), quad, p.min(0), p.max(0)))
+
+    def overlaps(a, b):
+        return bool(np.all(a[2] < b[3]) and np.all(b[2] < a[3]))
+
+    best: tuple[int, float, list] = (0, 0.0, [])
+
+    def search(k, chosen, err):
+        nonlocal best
+        if (len(chosen), -err) > (best[0], -best[1]):
+            best = (len(chosen), err, list(chosen))
+        for m in range(k, len(cands)):
+            cm = cands[m]
+            if any(set(cm[1]) & set(o[1]) or overlaps(cm, o) for o in chosen):
+                continue
+            chosen.append(cm)
+            search(m + 1, chosen, err + cm[0])
+            chosen.pop()
+
+    search(0, [], 0.0)
+    return [c[1] for c in best[2]]
+
+
+def find_cages(volume: Volume, config: Config, vertebrae, levels, screws=()) -> list[CageGeometry]:
+    """Interbody cages in the disc spaces, each assigned to its level (module docstring).
+
+    Titanium: a large metal component in the disc space, its box refined face by face.
+    PEEK: four small metal pins parallel to the level normal at the corners of a rectangle;
+    the box is the pins' box (centres in the plane, ends along the normal) grown by
+    ``config.peek_marker_inset_mm``. Ids ``<level>-cage<k>``, k ordered from patient right
+    to left.
+    """
+    if not levels:
+        return []
+    kji_all = np.argwhere(volume.hu > config.metal_threshold_hu)
+    if kji_all.size == 0:
+        return []
+    pts_all = volume.kji_to_lps(kji_all.astype(float))
+    if screws:
+        keep = _shaft_distance_mm(pts_all, screws) > max(0.5 * s.diameter_mm for s in screws) + 2.5
+        kji_all, pts_all = kji_all[keep], pts_all[keep]
+    data_max = float(volume.hu.max())
+    voxel = float(np.prod(volume.spacing_mm))
+    vmap = {v.name: v for v in vertebrae}
+    cages = []
+    for lv in levels:
+        up, lo = vmap.get(lv.upper), vmap.get(lv.lower)
+        if up is None or lo is None:
+            continue
+        sel = disc_region_mask(pts_all, up, lo, lv)
+        if not sel.any():
+            continue
+        kji, pts = kji_all[sel], pts_all[sel]
+        n, e_u, e_v = level_frame(lv)
+        axes = np.array([n, e_u, e_v])
+        found = []  # (u position, CageGeometry kwargs)
+        pins = []
+        for comp in _components(volume, kji):
+            p = pts[comp]
+            vol = len(comp) * voxel
+            rel = p - p.mean(0)
+            ext = np.ptp(rel @ axes.T, axis=0) if len(p) > 1 else np.zeros(3)
+            if vol >= 300.0 and ext[0] >= 3.0:
+                c, h = _box_edges(volume, p.mean(0), axes, 0.5 * ext, data_max)
+                found.append((float(c @ e_u), dict(material="titanium", centroid_lps_mm=c,
+                                                    axes=tuple(map(tuple, axes)),
+                                                    half_sizes_mm=h)))
+            elif vol >= 1.0 and ext[0] >= 2.5 and max(ext[1], ext[2]) <= 5.0:
+                pins.append(p.mean(0))
+        if len(pins) >= 4:
+            pins = np.array(pins)
+            uv = np.stack([(pins - lv.center_lps_mm) @ e_u, (pins - lv.center_lps_mm) @ e_v], 1)
+            for quad in _rectangles(uv):
+                q = pins[list(quad)]
+                kw = _peek_box(volume, q, n, config.peek_marker_inset_mm, data_max)
+                if kw is not None:
+                    found.append((float(kw["centroid_lps_mm"] @ e_u), kw))
+        found.sort(key=lambda f: f[0])
+        for k, (_, kw) in enumerate(found, start=1):
+            cages.append(CageGeometry(id=f"{lv.name}-cage{k}", level=lv.name, **kw))
+    return cages
+
+
+def _peek_box(volume: Volume, pins: np.ndarray, n, inset_mm: float, data_max_hu: float) -> dict | None:
+    """The PEEK cage box from its 4 marker pins (centres ``pins``) and the level normal."""
+    c = pins.mean(0)
+    # in-plane axes along the rectangle's sides: the shorter side first (e_u)
+    d = pins[1:] - pins[0]
+    d = d - (d @ n)[:, None] * n
+    lens = np.linalg.norm(d, axis=1)
+    order = np.argsort(lens)
+    side_u = d[order[0]] / lens[order[0]]
+    if side_u[0] < 0:
+        side_u = -side_u
+    side_v = np.cross(n, side_u)
+    half_u = 0.5 * lens[order[0]]
+    half_v = 0.5 * lens[order[1]]
+    # pin ends along the normal, from profiles along each pin
+    ends_p, ends_m = [], []
+    s = np.arange(0.0, 15.0, 0.05)
+    for p in pins:
+        for sgn, store in ((1, ends_p), (-1, ends_m)):
+            prof = sample_lps(volume, p + sgn * s[:, None] * n)
+            sur = float(np.median(prof[-40:]))
+            e = metal_edge_mm(prof, s, sur, is_saturated(float(prof[:10].max()), data_max_hu))
+            if e is not None:
+                store.append(e)
+    if not ends_p or not ends_m:
+        return None
+    up, dn = float(np.median(ends_p)), float(np.median(ends_m))
+    centre = c + 0.5 * (up - dn) * n
+    half_n = 0.5 * (up + dn)
+    return dict(material="peek", centroid_lps_mm=centre, axes=(tuple(n), tuple(side_u), tuple(side_v)),
+                half_sizes_mm=(half_n + inset_mm, half_u + inset_mm, half_v + inset_mm))
+
+
+# --------------------------------------------------------------------------------- rods
+def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
+    """Connecting rods: metal joined to the screw heads (tulips) and running along the spine.
+
+    The metal left after removing the screw shafts is grouped into connected pieces; a
+    piece that reaches a screw head and is at least 20 mm long along the spine is a rod
+    (with its tulips). Its centre line is the mean of its metal in 5 mm steps along its
+    main direction; its diameter comes from radial profiles midway between tulips.
+    """
+    if not screws:
+        return []
+    kji = np.argwhere(volume.hu > config.metal_threshold_hu)
+    pts = volume.kji_to_lps(kji.astype(float))
+    keep = _shaft_distance_mm(pts, screws) > max(0.5 * s.diameter_mm for s in screws) + 1.5
+    kji, pts = kji[keep], pts[keep]
+    heads = np.array([s.head_lps_mm for s in screws])
+    axes = np.array([s.axis for s in screws])
+    data_max = float(volume.hu.max())
+    mid_x = float(np.mean([v.center_lps_mm[0] for v in vertebrae])) if vertebrae else 0.0
+    rods = []
+    for comp in _components(volume, kji):
+        p = pts[comp]
+        if len(p) < 20:
+            continue
+        dh = np.linalg.norm(p[:, None, :] - heads[None, :, :], axis=2).min(0)
+        touched = np.nonzero(dh < 10.0)[0]
+        if touched.size == 0:
+            continue
+        c, d = _pca_line(p)
+        if abs(d[2]) < 0.5:
+            continue  # not along the spine: a cross-link or a cage
+        if d[2] < 0:
+            d = -d
+        t = (p - c) @ d
+        if np.ptp(t) < 20.0:
+            continue
+        # the rod lies behind the tulips: drop the tulips' own metal from the centre line
+        beh = p
+        line = []
+        for t0 in np.arange(t.min(), t.max() + 1e-6, 5.0):
+            sl = (t >= t0) & (t < t0 + 5.0)
+            if sl.sum() >= 3:
+                line.append(beh[sl].mean(0))
+        line = np.array(line[::-1])  # top first
+        if len(line) < 2:
+            continue
+        # diameter midway between consecutive screw heads on this rod
+        th = np.sort((heads[touched] - axes[touched] * 7.0 - c) @ d)
+        mids = 0.5 * (th[:-1] + th[1:]) if th.size >= 2 else np.array([])
+        diam = None
+        if mids.size:
+            st = c + mids[:, None] * d
+            r = true_radius_mm(volume, st, d, data_max, max_radius_mm=8.0)
+            diam = None if r is None else 2.0 * r
+        if diam is None:
+            diam = 2.0 * float(np.sqrt(len(p) * np.prod(volume.spacing_mm) / max(np.ptp(t), 1.0) / np.pi))
+        side = "left" if float(np.mean(p[:, 0])) > mid_x else "right"
+        rods.append(Rod(id=f"rod-{side}", points_lps_mm=tuple(tuple(map(float, q)) for q in line),
+                        diameter_mm=float(diam), side=side))
+    # one id per side; several pieces on a side keep a number
+    seen: dict[str, int] = {}
+    out = []
+    for r in rods:
+        k = seen.get(r.side, 0) + 1
+        seen[r.side] = k
+        out.append(r if k == 1 else Rod(id=f"{r.id}-{k}", points_lps_mm=r.points_lps_mm,
+                                         diameter_mm=r.diameter_mm, side=r.side))
+    return out
+
+
+def unexplained_metal_mm3(volume: Volume, config: Config, screws, cages, rods) -> float:
+    """Volume (mm3) of metal not within any found screw, cage or rod (e.g. a hip implant)."""
+    pts = metal_points(volume, config.metal_threshold_hu)
+    if len(pts) == 0:
+        return 0.0
+    left = np.ones(len(pts), bool)
+    if screws:
+        left &= _shaft_distance_mm(pts, screws) > max(0.5 * s.diameter_mm for s in screws) + 2.0
+        heads = np.array([s.head_lps_mm for s in screws])
+        for h in heads:
+            left &= np.linalg.norm(pts - h, axis=1) > 16.0  # tulip and rod seat
+    for cg in cages:
+        rel = pts - np.asarray(cg.centroid_lps_mm)
+        loc = np.abs(rel @ np.asarray(cg.axes).T) <= np.asarray(cg.half_sizes_mm) + 2.0
+        left &= ~loc.all(1)
+    for r in rods:
+        line = np.asarray(r.points_lps_mm)
+        for a, b in zip(line[:-1], line[1:]):
+            ab = b - a
+            L = float(np.linalg.norm(ab))
+            if L <= 0:
+                continue
+            ab /= L
+            rel = pts - a
+            tt = np.clip(rel @ ab, 0.0, L)
+            left &= np.linalg.norm(rel - tt[:, None] * ab, axis=1) > 0.5 * r.diameter_mm + 4.0
+    return float(left.sum() * np.prod(volume.spacing_mm))
