@@ -510,8 +510,29 @@ def resolve_spec(spec: PhantomSpec) -> dict:
                 "double_halo": bool(spec.double_halo.get(sid, dh_default)) and w > 0,
                 "convergence_deg": 15.0,
             }
+    _check_keys(spec, names, levels, list(screws))
     return {"instrumented_levels": list(instrumented), "vertebrae": verts, "levels": lv_out,
             "screws": screws}
+
+
+def _check_keys(spec: PhantomSpec, names, levels, screw_ids) -> None:
+    """Refuse per-object settings that name no object of this study (a typo would otherwise
+    silently fall back to a default)."""
+    groups = {
+        "vertebra": (names, ("tilts_deg", "body_sizes_mm", "vertebra_shifts_mm",
+                             "vertebra_rotations_deg")),
+        "level": (levels, ("cages", "bridging_fractions", "disc_heights_mm")),
+        "screw": (screw_ids, ("screw_diameters_mm", "screw_lengths_mm", "halo_widths_mm",
+                              "halo_fractions", "double_halo", "halo_start_deg", "screw_shifts_mm",
+                              "screw_fractures", "pedicle_breaches")),
+        "rod": (["rod-left", "rod-right"], ("rod_fractures",)),
+    }
+    for what, (known, attrs) in groups.items():
+        for attr in attrs:
+            bad = sorted(set(getattr(spec, attr)) - set(known))
+            if bad:
+                raise ValueError(f"{attr} names no {what} of this study: {', '.join(map(str, bad))}"
+                                 f" (known: {', '.join(known)})")
 
 
 # ------------------------------------------------------------------------- layout (truth)

@@ -141,6 +141,10 @@ def test_bad_spec_is_refused():
         make_phantom(small_spec(vertebrae=("L4", "X9")))
     with pytest.raises(ValueError):
         make_phantom(small_spec(vertebrae=("S1", "L5")))
+    with pytest.raises(ValueError, match="L4-Left"):
+        make_phantom(small_spec(instrumented_levels=("L4-L5",), halo_widths_mm={"L4-Left": 2.0}))
+    with pytest.raises(ValueError, match="L3-L4"):
+        make_phantom(small_spec(bridging_fractions={"L3-L4": 0.5}))
 
 
 # ------------------------------------------------------------- truth vs rasterised map
@@ -449,7 +453,7 @@ def test_feet_first_volume_is_the_same_patient_flipped():
     assert t_hf["screws"] == t_ff["screws"]
 
 
-def test_fine_and_standard_spacing_are_fast():
+def test_standard_spacing_phantom_is_made_quickly():
     t0 = time.perf_counter()
     make_phantom(spacing_specs(1)["standard"])
     assert time.perf_counter() - t0 < 20.0
