@@ -47,7 +47,31 @@ def run_analysis(input_path: str, outdir: str, config_path: str | None = None,
     return Path(analyze_flow(str(input_path), str(outdir), **kwargs))
 
 
+def check_outdir(outdir: str) -> None:
+    """Refuse an OUTDIR that cannot take files before any work starts (exit 2, one line).
+
+    Results are staged beside OUTDIR and renamed into it, so OUTDIR (when it exists) and the
+    folder it lives in must both accept a new entry; a probe folder is made and removed.
+    """
+    import tempfile
+
+    from pipeline.errors import InputError
+
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "OUTDIR exists and is not a folder")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    for folder in ([out] if out.is_dir() else []) + [parent]:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".fusionct-probe-", dir=folder))
+        except OSError as e:
+            raise InputError(out, f"OUTDIR cannot be written ({e.strerror or type(e).__name__})") from None
+
+
 def cmd_analyze(args) -> int:
+    check_outdir(args.output)
     written = run_analysis(args.input, args.output, args.config, args.baseline)
     print(f"fusionct: results written to {written}")
     return 0
