@@ -41,7 +41,8 @@ BODY_HEIGHT_RANGE_MM = (18.0, 45.0)
 DISC_HEIGHT_RANGE_MM = (2.0, 20.0)
 MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
-SACRUM_LATERAL_BONE = 0.15     # lateral bone fraction beside S1 (alae); lumbar < 0.08
+SACRUM_LATERAL_BONE = 0.11     # lateral bone fraction beside S1 (alae): phantoms >= 0.14, real
+                               # CT 0.39; lumbar bodies: phantoms 0.0, real CT <= 0.07
 _DEBUG = False
 LUMBAR_NAMES_ABOVE_S1 = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8")
 
@@ -632,12 +633,12 @@ def lateral_bone_fraction(volume: Volume, centre, si, lr, ap, semi_lr_mm: float,
     the body the outline itself is lost) to ``reach_mm`` further out along the body's LR
     axis, over +-8 mm of height and the body's own depth (AP). Beside a lumbar body they
     hold psoas and fat (transverse processes sit behind the body); beside S1 they hold the
-    sacral alae and the sacro-iliac joints. Measured on the real CT: lumbar <= 0.08, S1 >= 0.3.
+    sacral alae and the sacro-iliac joints (see ``SACRUM_LATERAL_BONE``).
     """
     start = max(28.0, 1.15 * min(semi_lr_mm, 26.0))  # a lumbar body is at most ~27 mm wide per side
     u = np.arange(start, start + reach_mm, 2.0)
     h = np.arange(-8.0, 8.01, 2.0)
-    w = np.arange(-semi_ap_mm, semi_ap_mm + 0.01, 2.0)
+    w = np.arange(-0.3 * semi_ap_mm, semi_ap_mm + 0.01, 2.0)  # the alae sit back
     uu, hh, ww = np.meshgrid(u, h, w, indexing="ij")
     fr = []
     for side in (1.0, -1.0):
