@@ -941,12 +941,15 @@ def _paint_vertebra(g: _Grid, hu, lab, v: dict, screws: list, seed: int):
     width = np.full(shape, w_inplane, np.float32)
     for kind, p in parts:
         lo_p, hi_p = _part_bounds(kind, p)
-        lo_p, hi_p = lo_p - 2.0, hi_p + 2.0
-        m = ((u >= lo_p[0]) & (u <= hi_p[0]) & (vv >= lo_p[1]) & (vv <= hi_p[1])
-             & (w >= lo_p[2]) & (w <= hi_p[2]))
-        if not m.any():
+        psl = g.slices(*_bbox(c, R, lo_p, hi_p, pad=2.0))
+        if psl is None:
             continue
-        uu, vq, wq = u[m], vv[m], w[m]
+        # the part's own box, as a window into the vertebra's arrays
+        win = tuple(slice(max(a.start, b.start) - b.start, min(a.stop, b.stop) - b.start)
+                    for a, b in zip(psl, sl))
+        if any(x.stop <= x.start for x in win):
+            continue
+        uu, vq, wq = u[win], vv[win], w[win]
         if kind == "ellcyl":
             de = _ellipse_sdf(uu, vq - p["v0"], p["a"], p["b"])
             dp = np.minimum(p["w1"] - wq, wq - p["w0"])
@@ -957,33 +960,45 @@ def _paint_vertebra(g: _Grid, hu, lab, v: dict, screws: list, seed: int):
             table = np.array([g.width(R[:, 0]), g.width(R[:, 1]), w_si], np.float32)
             wd = table[arg]
         else:  # cylinder along ax from p
-            rel = np.stack([uu - p["p"][0], vq - p["p"][1], wq - p["p"][2]])
             ax = np.asarray(p["ax"], np.float32)
-            t = np.tensordot(ax, rel, axes=1)
-            rad = rel - t * ax[:, None]
-            rho = np.sqrt((rad ** 2).sum(0))
+            r0, r1, r2 = uu - p["p"][0], vq - p["p"][1], wq - p["p"][2]
+            t = ax[0] * r0 + ax[1] * r1 + ax[2] * r2
+            q0, q1, q2 = r0 - t * ax[0], r1 - t * ax[1], r2 - t * ax[2]
+            rho = np.sqrt(q0 * q0 + q1 * q1 + q2 * q2)
             dr = p["r"] - rho
             da = np.minimum(t - p["t0"], p["t1"] - t)
             d = np.minimum(dr, da)
             # radial direction in LPS for the ramp width
-            rad_lps = R.astype(np.float32) @ (rad / np.maximum(rho, 1e-3))
-            wr = (np.abs(rad_lps) * g.spacing[:, None].astype(np.float32)).sum(0)
+            Rf = R.astype(np.float32)
+            sp = g.spacing.astype(np.float32)
+            wr = sum(np.abs(Rf[i, 0] * q0 + Rf[i, 1] * q1 + Rf[i, 2] * q2) * sp[i] for i in range(3))
+            wr = wr / np.maximum(rho, np.float32(1e-3))
             wd = np.where(dr < da, wr, np.float32(g.width(R @ p["ax"])))
-        cur = dist[m]
+        cur = dist[win]
         better = d > cur
-        dist[m] = np.where(better, d, cur)
-        width[m] = np.where(better, wd, width[m])
-    # the spinal canal (not in the sacrum's body region)
+        dist[win] = np.where(better, d, cur)
+        width[win] = np.where(better, wd, width[win])
+    # the spinal canal: CSF, carved out of the bone
     cb = 6.5 if v["is_sacrum"] else 7.0
-    d_canal = _ellipse_sdf(u, vv - (v["semi_axes_mm"][1] + 1.0 + cb), 9.0, cb)
-    canal = _soft(d_canal, w_inplane) * _soft(0.5 * v["height_mm"] + 6.0 - np.abs(w), w_si)
-    _composite(hu, lab, sl, canal, HU["csf"], LABELS["csf"])
-    dist = np.minimum(dist, -d_canal)
+    v0 = v["semi_axes_mm"][1] + 1.0 + cb
+    w_half = 0.5 * v["height_mm"] + 6.0
+    near = ((np.abs(u) <= 9.0 + 2.0) & (np.abs(vv - v0) <= cb + 2.0) & (np.abs(w) <= w_half + 2.0))
+    if near.any():
+        de = _ellipse_sdf(u[near], vv[near] - v0, 9.0, cb)
+        dw = w_half - np.abs(w[near])
+        d_canal = np.minimum(de, dw)
+        canal = np.zeros(shape, np.float32)
+        canal[near] = _soft(d_canal, np.where(de < dw, np.float32(w_inplane), np.float32(w_si)))
+        _composite(hu, lab, sl, canal, HU["csf"], LABELS["csf"])
+        dist[near] = np.minimum(dist[near], -d_canal)
     alpha = _soft(dist, width)
     shell = _soft(CORTEX_MM - dist, width)
-    # texture in the vertebra's own frame: it moves with the vertebra between two studies
-    trab = HU["trabecular"] + _texture(u, vv, w, seed, v["name"])
-    value = trab + shell * (HU["cortical"] - trab)
+    # value: cortex near the surface, textured trabecular bone inside; the texture is in
+    # the vertebra's own frame so it moves with the vertebra between two studies
+    value = np.full(shape, HU["cortical"], np.float32)
+    inner = (alpha > 0) & (shell < 1)
+    trab = HU["trabecular"] + _texture(u[inner], vv[inner], w[inner], seed, v["name"])
+    value[inner] = trab + shell[inner] * (HU["cortical"] - trab)
     _composite(hu, lab, sl, alpha, value, LABELS["trabecular"])
     sub = lab[sl]
     sub[(alpha >= 0.5) & (shell >= 0.5)] = LABELS["cortical"]
