@@ -182,7 +182,8 @@ def test_prefect_server_on_postgres_records_a_study_launched_from_the_cli(prefec
         assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:] + \
             serve_log.read_text()[-3000:]
         doc = json.loads((out / "measurements.json").read_text())
-        assert len(doc["screws"]) == 4
+        truth = json.loads((study / "truth.json").read_text())
+        assert doc["input"]["study_instance_uid"] == truth["dicom"]["study_instance_uid"]
 
         with psycopg2.connect(postgres["dsn"]) as conn, conn.cursor() as cur:
             cur.execute("""SELECT fr.state_type, d.name, fr.parameters
