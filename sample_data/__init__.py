@@ -18,7 +18,8 @@ format ("fusionct-phantom-truth"), version (1)
 spec        : the PhantomSpec as given (seed, spacing_mm, noise_hu, streaks, blooming,
               psf_sigma_mm, vertebrae, instrumented_levels, per-object overrides, poses ...)
 imaging     : spacing_mm, noise_hu, streaks, blooming, blooming_sigma_mm, blooming_weight,
-              blooming_gain, psf_sigma_mm (actual), hu_range ([-1024, 3071] or None),
+              blooming_gain, psf_sigma_mm (actual), hu_range ([-1024, 3071], or up to
+              30710 with extended_hu),
               feet_first, material_hu
 criteria    : pipeline.config.Criteria used for the derived classes below
 instrumented_levels : ["L4-L5", ...]

@@ -81,6 +81,7 @@ HU = {
     "tantalum": 8000.0,
 }
 SCLEROTIC_RIM_MM = 1.0
+EXTENDED_HU_MAX = 30710.0  # top of the extended CT scale; still fits int16 with intercept -1024
 CORTEX_MM = 1.0
 TULIP_DIAMETER_MM = 12.0
 TULIP_HEIGHT_MM = 12.0
@@ -1493,7 +1494,7 @@ def _truth_dict(spec, res, geo, g) -> dict:
             "blooming_weight": BLOOM_WEIGHT if spec.blooming else 0.0,
             "blooming_gain": BLOOM_GAIN if spec.blooming else 1.0,
             "psf_sigma_mm": psf,
-            "hu_range": None if spec.extended_hu else [-1024, 3071],
+            "hu_range": [-1024, EXTENDED_HU_MAX if spec.extended_hu else 3071],
             "feet_first": bool(spec.feet_first),
             "material_hu": dict(HU),
         },
@@ -1535,7 +1536,9 @@ def apply_imaging(layers: PhantomLayers, spec: PhantomSpec) -> np.ndarray:
     if spec.noise_hu > 0:
         rng = _rng(spec.seed, "noise")
         hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(spec.noise_hu)
-    if not spec.extended_hu:
+    if spec.extended_hu:  # extended CT scale (as on Siemens / Philips scanners)
+        np.clip(hu, -1024.0, EXTENDED_HU_MAX, out=hu)
+    else:
         np.clip(hu, -1024.0, 3071.0, out=hu)
     np.rint(hu, out=hu)
     return hu

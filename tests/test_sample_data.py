@@ -505,6 +505,16 @@ def test_dicom_study_reads_back_to_the_same_hu_and_geometry(tmp_path, spacing, f
     assert [float(v) for v in ds.PixelSpacing] == pytest.approx([spec.spacing_mm[1], spec.spacing_mm[0]])
 
 
+def test_extended_hu_study_reads_back_exactly(tmp_path):
+    spec = small_spec(extended_hu=True, vertebrae=("L5", "S1"))
+    vol, truth = make_phantom(spec)
+    assert vol.hu.max() > 3071 and truth["imaging"]["hu_range"][1] > 3071
+    out = write_volume_study(vol, truth, spec, tmp_path / "x", extra_series=False)
+    by = _series_files(out)
+    img = _read_series_sitk(next(iter(by.values())), tmp_path / "flat")
+    assert np.array_equal(sitk.GetArrayFromImage(img).astype(np.float32), vol.hu)
+
+
 def test_extra_series_and_patient_module_are_present(tmp_path):
     spec = small_spec()
     out = write_dicom_study(spec, tmp_path / "s")
