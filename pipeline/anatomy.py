@@ -465,11 +465,12 @@ def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm
     """Distance along one ray (mm) of the outer surface of an endplate.
 
     ``prof`` runs from inside the body outward, past the disc expected at ``disc_mm``.
-    Where the disc is darker than the body (disc tissue), the disc is the lowest 2 mm
-    stretch from ``window_mm`` before to half of it past ``disc_mm`` and the surface is, walking back towards the
-    body, the first half-way crossing between the endplate's peak and the disc. Where bone
-    bridges the disc (nothing darker than the body), the surface is the half-way crossing
-    from the cortical peak to the bridging bone 3 mm beyond it. None when neither is found.
+    The cortical endplate is the brightest point from ``window_mm`` before the disc centre
+    to 3 mm past it; the surround is the darkest 1 mm within 4 mm beyond it (disc tissue,
+    or bone where the level is bridged); the surface is the half-way crossing between the
+    two. Where no cortex stands out (thin endplates at coarse slices), the disc is the
+    darkest 2 mm stretch near ``disc_mm`` and the surface the last half-way crossing
+    between the body's inside level and the disc before it. None when neither is found.
     """
     n = len(prof)
     # a screw crossing the ray near mid-height: start past its metal and blooming
@@ -477,40 +478,42 @@ def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm
     start = 0 if metal.size == 0 else int(metal[-1]) + int(2.0 / step_mm)
     lo_i = max(int((disc_mm - window_mm) / step_mm), start + int(3.0 / step_mm))
     hi_i = min(int((disc_mm + 0.5 * window_mm) / step_mm) + 1, n)
-    in_i = max(int((disc_mm - window_mm - 4.0) / step_mm), int(3.0 / step_mm), lo_i - int(4.0 / step_mm))
+    in_i = max(int((disc_mm - window_mm - 4.0) / step_mm), int(3.0 / step_mm),
+               lo_i - int(4.0 / step_mm), start + int(2.0 / step_mm))
     if hi_i - lo_i < int(4.0 / step_mm) or in_i >= n:
         return None
     body = prof[start:in_i]
     if body.size < 4:
         return None
     inside = float(np.median(body))
-    back = int(9.0 / step_mm)
+    smooth = ndimage.uniform_filter1d(prof, max(1, int(1.0 / step_mm)))
+    # 1. a cortical endplate standing out of both the body and what lies beyond it
+    pk_hi = min(int((disc_mm + 3.0) / step_mm), hi_i)
+    if pk_hi - lo_i >= 2:
+        i_pk = lo_i + int(np.argmax(smooth[lo_i:pk_hi]))
+        k = min(i_pk + int(4.0 / step_mm), n - 1)
+        if k > i_pk + 1:
+            surround = float(smooth[i_pk:k + 1].min())
+            peak = float(prof[i_pk])
+            if peak >= inside + 2 * min_contrast_hu and peak >= surround + 2 * min_contrast_hu:
+                thr = 0.5 * (peak + surround)
+                below = np.nonzero(prof[i_pk:k + 1] < thr)[0]
+                if below.size:
+                    j = i_pk + int(below[0]) - 1
+                    a, b = prof[j], prof[j + 1]
+                    return (j + (a - thr) / (a - b)) * step_mm if a != b else j * step_mm
+    # 2. no cortex seen: the dip of the disc
     lowest = ndimage.uniform_filter1d(prof, max(1, int(2.0 / step_mm)))
     i_min = lo_i + int(np.argmin(lowest[lo_i:hi_i]))
     disc_hu = lowest[i_min]
-    if disc_hu < inside - min_contrast_hu:
-        j0 = max(1, start, lo_i - int(3.0 / step_mm), i_min - back)
-        peak = prof[j0: i_min + 1].max()
-        thr = 0.5 * (max(peak, inside) + disc_hu)
-        above = np.nonzero(prof[j0: i_min + 1] >= thr)[0]
-        if above.size == 0:
-            return None
-        j = j0 + int(above[-1])
-    else:
-        # bridged: the cortical peak (body side of the disc centre), then half-way down
-        # to the bone beyond it
-        mid_i = min(max(int(disc_mm / step_mm), lo_i + 1), hi_i)
-        i_pk = lo_i + int(np.argmax(prof[lo_i:mid_i]))
-        k = min(i_pk + int(3.0 / step_mm), n - 1)
-        beyond = float(np.median(prof[k: min(k + int(2.0 / step_mm), n)]))
-        peak = prof[i_pk]
-        if peak < max(inside, beyond) + 2 * min_contrast_hu:
-            return None
-        thr = 0.5 * (peak + beyond)
-        below = np.nonzero(prof[i_pk:k + 1] < thr)[0]
-        if below.size == 0:
-            return None
-        j = i_pk + int(below[0]) - 1
+    if not disc_hu < inside - min_contrast_hu:
+        return None
+    thr = 0.5 * (inside + disc_hu)
+    j0 = max(1, start, lo_i - int(3.0 / step_mm), i_min - int(9.0 / step_mm))
+    above = np.nonzero(prof[j0: i_min + 1] >= thr)[0]
+    if above.size == 0:
+        return None
+    j = j0 + int(above[-1])
     if j + 1 >= n:
         return None
     a, b = prof[j], prof[j + 1]
@@ -556,13 +559,16 @@ def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direct
 
 
 def fit_plane(points: np.ndarray, outward, max_residual_mm: float = 1.5, min_cos: float = 0.8,
-              trials: int = 400, iterations: int = 3):
+              trials: int = 400, iterations: int = 3, lr=None, max_lr_tilt: float = 0.25):
     """Plane through points, robust to outliers (RANSAC); its normal points along ``outward``.
 
     Planes through random triples (seeded, so results repeat) whose normal is within
     acos(``min_cos``) of ``outward`` vote with the points within ``max_residual_mm``; the
     best is refitted by SVD to its inliers. Rays that caught a screw, a streak or the next
-    endplate form smaller, off-plane clusters. Returns (point, unit normal, inlier count).
+    endplate form smaller, off-plane clusters. With ``lr`` (the body's left axis) a normal
+    may lean sideways by at most ``max_lr_tilt`` (sine): endplates tilt mostly in the
+    sagittal plane, and a plane seen on one side only is otherwise free to roll.
+    Returns (point, unit normal, inlier count).
     """
     pts = np.asarray(points, float)
     out = np.asarray(outward, float) / np.linalg.norm(outward)
@@ -578,6 +584,8 @@ def fit_plane(points: np.ndarray, outward, max_residual_mm: float = 1.5, min_cos
     nrm[ok] /= ln[ok, None]
     nrm *= np.sign(nrm @ out)[:, None]
     ok &= (nrm @ out) >= min_cos
+    if lr is not None:
+        ok &= np.abs(nrm @ np.asarray(lr, float)) <= max_lr_tilt
     if not ok.any():
         nrm = np.broadcast_to(out, nrm.shape).copy()
         ok[:] = True
@@ -592,7 +600,7 @@ def fit_plane(points: np.ndarray, outward, max_residual_mm: float = 1.5, min_cos
         c0 = pts[keep].mean(0)
         _, _, vt = np.linalg.svd(pts[keep] - c0)
         n_new = vt[2] if vt[2] @ out >= 0 else -vt[2]
-        if n_new @ out < min_cos:
+        if n_new @ out < min_cos or (lr is not None and abs(n_new @ np.asarray(lr, float)) > max_lr_tilt):
             break
         n = n_new
         keep = np.abs((pts - c0) @ n) <= max_residual_mm
@@ -648,7 +656,8 @@ def lateral_bone_fraction(volume: Volume, centre, si, lr, ap, semi_lr_mm: float,
 
 
 def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
-             metal_threshold_hu: float = 2200.0, iterations: int = 3) -> dict | None:
+             metal_threshold_hu: float = 2200.0, iterations: int = 3,
+             superior_only: bool = False) -> dict | None:
     """Refine one body from a rough centre and axis.
 
     Each round: the outline in the mid plane (centres the body in LR and AP), then both
@@ -658,7 +667,10 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
     mm), ``superior`` / ``inferior`` (point, outward normal, or None when not found),
     ``disc_above_lps`` / ``disc_below_lps`` are the disc centres seen on the column profile
     (or a typical body height away at an end of the column);
-    ``half_height`` and ``inside_hu``; None when no outline is found.
+    ``half_height`` and ``inside_hu``; None when no outline is found. With
+    ``superior_only`` (the top of the sacrum: nothing below S1's superior endplate is an
+    endplate) the axis follows the superior endplate's normal and the centre sits a typical
+    half height below it.
     """
     centre = np.asarray(centre0, float)
     si, lr, ap = _orthonormal_frame(axis0)
@@ -680,12 +692,12 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
             if best is None and _ < iterations - 1:
                 continue
         planes, spans = {}, {}
-        for name, direction in (("superior", 1), ("inferior", -1)):
+        for name, direction in (("superior", 1),) if superior_only else (("superior", 1), ("inferior", -1)):
             disc_mm = float((discs[direction] - centre) @ (direction * si))
             pts = endplate_points(volume, centre, si, lr, ap, semi_lr, semi_ap, direction, disc_mm,
                                   metal_threshold_hu)
             if len(pts) >= 6:
-                c, n, k = fit_plane(pts, direction * si, max_residual_mm=tol_mm)
+                c, n, k = fit_plane(pts, direction * si, max_residual_mm=tol_mm, lr=lr)
                 if k >= 6 and k >= 0.4 * len(pts) and n @ (direction * si) > 0.7:
                     planes[name] = (c, n)
                     spans[name] = plane_spans(pts, c, n, lr, ap, tol_mm)
@@ -703,6 +715,13 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
                     c, n = planes[name]
                     planes[name] = (c, borrow_tilt(n, planes[other][1], lr, ap, fix_lr, fix_ap))
         sup, inf = planes.get("superior"), planes.get("inferior")
+        if superior_only and sup is not None:
+            si, lr, ap = _orthonormal_frame(sup[1])
+            t_s = ((sup[0] - centre) @ sup[1]) / (si @ sup[1])
+            centre = centre + (t_s - half_h) * si
+            best = dict(centre=centre, si=si, lr=lr, ap=ap, semi=(semi_lr, semi_ap),
+                        superior=sup, inferior=None, inside_hu=inside, half_height=half_h)
+            continue
         if sup is None or inf is None:
             if best is None:
                 if sup is not None:
@@ -815,9 +834,21 @@ def find_vertebrae(volume: Volume, config: Config):
     notes += more
 
     fitted = []
-    for r in rough:
+    for i_r, r in enumerate(rough):
         f = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
                      config.metal_threshold_hu)
+        if i_r == len(rough) - 1 and discs and r["station"] > discs[-1]:
+            # below the last disc: perhaps the sacrum; its fit must not look for an inferior
+            # endplate (there is none) nor let one tilt its axis
+            fs = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
+                          config.metal_threshold_hu, superior_only=True)
+            if fs is not None and fs["superior"] is not None:
+                sup_c, sup_n = fs["superior"]
+                si_s, lr_s, ap_s = _orthonormal_frame(sup_n)
+                lat = lateral_bone_fraction(volume, np.asarray(sup_c) - 12.0 * si_s, si_s, lr_s, ap_s,
+                                            fs["semi"][0], fs["semi"][1], config.bone_threshold_hu)
+                if lat >= SACRUM_LATERAL_BONE or f is None or f["superior"] is None:
+                    f = fs
         if f is None or f["superior"] is None or not _plane_in_volume(volume, *f["superior"], f["semi"]):
             notes.append("a vertebra cut by the edge of the volume was left out")
             continue
