@@ -64,7 +64,7 @@ def test_same_seed_gives_identical_volume_and_truth():
     assert np.array_equal(v1.hu, v2.hu)
     assert json.dumps(t1, sort_keys=True) == json.dumps(t2, sort_keys=True)
     v3, t3 = make_phantom(small_spec(seed=12))
-    assert not np.array_equal(v1.hu, v3.hu) if v1.hu.shape == v3.hu.shape else True
+    assert v1.hu.shape != v3.hu.shape or not np.array_equal(v1.hu, v3.hu)
     assert json.dumps(t1["screws"]) != json.dumps(t3["screws"])
 
 
@@ -331,7 +331,7 @@ def test_endplate_cortex_beside_the_cage_is_intact(standard_layers):
 def test_peek_cage_has_four_marker_pins(standard_layers):
     spec, layers = standard_layers
     lab = layers.labels == LABELS["marker"]
-    n_pins, count = ndimage.label(lab)[1], None
+    n_pins = ndimage.label(lab)[1]
     peek = [c for c in layers.truth["cages"] if c["material"] == "peek"]
     assert n_pins == 4 * len(peek)
     for c in peek:
