@@ -1,0 +1,816 @@
+"""Measurement: the three numbers a surgeon reads, from a volume and detected geometry.
+
+Each function follows one definition of CONTRACT.md ("What is measured") and calls the
+numba kernels in ``kernels/`` for the per-ray work. All positions handed in and out are
+LPS mm; the conversion to the volume's (k, j, i) index space happens here, with ray
+directions expressed in voxels *per mm*, so anisotropic spacing never reaches a kernel.
+
+* :func:`measure_screw` - peri-screw lucency halo (CONTRACT.md, "Peri-screw lucency
+  halo"): rays perpendicular to the shaft at stations from head to tip; per ray the width
+  of the lucent zone from the shaft's TRUE radius outward to where bone resumes.
+* :func:`measure_cage` - cage subsidence through each bearing endplate, along the
+  endplate's own normal, from the endplate plane fitted to its intact rim beside the cage.
+* :func:`measure_level` - fusion bridging fraction over the disc-space cross-section.
+* :func:`measure_study` - all of the above for one study.
+
+Metal blooming. Titanium reads wider and brighter than it is (Elliott and Slakey, CORR
+2014): next to a screw the image carries the metal's own tail (blur plus blooming) of
+several hundred HU within the first millimetre, the size of the loosening rule itself. The
+halo analysis therefore removes that tail before reading the lucency: the tail is
+estimated from the halo-free rays of the same study (they share scanner, kernel and
+voxel shape), per class of ray direction (the blur differs along the slice axis), and
+subtracted; widths are then read on what remains (``kernels.halo``). Distances closer to
+the surface than the tail can be reproduced (``d_vis``) are not read directly; a halo
+thinner than that is measured through its deficit below bone further out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from kernels.bridging import bridged_columns
+from kernels.halo import halo_widths
+from kernels.sampling import sample_rays
+from kernels.subsidence import rising_edges
+from pipeline.config import Config
+from pipeline.errors import InputError
+from pipeline.results import (
+    Anatomy,
+    CageEvidence,
+    CageGeometry,
+    CageMeasurement,
+    DiscLevel,
+    LevelEvidence,
+    LevelMeasurement,
+    Plane,
+    ScrewEvidence,
+    ScrewGeometry,
+    ScrewMeasurement,
+    Vertebra,
+)
+from pipeline.volume import Volume
+
+# ------------------------------------------------------------------ halo (internal constants)
+HALO_D_START_MM = -0.5        # profiles start this far inside the true metal surface
+HALO_HEAD_MARGIN_MM = 1.0     # first station past the head (where the shaft leaves bone)
+HALO_TIP_MARGIN_MM = 1.5      # last station before the tip (the rounded end is not shaft side)
+HALO_FAR_MM = (2.4, 3.0)      # where a halo-free ray's bone level is read (tail nearly gone)
+HALO_TAIL_CLASSES = 4         # classes of ray direction (blur along the ray) for the tail
+HALO_TAIL_SPREAD_HU = 45.0    # a distance is readable once halo-free rays agree this well
+HALO_D_VIS_MIN_MM = 0.3       # never read closer to the surface than this
+HALO_DEFICIT_WINDOW_MM = 1.5  # deficit integrated over [d_vis, d_vis + this]
+HALO_SETTLE_MM = 0.3          # bone must persist this long to end a lucency
+HALO_NOHALO_MM = 0.3          # rays thinner than this count as halo-free for the tail
+HALO_MIN_REFERENCE_RAYS = 30  # halo-free rays a direction class needs for its own tail
+LUCENT_DEFAULT_HU = 25.0      # fibrous tissue / fluid in a loosening track, when not measurable
+HALO_OUTLIER_MM = 1.0         # a ray this far from its neighbours' median is an artefact
+RIM_WINDOW_MM = (0.2, 0.8)    # sclerotic rim read just outside the lucency
+RIM_CLEAR_HU = 150.0          # "clearly denser than the surrounding bone"
+RIM_BEYOND_MM = (1.6, 2.4)    # bone beyond the rim must be ordinary (else a cortex, not a rim)
+DOUBLE_HALO_MIN_FRACTION = 0.3
+DOUBLE_HALO_MIN_RAYS = 10
+
+# --------------------------------------------------------------- subsidence (internal constants)
+RIM_GRID_MM = 1.5             # rim sample spacing in the endplate plane
+RIM_CAGE_GAP_MM = 3.0         # rim points keep this far from the cage footprint
+RIM_OUTLINE_MARGIN_MM = 3.0   # ... and this far inside the body outline
+RIM_MAX_DIST_MM = 12.0        # ... and within this of the footprint
+RIM_RAY_START_MM = 3.0        # rim rays start this far into the disc
+RIM_RAY_DEPTH_MM = 5.0        # ... and run this far into the vertebra
+ENDPLATE_DETECT_HU = 420.0    # a blurred cortical endplate exceeds this; disc and graft do not
+FACE_GRID_MM = 1.0
+FACE_MARGIN_MM = 1.0          # face rays keep this far inside the face edges
+FACE_RAY_OUT_MM = 4.0         # face rays start this far outside the nominal face
+FACE_RAY_IN_MM = 3.0          # ... and end this far inside it
+FACE_TOL_MM = 2.5             # a face point farther than this from the nominal face is wrong
+PIN_DETECT_HU = 1500.0        # tantalum marker pins in PEEK
+PIN_RAY_OUT_MM = 3.0
+
+# ------------------------------------------------------------------ bridging (internal constants)
+BRIDGE_GRID_MM = 0.5
+BRIDGE_SAMPLE_MM = 0.25
+BRIDGE_SMOOTH_MM = 0.75
+BRIDGE_END_MARGIN_MM = 0.5    # columns start/end this far inside the two endplate planes
+CAGE_MARGIN_TITANIUM_MM = 2.0  # titanium blooms into the disc around it
+CAGE_MARGIN_PEEK_MM = 1.0      # PEEK walls are bone-dense: keep them out of the bone count
+
+
+# ============================================================================== helpers
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, float)
+    return v / np.linalg.norm(v)
+
+
+def _hu(volume: Volume) -> np.ndarray:
+    """The voxel array as a plain contiguous float32 ndarray (memmaps welcome)."""
+    hu = np.asarray(volume.hu)
+    if hu.dtype != np.float32 or not hu.flags.c_contiguous:
+        hu = np.ascontiguousarray(hu, dtype=np.float32)
+    return hu
+
+
+def _perp_frame(axis) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors perpendicular to ``axis``: the first towards LPS superior (+z)
+    where possible, the second ``axis x first``."""
+    ax = _unit(axis)
+    ref = np.array([0.0, 0.0, 1.0])
+    e1 = ref - (ref @ ax) * ax
+    if np.linalg.norm(e1) < 1e-3:
+        ref = np.array([1.0, 0.0, 0.0])
+        e1 = ref - (ref @ ax) * ax
+    e1 = _unit(e1)
+    return e1, np.cross(ax, e1)
+
+
+def _blur_extent_mm(volume: Volume, dirs_lps: np.ndarray) -> np.ndarray:
+    """Voxel extent along unit LPS directions, sqrt(sum((n_ijk * spacing)^2)) in mm: a
+    proxy for how much the voxel grid blurs an edge crossed along that direction."""
+    n_ijk = dirs_lps @ volume.direction  # components along the i, j, k axes
+    return np.sqrt(((n_ijk * volume.spacing_mm[None, :]) ** 2).sum(axis=1))
+
+
+def _vertebra(anatomy: Anatomy, name: str | None) -> Vertebra | None:
+    for v in anatomy.vertebrae:
+        if v.name == name:
+            return v
+    return None
+
+
+def _level_of_cage(anatomy: Anatomy, cage: CageGeometry) -> DiscLevel | None:
+    for lv in anatomy.levels:
+        if lv.name == cage.level:
+            return lv
+    if not anatomy.levels:
+        return None
+    c = np.asarray(cage.centroid_lps_mm)
+    return min(anatomy.levels, key=lambda lv: float(np.linalg.norm(np.asarray(lv.center_lps_mm) - c)))
+
+
+def _outline_coords(v: Vertebra, pts: np.ndarray) -> np.ndarray:
+    """Normalised elliptic radius of points (n, 3) in a vertebra's body outline (<= 1 inside)."""
+    lr = np.asarray(v.axis_lr)
+    ap = np.cross(np.asarray(v.axis_si), lr)
+    rel = pts - np.asarray(v.center_lps_mm)
+    a, b = v.semi_axes_mm
+    return np.sqrt(((rel @ lr) / a) ** 2 + ((rel @ ap) / b) ** 2)
+
+
+def _robust_plane(points: np.ndarray, prior: Plane, n_iter: int = 4) -> Plane:
+    """Least-squares plane through ``points`` with iterative trimming of outliers (residual
+    above 3 robust SDs, at least 0.5 mm); the normal keeps the prior's orientation."""
+    pts = np.asarray(points, float)
+    keep = np.all(np.isfinite(pts), axis=1)
+    if keep.sum() < 6:
+        return prior
+    n0 = np.asarray(prior.normal)
+    c = n = None
+    for _ in range(n_iter):
+        p = pts[keep]
+        c = p.mean(axis=0)
+        _, _, vt = np.linalg.svd(p - c, full_matrices=False)
+        n = vt[2] if vt[2] @ n0 >= 0 else -vt[2]
+        res = (pts - c) @ n
+        mad = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
+        new = np.all(np.isfinite(pts), axis=1) & (np.abs(res - np.median(res[keep])) <= max(3 * mad, 0.5))
+        if new.sum() < 6 or np.array_equal(new, keep):
+            break
+        keep = new
+    if n @ n0 < 0.8:  # a fit tilted > ~37 degrees from the prior is not this endplate
+        return prior
+    return Plane(c, n)
+
+
+# ================================================================================ halo
+@dataclass(frozen=True)
+class ScrewRays:
+    """The ray layout of one screw: stations (head to tip) x azimuths."""
+
+    screw: ScrewGeometry
+    radius_mm: float
+    stations_lps: np.ndarray      # (S, 3)
+    dirs_lps: np.ndarray          # (A, 3) unit
+    origins_kji: np.ndarray       # (S*A, 3) axis points, station-major
+    dirs_kji: np.ndarray          # (S*A, 3) voxels per mm
+    blur_mm: np.ndarray           # (S*A,) voxel extent along each ray
+    d_mm: np.ndarray              # (n,) sample distances from the true surface
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.stations_lps), len(self.dirs_lps))
+
+
+def screw_rays(volume: Volume, screw: ScrewGeometry, config: Config) -> ScrewRays:
+    """Stations every ``halo_station_step_mm`` along the intraosseous shaft (head to tip)
+    and ``halo_azimuths`` ray directions perpendicular to it."""
+    head = np.asarray(screw.head_lps_mm)
+    axis = np.asarray(screw.axis)
+    length = screw.length_mm
+    step = config.halo_station_step_mm
+    if step <= 0 or config.halo_azimuths < 4 or config.halo_radial_step_mm <= 0:
+        raise InputError("config", "halo sampling settings must be positive (>= 4 azimuths)")
+    t = np.arange(HALO_HEAD_MARGIN_MM, length - HALO_TIP_MARGIN_MM + 1e-9, step)
+    if t.size == 0:
+        t = np.array([0.5 * length])
+    stations = head + t[:, None] * axis
+    e1, e2 = _perp_frame(axis)
+    ang = (np.arange(config.halo_azimuths) + 0.5) * (2 * np.pi / config.halo_azimuths)
+    dirs = np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2
+    S, A = len(stations), len(dirs)
+    origins = volume.lps_to_kji(np.repeat(stations, A, axis=0))
+    dk = volume.direction_lps_to_kji(dirs)
+    dirs_kji = np.tile(dk, (S, 1))
+    blur = np.tile(_blur_extent_mm(volume, dirs), S)
+    rstep = config.halo_radial_step_mm
+    n = int(math.ceil((config.halo_max_width_mm + 1.5 - HALO_D_START_MM) / rstep)) + 1
+    d = HALO_D_START_MM + rstep * np.arange(n)
+    return ScrewRays(screw, 0.5 * float(screw.diameter_mm), stations, dirs,
+                     np.ascontiguousarray(origins), np.ascontiguousarray(dirs_kji), blur, d)
+
+
+def screw_profiles(volume: Volume, rays: ScrewRays, hu: np.ndarray | None = None) -> np.ndarray:
+    """Trilinear profiles (S*A, n) in HU at ``rays.d_mm`` from the true surface."""
+    hu = _hu(volume) if hu is None else hu
+    d = rays.d_mm
+    return sample_rays(hu, rays.origins_kji, rays.dirs_kji, rays.radius_mm + d[0],
+                       float(d[1] - d[0]), len(d))
+
+
+@dataclass(frozen=True)
+class MetalTail:
+    """The metal's own tail next to a screw (blur + blooming), estimated from the study's
+    halo-free rays: ``tail_hu[c, s]`` is added to bone at distance ``d_mm[s]`` from the
+    true surface by rays of direction class ``c`` (classes by voxel extent along the ray,
+    edges ``class_edges_mm``). ``d_vis_mm[c]``: closest readable distance. ``sigma_mm[c]``:
+    blur of a lucent/bone edge. ``lucent_hu``: the lucent level; ``bone_hu``: the study's
+    peri-screw bone level. ``reference_rays[c]``: halo-free rays behind each class."""
+
+    d_mm: np.ndarray
+    class_edges_mm: np.ndarray
+    tail_hu: np.ndarray
+    d_vis_mm: np.ndarray
+    sigma_mm: np.ndarray
+    lucent_hu: float
+    bone_hu: float
+    reference_rays: np.ndarray
+
+    def classes(self, blur_mm: np.ndarray) -> np.ndarray:
+        return np.clip(np.searchsorted(self.class_edges_mm, blur_mm, side="right") - 1,
+                       0, len(self.class_edges_mm) - 2)
+
+
+def _far_level(profiles: np.ndarray, d: np.ndarray) -> np.ndarray:
+    sel = (d >= HALO_FAR_MM[0]) & (d <= HALO_FAR_MM[1])
+    return np.median(profiles[:, sel], axis=1)
+
+
+def _smooth_rays(g: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """3 x 3 mean over neighbouring stations and azimuths (azimuth wraps): halos are
+    spatially coherent, noise and sampling-phase ripple are not."""
+    S, A = shape
+    x = g.reshape(S, A, -1)
+    x = ndimage.uniform_filter1d(x, 3, axis=1, mode="wrap")
+    if S >= 3:
+        x = ndimage.uniform_filter1d(x, 3, axis=0, mode="nearest")
+    return x.reshape(S * A, -1)
+
+
+def _class_edges(volume: Volume) -> np.ndarray:
+    lo, hi = float(volume.spacing_mm.min()), float(volume.spacing_mm.max())
+    if hi / lo < 1.05:
+        return np.array([0.0, np.inf])
+    inner = lo + (hi - lo) * np.arange(1, HALO_TAIL_CLASSES) / HALO_TAIL_CLASSES
+    return np.concatenate([[0.0], inner, [np.inf]])
+
+
+def _analyse(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float,
+             config: Config):
+    """Tail-corrected, neighbour-smoothed profiles through the halo kernel."""
+    cls = tail.classes(rays.blur_mm)
+    g = _smooth_rays(prof - tail.tail_hu[cls], rays.shape)
+    d = rays.d_mm
+    n_rays = g.shape[0]
+    out = halo_widths(np.ascontiguousarray(g), float(d[0]), float(d[1] - d[0]),
+                      tail.d_vis_mm[cls].astype(float), float(tail.lucent_hu),
+                      np.full(n_rays, float(bone_hu)), tail.sigma_mm[cls].astype(float),
+                      float(config.halo_max_width_mm), HALO_DEFICIT_WINDOW_MM, HALO_SETTLE_MM,
+                      RIM_WINDOW_MM[0], RIM_WINDOW_MM[1])
+    return g, out
+
+
+def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: list[np.ndarray],
+                        config: Config, n_iter: int = 2) -> MetalTail:
+    """Estimate the metal tail from the study's own halo-free rays (module docstring).
+
+    Start from a high percentile of every ray's excess over its far bone level (halo rays
+    only lower a profile), read the widths with it, keep the rays found halo-free, and
+    re-estimate the tail as their median, per direction class; repeat ``n_iter`` times.
+    The readable distance of a class is where its halo-free rays agree within
+    ``HALO_TAIL_SPREAD_HU`` (robust SD).
+    """
+    d = rays_list[0].d_mm
+    edges = _class_edges(volume)
+    n_cls = len(edges) - 1
+    excess = []
+    for rays, prof in zip(rays_list, profiles):
+        excess.append(prof - _far_level(prof, d)[:, None])
+    X = np.concatenate(excess)
+    blur = np.concatenate([r.blur_mm for r in rays_list])
+    far = np.concatenate([_far_level(p, d) for p in profiles])
+    tmp = MetalTail(d, edges, np.zeros((n_cls, len(d))), np.full(n_cls, 1.0),
+                    np.full(n_cls, 0.5), LUCENT_DEFAULT_HU, float(np.median(far)),
+                    np.zeros(n_cls, int))
+    cls = tmp.classes(blur)
+    beyond = d >= HALO_FAR_MM[0]
+    tail = np.zeros((n_cls, len(d)))
+    for c in range(n_cls):
+        sel = cls == c
+        src = X[sel] if sel.sum() >= HALO_MIN_REFERENCE_RAYS else X
+        tail[c] = np.percentile(src, 70, axis=0)
+    tail[:, beyond] = 0.0
+    sigma = np.array([0.6 * np.mean(blur[cls == c]) if np.any(cls == c) else 0.6 * np.mean(blur)
+                      for c in range(n_cls)])
+    d_vis = _readable_distance(X, cls, n_cls, d, tail, np.ones(len(X), bool))
+    tmp = MetalTail(d, edges, tail, d_vis, sigma, LUCENT_DEFAULT_HU, float(np.median(far)),
+                    np.zeros(n_cls, int))
+    for _ in range(n_iter):
+        widths, status, nohalo_bone = [], [], []
+        for rays, prof in zip(rays_list, profiles):
+            _, (w, st, _, _, _) = _analyse(prof, rays, tmp, tmp.bone_hu, config)
+            widths.append(w)
+            status.append(st)
+        w = np.concatenate(widths)
+        st = np.concatenate(status)
+        nohalo = (st != 2) & (w < HALO_NOHALO_MM)
+        ref = np.zeros(n_cls, int)
+        for c in range(n_cls):
+            sel = nohalo & (cls == c)
+            ref[c] = sel.sum()
+            if ref[c] >= HALO_MIN_REFERENCE_RAYS:
+                tail[c] = np.median(X[sel], axis=0)
+            elif nohalo.sum() >= HALO_MIN_REFERENCE_RAYS:
+                tail[c] = np.median(X[nohalo], axis=0)
+        tail[:, beyond] = 0.0
+        d_vis = _readable_distance(X, cls, n_cls, d, tail, nohalo)
+        bone = float(np.median(far[nohalo])) if nohalo.sum() >= HALO_MIN_REFERENCE_RAYS else tmp.bone_hu
+        tmp = MetalTail(d, edges, tail.copy(), d_vis, sigma, LUCENT_DEFAULT_HU, bone, ref)
+    return tmp
+
+
+def _readable_distance(X, cls, n_cls, d, tail, sel_ok) -> np.ndarray:
+    """Per class, the smallest distance from which on the halo-free rays' robust spread
+    about the tail stays below ``HALO_TAIL_SPREAD_HU`` (up to the far window)."""
+    out = np.empty(n_cls)
+    upto = d < HALO_FAR_MM[0]
+    for c in range(n_cls):
+        sel = sel_ok & (cls == c)
+        if sel.sum() < HALO_MIN_REFERENCE_RAYS:
+            sel = sel_ok if sel_ok.sum() >= HALO_MIN_REFERENCE_RAYS else np.ones_like(sel_ok)
+        r = X[sel] - tail[c][None, :]
+        spread = 1.4826 * np.median(np.abs(r - np.median(r, axis=0)), axis=0)
+        bad = (spread > HALO_TAIL_SPREAD_HU) & upto
+        idx = np.flatnonzero(bad)
+        last_bad = d[idx[-1]] + (d[1] - d[0]) if idx.size else d[0]
+        out[c] = max(HALO_D_VIS_MIN_MM, float(last_bad))
+    return out
+
+
+def _neighbour_outliers(widths: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Rays whose width differs from the median of their neighbours (stations +-1,
+    azimuths +-2) by more than ``HALO_OUTLIER_MM`` (or half the median): streak artefacts."""
+    S, A = shape
+    w = widths.reshape(S, A)
+    fill = np.where(np.isfinite(w), w, np.nanmedian(w) if np.isfinite(w).any() else 0.0)
+    padded = np.concatenate([fill[:, -2:], fill, fill[:, :2]], axis=1)  # azimuth wraps
+    med = ndimage.median_filter(padded, size=(3, 5), mode="nearest")[:, 2:-2]
+    tol = np.maximum(HALO_OUTLIER_MM, 0.5 * med)
+    return (np.abs(fill - med) > tol).ravel()
+
+
+def _screw_result(rays: ScrewRays, prof: np.ndarray, tail: MetalTail, config: Config,
+                  bone_hu: float | None = None):
+    crit = config.criteria
+    screw = rays.screw
+    if bone_hu is None:
+        bone_hu = tail.bone_hu
+    g, (w, st, gmin, rim, edge) = _analyse(prof, rays, tail, bone_hu, config)
+    w = w.copy()
+    excl = (st == 2) | ~np.isfinite(w)
+    excl |= _neighbour_outliers(np.where(excl, np.nan, w), rays.shape) & ~excl
+    w[excl] = np.nan
+    used = np.isfinite(w)
+    n_used = int(used.sum())
+    if n_used:
+        wu = w[used]
+        mean = float(wu.mean())
+        p95 = float(np.percentile(wu, 95))
+        cov = float(np.mean(wu >= crit.halo_threshold_mm))
+    else:
+        mean = p95 = cov = 0.0
+    # double halo: a dense rim just outside the lucency, where the bone beyond is ordinary
+    d = rays.d_mm
+    lucent = used & (st == 1) & (w >= 0.75)
+    beyond = np.full(len(w), np.nan)
+    for r in np.flatnonzero(lucent):
+        sel = (d >= edge[r] + RIM_BEYOND_MM[0]) & (d <= edge[r] + RIM_BEYOND_MM[1])
+        if sel.any():
+            beyond[r] = np.median(g[r, sel]) - bone_hu
+    evaluable = lucent & (np.abs(beyond) < RIM_CLEAR_HU)
+    n_eval = int(evaluable.sum())
+    double = bool(n_eval >= DOUBLE_HALO_MIN_RAYS
+                  and np.mean(rim[evaluable] > RIM_CLEAR_HU) >= DOUBLE_HALO_MIN_FRACTION)
+    meas = ScrewMeasurement(
+        id=screw.id, vertebra=screw.vertebra, side=screw.side,
+        head_lps_mm=screw.head_lps_mm, tip_lps_mm=screw.tip_lps_mm,
+        length_mm=screw.length_mm, diameter_mm=float(screw.diameter_mm),
+        halo_mean_mm=max(mean, 0.0), halo_max_mm=max(p95, 0.0), halo_coverage=cov,
+        loosening=bool(n_used > 0 and cov >= crit.halo_coverage_for_loosening),
+        double_halo=double, rays_used=n_used, rays_excluded=int(len(w) - n_used))
+    ev = ScrewEvidence(id=screw.id, widths_mm=w.reshape(rays.shape),
+                       station_lps_mm=rays.stations_lps, azimuth_dirs=rays.dirs_lps,
+                       true_radius_mm=rays.radius_mm)
+    return meas, ev
+
+
+def _screw_bone_level(rays: ScrewRays, prof: np.ndarray, tail: MetalTail, config: Config) -> float:
+    """The bone level around one screw: its halo-free rays' far level, else the study's."""
+    _, (w, st, _, _, _) = _analyse(prof, rays, tail, tail.bone_hu, config)
+    nohalo = (st != 2) & (w < HALO_NOHALO_MM)
+    if nohalo.sum() >= HALO_MIN_REFERENCE_RAYS:
+        return float(np.median(_far_level(prof[nohalo], rays.d_mm)))
+    return tail.bone_hu
+
+
+def measure_screw(volume: Volume, screw: ScrewGeometry, config: Config, *,
+                  tail: MetalTail | None = None) -> tuple[ScrewMeasurement, ScrewEvidence]:
+    """Peri-screw lucency halo of one screw (CONTRACT.md, "Peri-screw lucency halo").
+
+    Parameters
+    ----------
+    volume : Volume
+    screw : ScrewGeometry
+        Head (where the shaft leaves bone), tip and the shaft's true diameter.
+    config : Config
+        ``halo_azimuths``, ``halo_station_step_mm``, ``halo_radial_step_mm``,
+        ``halo_max_width_mm`` and the loosening criteria.
+    tail : MetalTail, optional
+        The study's metal tail (``measure_study`` estimates it once from every screw);
+        without it the tail is estimated from this screw's own halo-free rays.
+
+    Returns
+    -------
+    ScrewMeasurement, ScrewEvidence
+        ``halo_mean_mm`` is the mean width over used rays, ``halo_max_mm`` the 95th
+        percentile, ``halo_coverage`` the fraction of used rays at least
+        ``criteria.halo_threshold_mm`` wide; ``rays_excluded`` counts rays recognised as
+        crossing a streak or leaving bone (NaN in ``ScrewEvidence.widths_mm``).
+    """
+    if screw.diameter_mm <= 0 or screw.length_mm <= 0:
+        raise InputError(f"screw {screw.id}", "screw has no length or diameter")
+    hu = _hu(volume)
+    rays = screw_rays(volume, screw, config)
+    prof = screw_profiles(volume, rays, hu)
+    if tail is None:
+        tail = estimate_metal_tail(volume, [rays], [prof], config)
+    bone = _screw_bone_level(rays, prof, tail, config)
+    return _screw_result(rays, prof, tail, config, bone)
+
+
+# ========================================================================== subsidence
+def _endplate_for(cage: CageGeometry, anatomy: Anatomy, superior: bool):
+    level = _level_of_cage(anatomy, cage)
+    if level is None:
+        return None, None, None
+    vert = _vertebra(anatomy, level.upper if superior else level.lower)
+    if vert is None:
+        return level, None, None
+    return level, vert, (vert.inferior_endplate if superior else vert.superior_endplate)
+
+
+def _footprint_distance(points: np.ndarray, cages) -> np.ndarray:
+    """Distance (mm) in the cages' own (axes[1], axes[2]) plane from points to the nearest
+    cage footprint rectangle (0 inside)."""
+    out = np.full(len(points), np.inf)
+    for cg in cages:
+        rel = points - np.asarray(cg.centroid_lps_mm)
+        a1, a2 = np.asarray(cg.axes[1]), np.asarray(cg.axes[2])
+        h = cg.half_sizes_mm
+        du = np.maximum(np.abs(rel @ a1) - h[1], 0.0)
+        dv = np.maximum(np.abs(rel @ a2) - h[2], 0.0)
+        out = np.minimum(out, np.hypot(du, dv))
+    return out
+
+
+def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plane,
+                     cages, config: Config) -> tuple[Plane, np.ndarray]:
+    """The endplate plane fitted to its intact rim beside the cage(s).
+
+    Rim points lie in the prior plane on a grid inside the body outline (less
+    ``RIM_OUTLINE_MARGIN_MM``), at ``RIM_CAGE_GAP_MM`` to ``RIM_MAX_DIST_MM`` from the
+    cage footprints. Along the endplate normal, from the disc into the vertebra, each
+    ray's half-way rising edge (disc to cortical endplate, ``kernels.subsidence``) is a
+    surface point; a trimmed least-squares plane goes through them.
+    """
+    n0 = np.asarray(prior.normal)
+    p0 = np.asarray(prior.point_lps_mm)
+    c_proj = np.asarray(vert.center_lps_mm) - ((np.asarray(vert.center_lps_mm) - p0) @ n0) * n0
+    u = np.asarray(vert.axis_lr) - (np.asarray(vert.axis_lr) @ n0) * n0
+    u = _unit(u)
+    v = np.cross(n0, u)
+    R = max(vert.semi_axes_mm) + 1.0
+    g = np.arange(-R, R + 1e-9, RIM_GRID_MM)
+    U, V = np.meshgrid(g, g)
+    pts = c_proj + U.ravel()[:, None] * u + V.ravel()[:, None] * v
+    rho = _outline_coords(vert, pts)
+    a, b = vert.semi_axes_mm
+    shrink = 1.0 - RIM_OUTLINE_MARGIN_MM / min(a, b)
+    fd = _footprint_distance(pts, cages)
+    sel = (rho <= shrink) & (fd >= RIM_CAGE_GAP_MM) & (fd <= RIM_MAX_DIST_MM)
+    pts = pts[sel]
+    if len(pts) < 6:
+        return prior, np.empty((0, 3))
+    starts = pts + RIM_RAY_START_MM * n0
+    step = min(0.1, 0.25 * float(volume.spacing_mm.min()))
+    n = int((RIM_RAY_START_MM + RIM_RAY_DEPTH_MM) / step) + 1
+    o = volume.lps_to_kji(starts)
+    dk = np.tile(volume.direction_lps_to_kji(-n0), (len(starts), 1))
+    edge, _, _ = rising_edges(hu, np.ascontiguousarray(o), np.ascontiguousarray(dk), 0.0, step, n,
+                              5, ENDPLATE_DETECT_HU, int(1.5 / step), 0.5)
+    ok = np.isfinite(edge)
+    surf = starts[ok] - edge[ok, None] * n0
+    return _robust_plane(surf, prior), surf
+
+
+def _face_points_titanium(volume, hu, cage: CageGeometry, sign: float, config: Config):
+    """Points on one bearing face of a titanium cage: half-max edge of the metal, found
+    along the cage's own axis from outside the face inward."""
+    c = np.asarray(cage.centroid_lps_mm)
+    a0, a1, a2 = (np.asarray(x) for x in cage.axes)
+    h0, h1, h2 = cage.half_sizes_mm
+    o = sign * a0
+    gu = np.arange(-h1 + FACE_MARGIN_MM, h1 - FACE_MARGIN_MM + 1e-9, FACE_GRID_MM)
+    gv = np.arange(-h2 + FACE_MARGIN_MM, h2 - FACE_MARGIN_MM + 1e-9, FACE_GRID_MM)
+    if gu.size == 0:
+        gu = np.array([0.0])
+    if gv.size == 0:
+        gv = np.array([0.0])
+    U, V = np.meshgrid(gu, gv)
+    base = c + U.ravel()[:, None] * a1 + V.ravel()[:, None] * a2
+    starts = base + (h0 + FACE_RAY_OUT_MM) * o
+    step = min(0.05, 0.2 * float(volume.spacing_mm.min()))
+    n = int((FACE_RAY_OUT_MM + FACE_RAY_IN_MM) / step) + 1
+    ok_k = volume.lps_to_kji(starts)
+    dk = np.tile(volume.direction_lps_to_kji(-o), (len(starts), 1))
+    edge, _, _ = rising_edges(hu, np.ascontiguousarray(ok_k), np.ascontiguousarray(dk), 0.0, step, n,
+                              5, config.metal_threshold_hu, int(2.0 / step), 0.5)
+    face = starts - edge[:, None] * o
+    nominal = (face - c) @ o - h0
+    good = np.isfinite(edge) & (np.abs(nominal) <= FACE_TOL_MM)
+    return face[good]
+
+
+def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Config):
+    """Points on one bearing face of a PEEK cage: each marker pin's end (half-max along the
+    cage axis) moved out by ``config.peek_marker_inset_mm``."""
+    c = np.asarray(cage.centroid_lps_mm)
+    A = np.asarray(cage.axes)
+    h = np.asarray(cage.half_sizes_mm)
+    o = sign * A[0]
+    # voxels inside the box (+1 mm) above the pin threshold
+    corners = np.array([[s0, s1, s2] for s0 in (-1, 1) for s1 in (-1, 1) for s2 in (-1, 1)]) * (h + 1.0)
+    kji = volume.lps_to_kji(c + corners @ A)
+    lo = np.maximum(np.floor(kji.min(axis=0)).astype(int), 0)
+    hi = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 1, np.array(hu.shape))
+    if np.any(hi <= lo):
+        return np.empty((0, 3))
+    sub = hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    kk, jj, ii = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
+    lps = volume.kji_to_lps(np.stack([kk, jj, ii], axis=-1).reshape(-1, 3)).reshape(sub.shape + (3,))
+    local = (lps - c) @ A.T
+    inside = np.all(np.abs(local) <= h + 1.0, axis=-1)
+    mask = inside & (sub >= PIN_DETECT_HU)
+    lab, n_lab = ndimage.label(mask)
+    faces = []
+    for k in range(1, n_lab + 1):
+        m = lab == k
+        if m.sum() < 2:
+            continue
+        wts = sub[m] - PIN_DETECT_HU + 1.0
+        cen = (lps[m] * wts[:, None]).sum(axis=0) / wts.sum()
+        # the pin's line through its centroid along the cage axis
+        cl = cen - ((cen - c) @ A[0]) * A[0]
+        start = cl + (h[0] + PIN_RAY_OUT_MM) * o
+        step = min(0.05, 0.2 * float(volume.spacing_mm.min()))
+        n = int((h[0] + PIN_RAY_OUT_MM) / step) + 1
+        edge, _, _ = rising_edges(hu, np.ascontiguousarray(volume.lps_to_kji(start[None])),
+                                  np.ascontiguousarray(volume.direction_lps_to_kji(-o)[None]),
+                                  0.0, step, n, 5, PIN_DETECT_HU, int(2.0 / step), 0.5)
+        if not np.isfinite(edge[0]):
+            continue
+        end = start - edge[0] * o
+        faces.append(end + config.peek_marker_inset_mm * o)
+    return np.array(faces).reshape(-1, 3)
+
+
+def _deepest_point(face_pts: np.ndarray, cage: CageGeometry, sign: float, plane: Plane):
+    """The cage's deepest point past ``plane``: a plane fitted to the face points is
+    evaluated at the face's four corners (the deepest point of a flat face is a corner).
+    Returns (depth_mm, point_lps)."""
+    c = np.asarray(cage.centroid_lps_mm)
+    A = np.asarray(cage.axes)
+    h = np.asarray(cage.half_sizes_mm)
+    o = sign * A[0]
+    corners_uv = np.array([[s1 * h[1], s2 * h[2]] for s1 in (-1, 1) for s2 in (-1, 1)])
+    if len(face_pts) >= 3:
+        uv = (face_pts - c) @ A[1:].T
+        z = (face_pts - c) @ o
+        M = np.column_stack([np.ones(len(uv)), uv])
+        keep = np.ones(len(z), bool)
+        for _ in range(3):
+            coef, *_ = np.linalg.lstsq(M[keep], z[keep], rcond=None)
+            res = z - M @ coef
+            mad = 1.4826 * np.median(np.abs(res[keep]))
+            new = np.abs(res) <= max(3 * mad, 0.3)
+            if new.sum() < 3 or np.array_equal(new, keep):
+                break
+            keep = new
+        zc = coef[0] + corners_uv @ coef[1:]
+    elif len(face_pts):
+        zc = np.full(4, float(np.median((face_pts - c) @ o)))
+    else:
+        zc = np.full(4, h[0])
+    corners = c + zc[:, None] * o + corners_uv[:, :1] * A[1] + corners_uv[:, 1:] * A[2]
+    depth = -plane.signed_distance_mm(corners)
+    k = int(np.argmax(depth))
+    return float(depth[k]), corners[k]
+
+
+def measure_cage(volume: Volume, cage: CageGeometry, anatomy: Anatomy,
+                 config: Config) -> tuple[CageMeasurement, CageEvidence]:
+    """Subsidence of one cage through each bearing endplate (CONTRACT.md, "Cage subsidence").
+
+    For each bearing face: the endplate plane is fitted to the endplate's intact rim beside
+    the cage (:func:`fit_endplate_rim`); the face is read from the image (titanium: the
+    cage's own half-max edge; PEEK: marker-pin ends plus ``config.peek_marker_inset_mm``);
+    the depth is how far the face's deepest point lies past the plane along its normal
+    (0 when the cage does not reach through it). Graded on the larger of the two.
+    """
+    hu = _hu(volume)
+    level = _level_of_cage(anatomy, cage)
+    same_level = [cg for cg in anatomy.cages if (cg.level == cage.level and cage.level is not None)] or [cage]
+    depths, planes, deepest, rims = [], [], [], []
+    for superior in (True, False):
+        sign = 1.0 if superior else -1.0
+        _, vert, prior = _endplate_for(cage, anatomy, superior)
+        c = np.asarray(cage.centroid_lps_mm)
+        a0 = np.asarray(cage.axes[0])
+        if prior is None:
+            # no vertebra to read: the nominal face itself stands in for the endplate
+            face_c = c + sign * cage.half_sizes_mm[0] * a0
+            prior = Plane(face_c, -sign * a0)
+            plane, rim = prior, np.empty((0, 3))
+        else:
+            plane, rim = fit_endplate_rim(volume, hu, vert, prior, same_level, config)
+        if cage.material == "titanium":
+            face = _face_points_titanium(volume, hu, cage, sign, config)
+        else:
+            face = _face_points_peek(volume, hu, cage, sign, config)
+        depth, point = _deepest_point(face, cage, sign, plane)
+        depths.append(max(depth, 0.0))
+        planes.append(plane)
+        deepest.append(point)
+        rims.append(rim)
+    grade = config.criteria.subsidence_grade(max(depths))
+    meas = CageMeasurement(id=cage.id, level=cage.level if cage.level else (level.name if level else None),
+                           material=cage.material, centroid_lps_mm=cage.centroid_lps_mm,
+                           subsidence_superior_mm=float(depths[0]),
+                           subsidence_inferior_mm=float(depths[1]), subsidence_grade=grade)
+    ev = CageEvidence(id=cage.id, superior_plane=planes[0], inferior_plane=planes[1],
+                      deepest_superior_lps_mm=tuple(deepest[0]), deepest_inferior_lps_mm=tuple(deepest[1]),
+                      rim_points_superior_lps_mm=rims[0], rim_points_inferior_lps_mm=rims[1])
+    return meas, ev
+
+
+# ============================================================================ bridging
+def _plane_hit(p: np.ndarray, n: np.ndarray, plane: Plane) -> np.ndarray:
+    """Parameter t where p + t*n meets the plane (per point)."""
+    nn = np.asarray(plane.normal)
+    denom = float(n @ nn)
+    if abs(denom) < 1e-6:
+        denom = 1e-6
+    return ((np.asarray(plane.point_lps_mm) - p) @ nn) / denom
+
+
+def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
+                  config: Config) -> tuple[LevelMeasurement, LevelEvidence]:
+    """Fusion bridging of one disc level (CONTRACT.md, "Fusion bridging").
+
+    The cross-section is a grid in the level's plane inside the vertebral body outline
+    (the mean of the two bodies' outline ellipses), cage footprints excluded (with a
+    margin: titanium blooms into its surroundings, PEEK is bone-dense). Each column runs
+    along the level normal from just inside the lower endplate plane to just inside the
+    upper one (the endplate cortices themselves are not counted); it is bridged when its
+    lightly smoothed profile stays above ``config.bone_threshold_hu`` all the way
+    (``kernels.bridging``). ``instrumented``: the level has a cage, or screws in both of
+    its vertebrae.
+    """
+    up = _vertebra(anatomy, level.upper)
+    lo = _vertebra(anatomy, level.lower)
+    n = np.asarray(level.normal)
+    c = np.asarray(level.center_lps_mm)
+    ref_lr = np.asarray((up or lo).axis_lr) if (up or lo) else np.array([1.0, 0.0, 0.0])
+    u = _unit(ref_lr - (ref_lr @ n) * n)
+    v = np.cross(n, u)
+    verts = [x for x in (up, lo) if x is not None]
+    if verts:
+        a = float(np.mean([x.semi_axes_mm[0] for x in verts]))
+        b = float(np.mean([x.semi_axes_mm[1] for x in verts]))
+    else:
+        a, b = 20.0, 15.0
+    step = BRIDGE_GRID_MM
+    gu = np.arange(-a + 0.5 * step, a, step)
+    gv = np.arange(-b + 0.5 * step, b, step)
+    U, V = np.meshgrid(gu, gv)  # [v, u]
+    pts = c + U.ravel()[:, None] * u + V.ravel()[:, None] * v
+    domain = ((U / a) ** 2 + (V / b) ** 2 <= 1.0).ravel()
+    cages = [cg for cg in anatomy.cages if cg.level == level.name]
+    for cg in cages:
+        margin = CAGE_MARGIN_TITANIUM_MM if cg.material == "titanium" else CAGE_MARGIN_PEEK_MM
+        rel = pts - np.asarray(cg.centroid_lps_mm)
+        h = cg.half_sizes_mm
+        inside = ((np.abs(rel @ np.asarray(cg.axes[1])) <= h[1] + margin)
+                  & (np.abs(rel @ np.asarray(cg.axes[2])) <= h[2] + margin))
+        domain &= ~inside
+    bridged = np.zeros(len(pts), bool)
+    if domain.any() and up is not None and lo is not None:
+        p = pts[domain]
+        t_lo = _plane_hit(p, n, lo.superior_endplate) + BRIDGE_END_MARGIN_MM
+        t_up = _plane_hit(p, n, up.inferior_endplate) - BRIDGE_END_MARGIN_MM
+        mid = 0.5 * (t_lo + t_up)
+        short = t_up - t_lo < BRIDGE_SAMPLE_MM * 2
+        t_lo = np.where(short, mid - BRIDGE_SAMPLE_MM, t_lo)
+        t_up = np.where(short, mid + BRIDGE_SAMPLE_MM, t_up)
+        starts = p + t_lo[:, None] * n
+        ends = p + t_up[:, None] * n
+        n_s = max(int(np.ceil(np.max(t_up - t_lo) / BRIDGE_SAMPLE_MM)) + 1, 3)
+        smooth = max(int(round(BRIDGE_SMOOTH_MM / BRIDGE_SAMPLE_MM)), 1)
+        smooth += 1 - smooth % 2
+        b_col, _ = bridged_columns(_hu(volume), np.ascontiguousarray(volume.lps_to_kji(starts)),
+                                   np.ascontiguousarray(volume.lps_to_kji(ends)), n_s, smooth,
+                                   float(config.bone_threshold_hu))
+        bridged[domain] = b_col
+    n_dom = int(domain.sum())
+    frac = float(bridged.sum() / n_dom) if n_dom else 0.0
+    screw_verts = {s.vertebra for s in anatomy.screws}
+    instrumented = bool(cages) or (level.upper in screw_verts and level.lower in screw_verts)
+    meas = LevelMeasurement(level=level.name, center_lps_mm=level.center_lps_mm,
+                            instrumented=instrumented, bridging_fraction=min(max(frac, 0.0), 1.0),
+                            fusion=config.criteria.fusion_class(frac))
+    origin = c - a * u - b * v + 0.5 * step * (u + v)
+    ev = LevelEvidence(level=level.name, origin_lps_mm=tuple(origin), axis_u=tuple(u), axis_v=tuple(v),
+                       step_mm=step, domain=domain.reshape(U.shape), bridged=bridged.reshape(U.shape))
+    return meas, ev
+
+
+# =============================================================================== study
+def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
+    """Every screw, cage and level of a study.
+
+    The metal tail for the halo is estimated once from all screws' halo-free rays.
+
+    Returns
+    -------
+    screws, cages, levels : lists of ScrewMeasurement, CageMeasurement, LevelMeasurement
+    evidence : dict of ScrewEvidence / CageEvidence / LevelEvidence by screw id, cage id
+        and level name.
+    """
+    hu = _hu(volume)
+    evidence: dict = {}
+    screws_out = []
+    valid = [s for s in anatomy.screws if s.diameter_mm > 0 and s.length_mm > 0]
+    if valid:
+        rays_list = [screw_rays(volume, s, config) for s in valid]
+        profiles = [screw_profiles(volume, r, hu) for r in rays_list]
+        tail = estimate_metal_tail(volume, rays_list, profiles, config)
+        for rays, prof in zip(rays_list, profiles):
+            bone = _screw_bone_level(rays, prof, tail, config)
+            m, ev = _screw_result(rays, prof, tail, config, bone)
+            screws_out.append(m)
+            evidence[m.id] = ev
+    cages_out = []
+    for cg in anatomy.cages:
+        m, ev = measure_cage(volume, cg, anatomy, config)
+        cages_out.append(m)
+        evidence[m.id] = ev
+    levels_out = []
+    for lv in anatomy.levels:
+        m, ev = measure_level(volume, lv, anatomy, config)
+        levels_out.append(m)
+        evidence[m.level] = ev
+    return screws_out, cages_out, levels_out, evidence
+
+
+__all__ = ["MetalTail", "estimate_metal_tail", "fit_endplate_rim", "measure_cage", "measure_level",
+           "measure_screw", "measure_study", "screw_profiles", "screw_rays"]
