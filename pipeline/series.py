@@ -320,6 +320,7 @@ def read_slice_header(path: str | Path) -> tuple[str, pydicom.Dataset | None, Sl
     header : :class:`SliceHeader` or None
     """
     path = str(path)
+    preamble = False
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -338,13 +339,21 @@ def read_slice_header(path: str | Path) -> tuple[str, pydicom.Dataset | None, Sl
             has_px, offset, length, _float_px = _pixel_element(f, ds, ts)
     except OSError:
         return "non_dicom", None, None
-    if "SeriesInstanceUID" not in ds:
-        media_class = _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID"))
-        if media_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
-            return "non_dicom", None, None  # a DICOMDIR index: not an image, skip quietly
-        # every image (and SR/PR) has this tag; a preamble file without it was cut short
+    except Exception:  # noqa: BLE001 - pydicom converts values lazily: a malformed one raises late
         return ("corrupt" if preamble else "non_dicom"), None, None
-    sop_uid = _text(ds.get("SOPInstanceUID")) or _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPInstanceUID"))
+    try:
+        if "SeriesInstanceUID" not in ds:
+            media_class = _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID"))
+            if media_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+                return "non_dicom", None, None  # a DICOMDIR index: not an image, skip quietly
+            # every image (and SR/PR) has this tag; a preamble file without it was cut short
+            return ("corrupt" if preamble else "non_dicom"), None, None
+        sop_uid = _text(ds.get("SOPInstanceUID")) or _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPInstanceUID"))
+        for keyword in ("SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "ImageType",
+                        "ConvolutionKernel", "SliceThickness", "StudyInstanceUID", "SOPClassUID", "Manufacturer"):
+            _text(ds.get(keyword))  # convert now: scan_dicom_folder reads these for the series
+    except Exception:  # noqa: BLE001 - a malformed value makes the file corrupt
+        return ("corrupt" if preamble else "non_dicom"), None, None
     try:
         # touching values forces pydicom to convert them; a malformed value raises here
         hdr = SliceHeader(
