@@ -198,6 +198,10 @@ class ScrewMeasurement:
     rays_excluded: int = 0  # rays recognised as crossing a streak or leaving bone
     migration_mm: float | None = None
     halo_change_mm: float | None = None
+    # Pedicle breach (Gertzbein-Robbins): how far the shaft lies outside the pedicle cortex.
+    breach_mm: float | None = None
+    breach_grade: Literal["A", "B", "C", "D", "E"] | None = None
+    breach_direction: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "head_lps_mm", vec3(self.head_lps_mm))
@@ -244,12 +248,47 @@ class LevelMeasurement:
     instrumented: bool
     bridging_fraction: float
     fusion: Literal["fused", "partial", "not_fused"]
+    segmental_lordosis_deg: float | None = None
+    disc_height_mm: float | None = None
+    adjacent_to_fusion: bool = False
+    disc_height_change_mm: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "center_lps_mm", vec3(self.center_lps_mm))
         _check_fraction("bridging_fraction", self.bridging_fraction)
         if self.fusion not in ("fused", "partial", "not_fused"):
             raise ValueError(f"bad fusion class {self.fusion}")
+
+
+@dataclass(frozen=True)
+class FractureFinding:
+    """A gap across a rod or a screw shaft: where it is and how wide (LPS mm)."""
+
+    id: str
+    kind: Literal["rod", "screw"]
+    hardware_id: str
+    position_lps_mm: Vec3
+    gap_mm: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "position_lps_mm", vec3(self.position_lps_mm))
+        _check_nonneg("gap_mm", self.gap_mm)
+        if self.kind not in ("rod", "screw"):
+            raise ValueError(f"fracture kind must be rod or screw, got {self.kind}")
+
+
+def gertzbein_robbins_grade(breach_mm: float) -> str:
+    """Pedicle breach grade: A none, B < 2 mm, C 2-4 mm, D 4-6 mm, E >= 6 mm
+    (Gertzbein and Robbins, Spine 1990; CLINICAL.md)."""
+    if breach_mm <= 0.0:
+        return "A"
+    if breach_mm < 2.0:
+        return "B"
+    if breach_mm < 4.0:
+        return "C"
+    if breach_mm < 6.0:
+        return "D"
+    return "E"
 
 
 @dataclass(frozen=True)
@@ -263,7 +302,8 @@ class StudyResult:
     criteria: dict
     notes: tuple[str, ...] = ()
     status: Literal["draft", "confirmed"] = "draft"
-    extras: dict = field(default_factory=dict)  # optional sections (baseline comparison, ...)
+    extras: dict = field(default_factory=dict)
+    fractures: tuple[FractureFinding, ...] = ()  # optional sections (baseline comparison, ...)
 
 
 def as_plain(obj):
