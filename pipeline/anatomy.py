@@ -466,7 +466,7 @@ def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm
 
     ``prof`` runs from inside the body outward, past the disc expected at ``disc_mm``.
     The cortical endplate is the brightest point from ``window_mm`` before the disc centre
-    to 3 mm past it; the surround is the darkest 1 mm within 4 mm beyond it (disc tissue,
+    to 1 mm past it; the surround is the darkest 1 mm within 4 mm beyond it (disc tissue,
     or bone where the level is bridged); the surface is the half-way crossing between the
     two. Where no cortex stands out (thin endplates at coarse slices), the disc is the
     darkest 2 mm stretch near ``disc_mm`` and the surface the last half-way crossing
@@ -488,7 +488,7 @@ def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm
     inside = float(np.median(body))
     smooth = ndimage.uniform_filter1d(prof, max(1, int(1.0 / step_mm)))
     # 1. a cortical endplate standing out of both the body and what lies beyond it
-    pk_hi = min(int((disc_mm + 3.0) / step_mm), hi_i)
+    pk_hi = min(int((disc_mm + 1.0) / step_mm), hi_i)
     if pk_hi - lo_i >= 2:
         i_pk = lo_i + int(np.argmax(smooth[lo_i:pk_hi]))
         k = min(i_pk + int(4.0 / step_mm), n - 1)
@@ -549,8 +549,8 @@ def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direct
                 continue
             if not ok.all():
                 prof = prof[: int(np.argmin(ok))]  # the ray leaves the volume here
-            if prof[near:].size and prof[near:].max() >= metal_threshold_hu:
-                continue
+            if prof[near:].size and prof[near:].max() >= min(metal_threshold_hu, ENDPLATE_MAX_HU):
+                continue  # metal or its blooming near the endplate (a cage)
             e = endplate_edge_mm(prof, step_mm, disc_mm, window_mm)
             if e is None or e > (len(prof) - 1) * step_mm - 1.0:
                 continue
@@ -839,8 +839,14 @@ def find_vertebrae(volume: Volume, config: Config):
                      config.metal_threshold_hu)
         if i_r == len(rough) - 1 and discs and r["station"] > discs[-1]:
             # below the last disc: perhaps the sacrum; its fit must not look for an inferior
-            # endplate (there is none) nor let one tilt its axis
-            fs = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
+            # endplate (there is none) nor let one tilt its axis. The column curve bends
+            # away into the sacrum, so start from the body above: across the disc, S1's
+            # superior endplate faces that body's inferior one.
+            axis0, centre0 = r["axis"], r["centre"]
+            if fitted and fitted[-1]["inferior"] is not None:
+                axis0 = -np.asarray(fitted[-1]["inferior"][1])
+                centre0 = np.asarray(r["disc_above"]) - (r["half"] + 4.0) * axis0
+            fs = fit_body(volume, centre0, axis0, r["disc_above"], centre0 - (r["half"] + 4.0) * axis0,
                           config.metal_threshold_hu, superior_only=True)
             if fs is not None and fs["superior"] is not None:
                 sup_c, sup_n = fs["superior"]
