@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     _quiet_prefect(args.debug)
     if not args.debug:
         logging.getLogger("prefect").setLevel(logging.CRITICAL)
+        # pydicom logs a decoder's traceback at ERROR before raising; the one line says it
+        import pydicom  # noqa: F401 - importing pydicom sets its logger's level: quiet it after
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except KeyboardInterrupt:
