@@ -78,3 +78,26 @@ def adjacent_levels(level_names: list[str], instrumented: set[str]) -> set[str]:
         if any(nb in instrumented for nb in neighbours):
             adjacent.add(name)
     return adjacent
+
+
+def annotate_levels(levels, anatomy) -> list:
+    """The level measurements with segmental lordosis, disc height and the adjacent-segment
+    flag filled in from the anatomy's fitted endplates."""
+    from dataclasses import replace
+
+    by_name = {v.name: v for v in anatomy.vertebrae}
+    geo = {lv.name: lv for lv in anatomy.levels}
+    instrumented = {lv.level for lv in levels if lv.instrumented}
+    adjacent = adjacent_levels([lv.name for lv in anatomy.levels], instrumented)
+    out = []
+    for lv in levels:
+        g = geo.get(lv.level)
+        up = by_name.get(g.upper) if g else None
+        low = by_name.get(g.lower) if g else None
+        if g is None or up is None or low is None:
+            out.append(lv)
+            continue
+        out.append(replace(lv, segmental_lordosis_deg=round(segmental_lordosis_deg(up, low), 2),
+                           disc_height_mm=round(disc_height_mm(g, up, low), 2),
+                           adjacent_to_fusion=lv.level in adjacent))
+    return out

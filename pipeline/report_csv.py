@@ -17,17 +17,20 @@ from pipeline.results import StudyResult, as_plain
 SCREW_COLUMNS = [
     "id", "vertebra", "side", "head_lps_mm", "tip_lps_mm", "length_mm", "diameter_mm",
     "halo_mean_mm", "halo_max_mm", "halo_coverage", "loosening", "double_halo", "rays_used",
-    "rays_excluded", "migration_mm", "halo_change_mm",
+    "rays_excluded", "migration_mm", "halo_change_mm", "breach_mm", "breach_grade",
+    "breach_direction",
 ]
 CAGE_COLUMNS = [
     "id", "level", "material", "centroid_lps_mm", "subsidence_superior_mm",
     "subsidence_inferior_mm", "subsidence_mm", "subsidence_grade", "subsidence_change_mm",
 ]
-LEVEL_COLUMNS = ["level", "center_lps_mm", "instrumented", "bridging_fraction", "fusion"]
+LEVEL_COLUMNS = ["level", "center_lps_mm", "instrumented", "bridging_fraction", "fusion",
+                 "segmental_lordosis_deg", "disc_height_mm", "adjacent_to_fusion",
+                 "disc_height_change_mm"]
 
 # Plain names whose unit is not already in the name.
 RENAMES = {"halo_coverage": "halo_coverage_fraction", "rays_used": "rays_used_count",
-           "rays_excluded": "rays_excluded_count"}
+           "rays_excluded": "rays_excluded_count", "breach_grade": "breach_grade_gertzbein_robbins"}
 
 
 def _cell(value) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.results import (
     CageMeasurement,
+    FractureFinding,
     LevelMeasurement,
     ScrewMeasurement,
     StudyResult,
@@ -112,6 +113,7 @@ def build_measurements(result: StudyResult, volume=None) -> dict:
         "screws": [as_plain(s) for s in result.screws],
         "cages": [as_plain(c) for c in result.cages],
         "levels": [as_plain(lv) for lv in result.levels],
+        "fractures": [as_plain(f) for f in result.fractures],
         "notes": list(result.notes),
     }
     for key, value in (result.extras or {}).items():
@@ -136,7 +138,7 @@ def result_from_measurements(doc: dict) -> StudyResult:
     cages = tuple(CageMeasurement(**_pick(CageMeasurement, c)) for c in doc.get("cages", []))
     levels = tuple(LevelMeasurement(**_pick(LevelMeasurement, lv)) for lv in doc.get("levels", []))
     known = {"schema_version", "status", "software", "input", "criteria", "screws", "cages",
-             "levels", "notes"}
+             "levels", "notes", "fractures"}
     return StudyResult(
         screws=screws,
         cages=cages,
@@ -145,6 +147,7 @@ def result_from_measurements(doc: dict) -> StudyResult:
         criteria=dict(doc.get("criteria", {})),
         notes=tuple(doc.get("notes", ())),
         status=doc.get("status", "draft"),
+        fractures=tuple(FractureFinding(**_pick(FractureFinding, f)) for f in doc.get("fractures", [])),
         extras={k: v for k, v in doc.items() if k not in known},
     )
 

@@ -94,7 +94,11 @@ def detect_step(ref: VolumeRef, config: Config) -> Anatomy:
 
 def build_result(volume: Volume, anatomy: Anatomy, screws, cages, levels, config: Config,
                  extra_notes=()) -> StudyResult:
-    """Gather measurements into the one object every writer reads."""
+    """Gather measurements into the one object every writer reads; alignment (lordosis,
+    disc height, adjacent segments) comes from the endplates detection fitted."""
+    from pipeline.alignment import annotate_levels
+
+    levels = annotate_levels(levels, anatomy)
     meta = volume.meta
     inp = {
         "study_instance_uid": meta.get("study_instance_uid") or None,
