@@ -52,7 +52,7 @@ def task_runs(state) -> dict[str, tuple[str, int]]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
-            limit=500, sort=TaskRunSort.EXPECTED_START_TIME_DESC)
+            limit=200, sort=TaskRunSort.EXPECTED_START_TIME_DESC)
     return {r.name: (r.state.name, r.run_count) for r in runs}
 
 
