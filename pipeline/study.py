@@ -92,8 +92,40 @@ def detect_step(ref: VolumeRef, config: Config) -> Anatomy:
     return detect(ref.open(), config)
 
 
+def integrity_step(volume: Volume, anatomy: Anatomy, screws, config: Config):
+    """Hardware integrity beyond the halo: pedicle breach per screw (Gertzbein-Robbins) and
+    rod / screw fractures. Returns the screws with breach fields filled, and the fractures."""
+    from dataclasses import replace
+
+    from pipeline.breach import measure_breach
+    from pipeline.fracture import find_fractures
+
+    vertebrae = {v.name: v for v in anatomy.vertebrae}
+    geometry = {s.id: s for s in anatomy.screws}
+    out = []
+    for s in screws:
+        breach_mm, grade, direction = measure_breach(volume, geometry[s.id], vertebrae.get(s.vertebra), config)
+        out.append(replace(s, breach_mm=round(float(breach_mm), 2), breach_grade=grade,
+                           breach_direction=direction))
+    return out, find_fractures(volume, anatomy, config)
+
+
+def compare_step(prior_ref: VolumeRef, prior_anatomy: Anatomy, prior_screws, prior_cages, prior_levels,
+                 ref: VolumeRef, anatomy: Anatomy, screws, cages, levels, config: Config):
+    """Change since the prior study (``--baseline``): screw migration relative to its own
+    vertebra, halo change, subsidence change, disc height change. Returns the updated
+    screws, cages, levels and notes."""
+    from pipeline.alignment import annotate_levels
+    from pipeline.followup import compare_with_prior
+
+    return compare_with_prior(prior_ref.open(), prior_anatomy, prior_screws, prior_cages,
+                              annotate_levels(prior_levels, prior_anatomy), ref.open(), anatomy,
+                              screws, cages, annotate_levels(levels, anatomy),
+                              metal_threshold_hu=config.metal_threshold_hu)
+
+
 def build_result(volume: Volume, anatomy: Anatomy, screws, cages, levels, config: Config,
-                 extra_notes=()) -> StudyResult:
+                 extra_notes=(), fractures=(), baseline: dict | None = None) -> StudyResult:
     """Gather measurements into the one object every writer reads; alignment (lordosis,
     disc height, adjacent segments) comes from the endplates detection fitted."""
     from pipeline.alignment import annotate_levels
@@ -112,12 +144,23 @@ def build_result(volume: Volume, anatomy: Anatomy, screws, cages, levels, config
     notes = list(anatomy.notes) + list(extra_notes)
     if not anatomy.screws and not anatomy.cages:
         notes.append("No spinal hardware found in this study.")
+    extras = {"software_version": __version__}
+    if baseline is not None:
+        extras["baseline"] = baseline
     return StudyResult(screws=tuple(screws), cages=tuple(cages), levels=tuple(levels), input=inp,
-                       criteria=config.criteria.to_json(), notes=tuple(notes),
-                       extras={"software_version": __version__})
+                       criteria=config.criteria.to_json(), notes=tuple(notes), extras=extras,
+                       fractures=tuple(fractures))
 
 
-def analyze_study(input_path: str | Path, outdir: str | Path, config: Config | None = None) -> Path:
+def baseline_summary(prior_ref: VolumeRef) -> dict:
+    """What the report says about the prior study (UIDs only, no patient data)."""
+    meta = prior_ref.open().meta
+    return {"study_instance_uid": meta.get("study_instance_uid") or None,
+            "series_instance_uid": meta.get("series_instance_uid") or None}
+
+
+def analyze_study(input_path: str | Path, outdir: str | Path, config: Config | None = None,
+                  baseline_path: str | Path | None = None) -> Path:
     """Run every step in order without Prefect; returns the folder the results went to."""
     from pipeline.measure import measure_study
     from pipeline.outputs import write_outputs
@@ -127,7 +170,17 @@ def analyze_study(input_path: str | Path, outdir: str | Path, config: Config | N
     volume = ref.open()
     anatomy = detect_step(ref, config)
     screws, cages, levels, evidence = measure_study(volume, anatomy, config)
-    result = build_result(volume, anatomy, screws, cages, levels, config)
+    screws, fractures = integrity_step(volume, anatomy, screws, config)
+    notes, baseline = [], None
+    if baseline_path is not None:
+        prior_ref = load_step(baseline_path)
+        prior_anatomy = detect_step(prior_ref, config)
+        ps, pc, pl, _ = measure_study(prior_ref.open(), prior_anatomy, config)
+        screws, cages, levels, notes = compare_step(prior_ref, prior_anatomy, ps, pc, pl, ref, anatomy,
+                                                    screws, cages, levels, config)
+        baseline = baseline_summary(prior_ref)
+    result = build_result(volume, anatomy, screws, cages, levels, config, extra_notes=notes,
+                          fractures=fractures, baseline=baseline)
     return write_outputs(outdir, result, evidence, volume)
 
 
@@ -139,5 +192,6 @@ def check_input_path(input_path: str | Path) -> Path:
     return p
 
 
-__all__ = ["VolumeRef", "analyze_study", "build_result", "cache_root", "check_input_path",
-           "detect_step", "input_fingerprint", "load_step", "save_volume"]
+__all__ = ["VolumeRef", "analyze_study", "baseline_summary", "build_result", "cache_root",
+           "check_input_path", "compare_step", "detect_step", "input_fingerprint", "integrity_step",
+           "load_step", "save_volume"]
