@@ -186,6 +186,15 @@ def corrupt_jpeg2000_codestream(base):
     return base / "in", paths[4].name, ("JPEG 2000", "cannot be decoded")
 
 
+def corrupt_rle_frame(base):
+    paths = series(base / "in", transfer_syntax=RLELossless)
+    ds = pydicom.dcmread(paths[1])
+    # an RLE header announcing one segment where 16-bit pixels need two
+    ds.PixelData = encapsulate([b"\x01\x00\x00\x00" + b"\x40\x00\x00\x00" + bytes(56) + b"\x00\x05" * 4])
+    ds.save_as(paths[1], enforce_file_format=True)
+    return base / "in", paths[1].name, ("RLE",)
+
+
 def zero_pixel_spacing(base):
     def edit(k, ds):
         ds.PixelSpacing = ["0", "0"]
@@ -465,7 +474,7 @@ def nifti_four_d(base):
 CORPUS: dict[str, Case] = {f.__name__: f for f in (
     truncated_pixel_data, truncated_header, cut_before_pixel_data, missing_pixel_data,
     empty_file_in_place_of_a_slice, garbage_after_preamble, undecodable_transfer_syntax,
-    corrupt_jpeg2000_codestream, zero_pixel_spacing, negative_pixel_spacing, zero_slice_spacing,
+    corrupt_jpeg2000_codestream, corrupt_rle_frame, zero_pixel_spacing, negative_pixel_spacing, zero_slice_spacing,
     duplicate_slice_file, two_acquisitions_sharing_one_series_uid, missing_slice,
     mixed_frames_of_reference, mixed_orientation, shear_beyond_any_gantry_tilt, single_slice, absurd_image_size,
     absurd_pixel_spacing, nan_rescale_slope, overflow_after_rescale, infinite_rescale_intercept,
@@ -517,10 +526,11 @@ def prefect_env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["unicode_and_spaces_in_paths", "non_utf8_file_name"])
+@pytest.mark.parametrize("kind", ["unicode_and_spaces_in_paths", "non_utf8_file_name", "corrupt_rle_frame"])
 def test_fusionct_process_refuses_with_one_line_even_in_the_c_locale(tmp_path, kind):
     """The real console script in a fresh process, under LC_ALL=C (ASCII locale): unicode and
-    undecodable file names still give exit 2 and one line, no UnicodeEncodeError."""
+    undecodable file names still give exit 2 and one line, no UnicodeEncodeError; a corrupt
+    compressed frame gives one line too (no library's logged traceback before it)."""
     import subprocess
 
     inp, where, words = CORPUS[kind](tmp_path)
