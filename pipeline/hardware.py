@@ -12,8 +12,9 @@ elsewhere (a hip prosthesis, a surgical clip) is never taken for spinal hardware
   scanner's range, so the shaft reads as a clipped plateau whose blurred roll-off spreads
   *outward* from the true surface; a fixed threshold or the half-maximum of the clipped
   profile reads it about 1 mm too wide (Elliott and Slakey, CORR 2014). For a clipped
-  (saturated) plateau the surface is where the profile leaves the plateau, taken at 90 %
-  of the way from the local surround to the plateau; for an unclipped plateau (extended-HU
+  (saturated) plateau the surface is where the profile leaves the plateau, taken at 95 %
+  of the way from the local surround to the plateau, in the best-sampled directions; for an
+  unclipped plateau (extended-HU
   data) it is the half-maximum. Radii are the median over many radial profiles.
 * **Cages** (:func:`find_cages`): titanium cages are metal inside a disc space; PEEK cages
   are nearly bone-dense and are found through their tantalum marker pins (small, bright,
@@ -31,7 +32,7 @@ from pipeline.config import Config
 from pipeline.results import CageGeometry, DiscLevel, Rod, ScrewGeometry, Vertebra
 from pipeline.volume import Volume
 
-SATURATED_EDGE_LEVEL = 0.9   # fraction surround -> plateau at a clipped metal surface
+SATURATED_EDGE_LEVEL = 0.95  # fraction surround -> plateau at a clipped metal surface
 LINEAR_EDGE_LEVEL = 0.5      # half-maximum for an unclipped plateau
 SATURATION_MARGIN_HU = 100.0 # a plateau this close to the data maximum is clipped
 MIN_SHAFT_MM3 = 60.0         # metal in one pedicle/body below this is not a screw
@@ -97,20 +98,37 @@ def radial_profiles(volume: Volume, centres, axis, radii_mm, n_azimuth: int = 24
     return sample_lps(volume, pts)
 
 
-def true_radius_mm(volume: Volume, centres, axis, data_max_hu: float, max_radius_mm: float = 9.0,
-                   step_mm: float = 0.05, n_azimuth: int = 24) -> float | None:
-    """Median metal radius (mm) over radial profiles around ``axis`` at ``centres``.
+def voxel_extent_mm(volume: Volume, directions) -> np.ndarray:
+    """Extent (mm) of one voxel along each unit LPS direction (finer sampling = smaller)."""
+    d = np.asarray(directions, float).reshape(-1, 3)
+    return np.abs(d @ volume.direction) @ volume.spacing_mm
 
-    Per profile: the local surround is the median HU 1.5 to 3 mm outside the rough
-    (half-maximum) edge, then :func:`metal_edge_mm` gives the surface.
+
+def true_radius_mm(volume: Volume, centres, axis, data_max_hu: float, max_radius_mm: float = 9.0,
+                   step_mm: float = 0.02, n_azimuth: int = 24, finest: float = 1.15) -> float | None:
+    """Metal radius (mm) around ``axis`` at ``centres``, blooming removed.
+
+    Radial profiles are read only in the best-sampled directions (voxel extent within
+    ``finest`` x the smallest, e.g. in-plane for a screw lying in the slice plane): across
+    thick slices, interpolation between a clipped sample and the next moves the edge by up
+    to a slice. Per profile the local surround is the median HU 1.5 to 3 mm outside the
+    rough (half-maximum) edge and :func:`metal_edge_mm` gives the surface; the radius is
+    the median over stations and directions.
     """
+    e1, e2 = _perp_basis(axis)
+    ang = np.linspace(0.0, 2 * np.pi, n_azimuth, endpoint=False)
+    dirs = np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2
+    w = voxel_extent_mm(volume, dirs)
+    fine = w <= finest * w.min() + 1e-9
     r = np.arange(0.0, max_radius_mm, step_mm)
-    prof = radial_profiles(volume, centres, axis, r, n_azimuth).reshape(-1, r.size)
+    pts = (np.asarray(centres)[:, None, None, :]
+           + r[None, None, :, None] * dirs[fine][None, :, None, :])
+    prof = sample_lps(volume, pts).reshape(-1, r.size)
     out = []
     for p in prof:
-        plateau = float(p[: 10].max())
+        plateau = float(p[: int(0.5 / step_mm)].max())
         sat = is_saturated(plateau, data_max_hu)
-        rough = metal_edge_mm(p, r, float(np.median(p[-20:])), saturated=False)
+        rough = metal_edge_mm(p, r, float(np.median(p[-int(1.0 / step_mm):])), saturated=False)
         if rough is None:
             continue
         ring = p[(r >= rough + 1.5) & (r <= rough + 3.0)]
