@@ -344,12 +344,21 @@ def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(
                                "127.0.0.1", str(port), *files],
                               capture_output=True, text=True, timeout=180)
         assert sent.returncode == 0, sent.stderr[-2000:]
+        status_path = out / ".intake" / study_uid / "status.json"
+
+        def finished():
+            try:
+                return json.loads(status_path.read_text())["state"] in ("done", "failed")
+            except (OSError, ValueError, KeyError):
+                return False
+
+        assert wait_for(finished, 300, 0.5), log_path.read_text()[-3000:]
         result = out / study_uid / "measurements.json"
-        assert wait_for(result.exists, 300, 0.5), log_path.read_text()[-3000:]
+        assert result.exists(), log_path.read_text()[-3000:]
         doc = json.loads(result.read_text())
         assert doc["input"]["study_instance_uid"] == study_uid
         assert doc["input"]["series_instance_uid"] == truth["dicom"]["bone_series_uid"]
-        status = json.loads((out / ".intake" / study_uid / "status.json").read_text())
+        status = json.loads(status_path.read_text())
         assert status["state"] == "done" and status["instances"] == truth["dicom"]["n_files"]
         print(f"\nlast instance -> result: {status['seconds_from_last_instance']:.1f} s "
               f"(quiet 2.0 s, analysis {status['seconds_analysis']:.1f} s)")
