@@ -34,7 +34,7 @@ from scipy import ndimage
 from kernels.bridging import bridged_columns
 from kernels.halo import halo_widths
 from kernels.sampling import sample_rays
-from kernels.subsidence import rising_edges
+from kernels.subsidence import gaussian_kernel, rising_edges, steepest_edges
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.results import (
@@ -75,9 +75,9 @@ DOUBLE_HALO_MIN_RAYS = 10
 
 # --------------------------------------------------------------- subsidence (internal constants)
 RIM_GRID_MM = 1.5             # rim sample spacing in the endplate plane
-RIM_CAGE_GAP_MM = 3.0         # rim points keep this far from the cage footprint
+RIM_CAGE_GAP_MM = 2.0         # rim points keep this far from the cage footprint
 RIM_OUTLINE_MARGIN_MM = 3.0   # ... and this far inside the body outline
-RIM_MAX_DIST_MM = 12.0        # ... and within this of the footprint
+RIM_MAX_DIST_MM = 40.0        # ... and within this of the footprint
 RIM_RAY_START_MM = 3.0        # rim rays start this far into the disc
 RIM_RAY_DEPTH_MM = 5.0        # ... and run this far into the vertebra
 ENDPLATE_DETECT_HU = 420.0    # a blurred cortical endplate exceeds this; disc and graft do not
@@ -86,7 +86,11 @@ FACE_MARGIN_MM = 1.0          # face rays keep this far inside the face edges
 FACE_RAY_OUT_MM = 4.0         # face rays start this far outside the nominal face
 FACE_RAY_IN_MM = 3.0          # ... and end this far inside it
 FACE_TOL_MM = 2.5             # a face point farther than this from the nominal face is wrong
-PIN_DETECT_HU = 1500.0        # tantalum marker pins in PEEK
+PIN_DETECT_HU = 1500.0
+SATURATED_EDGE_FRACTION = 0.75  # see _metal_edges
+SATURATION_MARGIN_HU = 100.0  # a metal plateau this close to the data maximum is clipped
+EDGE_BACK_MM = 1.5            # the steepest rise is sought this far before the detect level
+EDGE_FWD_MM = 0.5             # ... and this far after it        # tantalum marker pins in PEEK
 PIN_RAY_OUT_MM = 3.0
 
 # ------------------------------------------------------------------ bridging (internal constants)
@@ -158,29 +162,30 @@ def _outline_coords(v: Vertebra, pts: np.ndarray) -> np.ndarray:
     return np.sqrt(((rel @ lr) / a) ** 2 + ((rel @ ap) / b) ** 2)
 
 
-def _robust_plane(points: np.ndarray, prior: Plane, n_iter: int = 4) -> Plane:
-    """Least-squares plane through ``points`` with iterative trimming of outliers (residual
-    above 3 robust SDs, at least 0.5 mm); the normal keeps the prior's orientation."""
+def _robust_plane(points: np.ndarray, prior: Plane) -> Plane:
+    """The endplate plane through rim ``points``: the prior (detected) endplate normal,
+    offset to the points' robust centre along it (median after dropping points more than 3
+    robust SDs, at least 0.5 mm, away).
+
+    The detected normal comes from the whole endplate; a plane tilted to a thin rim beside a
+    cage is far less certain (on thick slices the thin cortical endplate's apparent depth
+    varies with where it falls within a slice, which tilts a free fit by several degrees, a
+    millimetre at a cage corner), so only the offset is taken from the rim.
+    """
     pts = np.asarray(points, float)
-    keep = np.all(np.isfinite(pts), axis=1)
-    if keep.sum() < 6:
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    if len(pts) < 6:
         return prior
     n0 = np.asarray(prior.normal)
-    c = n = None
-    for _ in range(n_iter):
-        p = pts[keep]
-        c = p.mean(axis=0)
-        _, _, vt = np.linalg.svd(p - c, full_matrices=False)
-        n = vt[2] if vt[2] @ n0 >= 0 else -vt[2]
-        res = (pts - c) @ n
-        mad = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
-        new = np.all(np.isfinite(pts), axis=1) & (np.abs(res - np.median(res[keep])) <= max(3 * mad, 0.5))
-        if new.sum() < 6 or np.array_equal(new, keep):
-            break
-        keep = new
-    if n @ n0 < 0.8:  # a fit tilted > ~37 degrees from the prior is not this endplate
-        return prior
-    return Plane(c, n)
+    p0 = np.asarray(prior.point_lps_mm)
+    dist = (pts - p0) @ n0
+    med = np.median(dist)
+    mad = 1.4826 * np.median(np.abs(dist - med))
+    keep = np.abs(dist - med) <= max(3 * mad, 0.5)
+    off = float(np.median(dist[keep]))
+    centre = pts[keep].mean(axis=0)
+    centre = centre - ((centre - p0) @ n0 - off) * n0
+    return Plane(centre, n0)
 
 
 # ================================================================================ halo
@@ -536,11 +541,44 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     n = int((RIM_RAY_START_MM + RIM_RAY_DEPTH_MM) / step) + 1
     o = volume.lps_to_kji(starts)
     dk = np.tile(volume.direction_lps_to_kji(-n0), (len(starts), 1))
-    edge, _, _ = rising_edges(hu, np.ascontiguousarray(o), np.ascontiguousarray(dk), 0.0, step, n,
-                              5, ENDPLATE_DETECT_HU, int(1.5 / step), 0.5)
+    edge = _steepest(hu, o, dk, step, n, ENDPLATE_DETECT_HU, volume)
     ok = np.isfinite(edge)
     surf = starts[ok] - edge[ok, None] * n0
     return _robust_plane(surf, prior), surf
+
+
+def _steepest(hu, origins_kji, dirs_kji, step, n, detect_hu, volume) -> np.ndarray:
+    """Steepest rising edge (mm along the ray) of rays starting on the dark side; the
+    profile is smoothed over ~0.3 voxel so the edge is located sub-voxel."""
+    kern = gaussian_kernel(max(0.3 * float(volume.spacing_mm.min()) / step, 1.0))
+    return steepest_edges(hu, np.ascontiguousarray(origins_kji, dtype=float),
+                          np.ascontiguousarray(dirs_kji, dtype=float), 0.0, float(step), int(n), kern,
+                          float(detect_hu), int(round(EDGE_BACK_MM / step)), int(round(EDGE_FWD_MM / step)))
+
+
+def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu) -> np.ndarray:
+    """Edge of metal reached from outside (mm along the ray): the crossing of the level
+    ``SATURATED_EDGE_FRACTION`` (metal clipped at the top of the data range) or one half
+    (unclipped) of the way from the surround to the metal's plateau.
+
+    Why not half-max when clipped: the metal's true level is above the clip and blooming
+    lifts the voxels at its surface, so the true surface reads about three quarters of the
+    way up to the clip level (titanium ~3500 HU with a ~30 % blooming tail: at the surface
+    (metal + surround) / 2 plus half the tail); the half-max of the clipped step would sit
+    0.3-0.6 mm outside it.
+    """
+    o = np.ascontiguousarray(origins_kji, dtype=float)
+    d = np.ascontiguousarray(dirs_kji, dtype=float)
+    n_low = max(int(round(0.5 / step)), 1)
+    n_peak = int(round(2.0 / step))
+    data_max = float(hu.max()) if hu.size else 0.0
+    edge, low, peak = rising_edges(hu, o, d, 0.0, float(step), int(n), n_low, float(detect_hu), n_peak, 0.5)
+    sat = np.isfinite(peak) & (peak >= data_max - SATURATION_MARGIN_HU)
+    if sat.any():
+        e2, _, _ = rising_edges(hu, o[sat], d[sat], 0.0, float(step), int(n), n_low, float(detect_hu),
+                                n_peak, SATURATED_EDGE_FRACTION)
+        edge[sat] = e2
+    return edge
 
 
 def _face_points_titanium(volume, hu, cage: CageGeometry, sign: float, config: Config):
@@ -563,8 +601,7 @@ def _face_points_titanium(volume, hu, cage: CageGeometry, sign: float, config: C
     n = int((FACE_RAY_OUT_MM + FACE_RAY_IN_MM) / step) + 1
     ok_k = volume.lps_to_kji(starts)
     dk = np.tile(volume.direction_lps_to_kji(-o), (len(starts), 1))
-    edge, _, _ = rising_edges(hu, np.ascontiguousarray(ok_k), np.ascontiguousarray(dk), 0.0, step, n,
-                              5, config.metal_threshold_hu, int(2.0 / step), 0.5)
+    edge = _metal_edges(hu, ok_k, dk, step, n, config.metal_threshold_hu)
     face = starts - edge[:, None] * o
     nominal = (face - c) @ o - h0
     good = np.isfinite(edge) & (np.abs(nominal) <= FACE_TOL_MM)
@@ -604,9 +641,8 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
         start = cl + (h[0] + PIN_RAY_OUT_MM) * o
         step = min(0.05, 0.2 * float(volume.spacing_mm.min()))
         n = int((h[0] + PIN_RAY_OUT_MM) / step) + 1
-        edge, _, _ = rising_edges(hu, np.ascontiguousarray(volume.lps_to_kji(start[None])),
-                                  np.ascontiguousarray(volume.direction_lps_to_kji(-o)[None]),
-                                  0.0, step, n, 5, PIN_DETECT_HU, int(2.0 / step), 0.5)
+        edge = _metal_edges(hu, volume.lps_to_kji(start[None]), volume.direction_lps_to_kji(-o)[None],
+                            step, n, PIN_DETECT_HU)
         if not np.isfinite(edge[0]):
             continue
         end = start - edge[0] * o
@@ -615,33 +651,22 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
 
 
 def _deepest_point(face_pts: np.ndarray, cage: CageGeometry, sign: float, plane: Plane):
-    """The cage's deepest point past ``plane``: a plane fitted to the face points is
-    evaluated at the face's four corners (the deepest point of a flat face is a corner).
-    Returns (depth_mm, point_lps)."""
+    """The cage's deepest point past ``plane``. The face is the cage box's own face (the
+    detected axes), placed at the robust median of the measured face points; its deepest
+    point past the plane is one of its four corners. Returns (depth_mm, point_lps)."""
     c = np.asarray(cage.centroid_lps_mm)
     A = np.asarray(cage.axes)
     h = np.asarray(cage.half_sizes_mm)
     o = sign * A[0]
-    corners_uv = np.array([[s1 * h[1], s2 * h[2]] for s1 in (-1, 1) for s2 in (-1, 1)])
-    if len(face_pts) >= 3:
-        uv = (face_pts - c) @ A[1:].T
+    if len(face_pts):
         z = (face_pts - c) @ o
-        M = np.column_stack([np.ones(len(uv)), uv])
-        keep = np.ones(len(z), bool)
-        for _ in range(3):
-            coef, *_ = np.linalg.lstsq(M[keep], z[keep], rcond=None)
-            res = z - M @ coef
-            mad = 1.4826 * np.median(np.abs(res[keep]))
-            new = np.abs(res) <= max(3 * mad, 0.3)
-            if new.sum() < 3 or np.array_equal(new, keep):
-                break
-            keep = new
-        zc = coef[0] + corners_uv @ coef[1:]
-    elif len(face_pts):
-        zc = np.full(4, float(np.median((face_pts - c) @ o)))
+        med = np.median(z)
+        mad = 1.4826 * np.median(np.abs(z - med))
+        z_face = float(np.median(z[np.abs(z - med) <= max(3 * mad, 0.3)]))
     else:
-        zc = np.full(4, h[0])
-    corners = c + zc[:, None] * o + corners_uv[:, :1] * A[1] + corners_uv[:, 1:] * A[2]
+        z_face = float(h[0])
+    corners = np.array([c + z_face * o + s1 * h[1] * A[1] + s2 * h[2] * A[2]
+                        for s1 in (-1, 1) for s2 in (-1, 1)])
     depth = -plane.signed_distance_mm(corners)
     k = int(np.argmax(depth))
     return float(depth[k]), corners[k]
