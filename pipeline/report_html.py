@@ -99,6 +99,41 @@ def level_summary(lv: LevelMeasurement) -> str:
     return f"bridging {fmt_frac(lv.bridging_fraction)} – {lv.fusion.replace('_', ' ')}"
 
 
+def alignment_summary(lv: LevelMeasurement) -> str:
+    """Segmental lordosis and disc height (with change and the adjacent-segment flag)."""
+    parts = []
+    if lv.segmental_lordosis_deg is not None:
+        parts.append(f"segmental lordosis {lv.segmental_lordosis_deg:.1f}°")
+    if lv.disc_height_mm is not None:
+        parts.append(f"disc height {fmt_mm(lv.disc_height_mm)}")
+    if lv.disc_height_change_mm is not None:
+        parts.append(f"change since prior {fmt_mm(lv.disc_height_change_mm)}")
+    if lv.adjacent_to_fusion:
+        parts.append("adjacent to the fusion")
+    return ", ".join(parts)
+
+
+def breach_summary(s: ScrewMeasurement) -> str:
+    """Pedicle breach, Gertzbein-Robbins grade (A none, B < 2, C 2-4, D 4-6, E >= 6 mm)."""
+    if s.breach_grade is None:
+        return ""
+    where = f" {s.breach_direction}" if s.breach_direction else ""
+    return f"Pedicle breach {fmt_mm(s.breach_mm)}{where}, Gertzbein-Robbins grade {s.breach_grade}."
+
+
+def fracture_section(result: StudyResult) -> str:
+    """Rod and screw fractures: where the gap is and how wide."""
+    out = ["<h2>Rod and screw fractures</h2>"]
+    if not result.fractures:
+        out.append("<p>No rod or screw fracture found.</p>")
+    for f in result.fractures:
+        pos = ", ".join(f"{x:.1f}" for x in f.position_lps_mm)
+        out.append(f'<div class="finding" id="fracture-{esc(f.id)}"><span class="flag"><b>'
+                   f"{esc(f.kind.capitalize())} fracture on {esc(f.hardware_id)}</b></span>: gap "
+                   f"{fmt_mm(f.gap_mm)} at LPS ({esc(pos)}) mm {_badge(result.status)}</div>")
+    return "".join(out)
+
+
 def _vertebrae_of(level_name: str) -> tuple[str, str]:
     parts = level_name.split("-")
     return (parts[0], parts[-1]) if len(parts) >= 2 else (level_name, level_name)
@@ -170,7 +205,7 @@ def level_table(result: StudyResult) -> str:
     """The per-level table: level, instrumented, bridging, fusion, cages, screws by vertebra."""
     head = ("<tr><th>Level</th><th>Instrumented</th><th>Bridging fraction</th><th>Fusion</th>"
             "<th>Cages (subsidence)</th><th>Screws, upper vertebra</th>"
-            "<th>Screws, lower vertebra</th></tr>")
+            "<th>Screws, lower vertebra</th><th>Alignment</th></tr>")
     rows = []
     for lv in result.levels:
         up, low = _vertebrae_of(lv.level)
@@ -191,7 +226,8 @@ def level_table(result: StudyResult) -> str:
         rows.append(
             f'<tr id="row-{esc(lv.level)}"><td>{esc(lv.level)}</td><td>{"yes" if lv.instrumented else "no"}</td>'
             f"<td>{fmt_frac(lv.bridging_fraction)}</td><td>{fusion} {_badge(result.status)}</td>"
-            f"<td>{cage_html}</td><td>{screws_of(up)}</td><td>{screws_of(low)}</td></tr>")
+            f"<td>{cage_html}</td><td>{screws_of(up)}</td><td>{screws_of(low)}</td>"
+            f"<td>{esc(alignment_summary(lv)) or '–'}</td></tr>")
     listed = {v for lv in result.levels for v in _vertebrae_of(lv.level)}
     orphans = [s for s in result.screws if s.vertebra not in listed]
     extra = ""
@@ -209,12 +245,16 @@ def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -
         figs = "".join(img_tag(f, f"screw {s.id}") for f in figures.get(key, []))
         excl = (f"<br>Rays used {s.rays_used}, excluded {s.rays_excluded}."
                 if (s.rays_used or s.rays_excluded) else "")
+        breach = breach_summary(s)
+        if breach:
+            breach = ("<br>" + (f'<span class="flag">{esc(breach)}</span>' if s.breach_grade not in ("A", "B")
+                                else esc(breach)))
         mig = f"<br>Migration since prior: {fmt_mm(s.migration_mm)}." if s.migration_mm is not None else ""
         if s.halo_change_mm is not None:
             mig += f"<br>Halo change since prior: {fmt_mm(s.halo_change_mm)}."
         out.append(f'<div class="finding" id="{esc(key)}"><b>{esc(screw_summary(s))}</b> '
                    f"{_badge(result.status)}<br>Length {fmt_mm(s.length_mm)}, diameter "
-                   f"{fmt_mm(s.diameter_mm)}.{excl}{mig}<br>{figs or '<i>no image</i>'}</div>")
+                   f"{fmt_mm(s.diameter_mm)}.{breach}{excl}{mig}<br>{figs or '<i>no image</i>'}</div>")
     if not result.screws:
         out.append("<p>No screws found.</p>")
     out.append("<h2>Cages</h2>")
@@ -232,9 +272,11 @@ def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -
     for lv in result.levels:
         key = finding_key("level", lv.level)
         figs = "".join(img_tag(f, f"level {lv.level}") for f in figures.get(key, []))
+        align = alignment_summary(lv)
         out.append(f'<div class="finding" id="{esc(key)}"><b>{esc(lv.level)}: '
                    f"{esc(level_summary(lv))}</b> {_badge(result.status)}<br>"
-                   f"{figs or '<i>no image</i>'}</div>")
+                   f"{esc(align) + '.<br>' if align else ''}{figs or '<i>no image</i>'}</div>")
+    out.append(fracture_section(result))
     return "".join(out)
 
 

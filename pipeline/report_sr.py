@@ -31,7 +31,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from pipeline import __version__
-from pipeline.results import CageMeasurement, LevelMeasurement, ScrewMeasurement, StudyResult
+from pipeline.results import (CageMeasurement, FractureFinding, LevelMeasurement, ScrewMeasurement,
+                              StudyResult)
 
 PRIVATE_SCHEME = "99FUSIONCT"
 SR_SERIES_NUMBER = 9901
@@ -69,7 +70,16 @@ FUSION_CODES = {
     "partial": _fc("FCT041", "Partially fused"),
     "not_fused": _fc("FCT042", "Not fused"),
 }
+C_BREACH = _fc("FCT050", "Pedicle breach distance")
+C_BREACH_GRADE = _fc("FCT051", "Pedicle breach Gertzbein-Robbins grade")
+BREACH_CODES = {g: _fc(f"FCT05{i + 2}", f"Gertzbein-Robbins grade {g}") for i, g in enumerate("ABCDE")}
+C_LORDOSIS = _fc("FCT060", "Segmental lordosis")
+C_DISC_HEIGHT = _fc("FCT061", "Disc height")
+C_DISC_HEIGHT_CHANGE = _fc("FCT062", "Disc height change since prior CT")
+C_FRACTURE_GAP = _fc("FCT070", "Fracture gap width")
+FRACTURE_TYPES = {"rod": _fc("FCT071", "Rod fracture"), "screw": _fc("FCT072", "Screw shaft fracture")}
 UNIT_MM = CodedConcept(value="mm", scheme_designator="UCUM", meaning="millimeter")
+UNIT_DEG = CodedConcept(value="deg", scheme_designator="UCUM", meaning="degree")
 UNIT_RATIO = CodedConcept(value="{ratio}", scheme_designator="UCUM", meaning="ratio")
 
 PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
@@ -252,9 +262,13 @@ def screw_group(s: ScrewMeasurement, study_uid, index: SliceIndex,
         measurements.append(_num(C_MIGRATION, s.migration_mm, UNIT_MM))
     if s.halo_change_mm is not None:
         measurements.append(_num(C_HALO_CHANGE, s.halo_change_mm, UNIT_MM))
+    if s.breach_mm is not None:
+        measurements.append(_num(C_BREACH, s.breach_mm, UNIT_MM))
     yes_no = lambda b: codes.SCT.Present if b else codes.SCT.Absent  # noqa: E731
     qual = [hd.sr.QualitativeEvaluation(C_LOOSENING, yes_no(s.loosening)),
             hd.sr.QualitativeEvaluation(C_DOUBLE_HALO, yes_no(s.double_halo))]
+    if s.breach_grade in BREACH_CODES:
+        qual.append(hd.sr.QualitativeEvaluation(C_BREACH_GRADE, BREACH_CODES[s.breach_grade]))
     mid = (np.asarray(s.head_lps_mm) + np.asarray(s.tip_lps_mm)) / 2
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, "screw", s.id),
@@ -301,10 +315,34 @@ def level_group(lv: LevelMeasurement, study_uid, index: SliceIndex,
         finding_type=C_FUSION_ASSESSMENT,
         algorithm_id=_algorithm(),
         finding_sites=sites,
-        measurements=[_num(C_BRIDGING, lv.bridging_fraction, UNIT_RATIO,
-                           _where(frame_uid, [lv.center_lps_mm]))],
+        measurements=level_measurements(lv, frame_uid),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(C_FUSION, FUSION_CODES[lv.fusion])],
         source_images=_source_images(index, lv.center_lps_mm),
+    )
+
+
+def level_measurements(lv: LevelMeasurement, frame_uid: str | None) -> list:
+    """Bridging fraction, and where measured: segmental lordosis, disc height and its change."""
+    out = [_num(C_BRIDGING, lv.bridging_fraction, UNIT_RATIO, _where(frame_uid, [lv.center_lps_mm]))]
+    if lv.segmental_lordosis_deg is not None:
+        out.append(_num(C_LORDOSIS, lv.segmental_lordosis_deg, UNIT_DEG))
+    if lv.disc_height_mm is not None:
+        out.append(_num(C_DISC_HEIGHT, lv.disc_height_mm, UNIT_MM))
+    if lv.disc_height_change_mm is not None:
+        out.append(_num(C_DISC_HEIGHT_CHANGE, lv.disc_height_change_mm, UNIT_MM))
+    return out
+
+
+def fracture_group(f: FractureFinding, study_uid, index: SliceIndex,
+                   frame_uid: str | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one rod or screw fracture: the gap width at its 3D position."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, "fracture", f.id),
+                                                     identifier=f.id),
+        finding_type=FRACTURE_TYPES[f.kind],
+        algorithm_id=_algorithm(),
+        measurements=[_num(C_FRACTURE_GAP, f.gap_mm, UNIT_MM, _where(frame_uid, [f.position_lps_mm]))],
+        source_images=_source_images(index, f.position_lps_mm),
     )
 
 
@@ -315,7 +353,8 @@ def measurement_report(result: StudyResult, headers: Sequence[Dataset]) -> hd.sr
     frame_uid = str(headers[0].get("FrameOfReferenceUID", "") or "") or None
     groups = ([screw_group(s, study_uid, index, frame_uid) for s in result.screws]
               + [cage_group(c, study_uid, index, frame_uid) for c in result.cages]
-              + [level_group(lv, study_uid, index, frame_uid) for lv in result.levels])
+              + [level_group(lv, study_uid, index, frame_uid) for lv in result.levels]
+              + [fracture_group(f, study_uid, index, frame_uid) for f in result.fractures])
     used = {}
     # Image library: only the images the groups reference (a whole series would bloat it).
     ref_uids = set()
@@ -323,7 +362,8 @@ def measurement_report(result: StudyResult, headers: Sequence[Dataset]) -> hd.sr
         ds = index.nearest((np.asarray(s.head_lps_mm) + np.asarray(s.tip_lps_mm)) / 2)
         if ds is not None:
             ref_uids.add(ds.SOPInstanceUID)
-    for p in [c.centroid_lps_mm for c in result.cages] + [lv.center_lps_mm for lv in result.levels]:
+    for p in ([c.centroid_lps_mm for c in result.cages] + [lv.center_lps_mm for lv in result.levels]
+              + [f.position_lps_mm for f in result.fractures]):
         ds = index.nearest(p)
         if ds is not None:
             ref_uids.add(ds.SOPInstanceUID)

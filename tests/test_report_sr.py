@@ -183,3 +183,40 @@ def test_screw_shafts_are_located_in_the_source_frame_of_reference(sr_study):
     assert len(lines) == len(truth["screws"])
     for s, line in zip(truth["screws"], lines):
         assert line == pytest.approx(list(s["head_lps_mm"]) + list(s["tip_lps_mm"]), abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def sr_with_integrity(tmp_path_factory):
+    """The same study with breach, alignment and a rod fracture filled in (issue 8 fields)."""
+    from dataclasses import replace
+
+    from pipeline.results import FractureFinding
+
+    tmp = tmp_path_factory.mktemp("sr8")
+    vol, truth = dicom_study(tmp)
+    result = truth_result(truth)
+    screws = tuple(replace(s, breach_mm=3.1, breach_grade="C", breach_direction="lateral") if i == 0
+                   else replace(s, breach_mm=0.0, breach_grade="A") for i, s in enumerate(result.screws))
+    levels = tuple(replace(lv, segmental_lordosis_deg=8.5, disc_height_mm=9.7, adjacent_to_fusion=True)
+                   for lv in result.levels)
+    rod = truth["rods"][0]
+    frac = FractureFinding(id="rod-left-fracture1", kind="rod", hardware_id=rod["id"],
+                           position_lps_mm=rod["points_lps_mm"][0], gap_mm=1.4)
+    result = replace(result, screws=screws, levels=levels, fractures=(frac,))
+    out = write_outputs(tmp / "out", result, truth_evidence(truth), vol)
+    return out / "report_sr.dcm", result
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None or shutil.which("dsrdump") is None,
+                    reason="dciodvfy (dicom3tools) or dsrdump (dcmtk) not installed")
+def test_sr_carries_breach_alignment_and_fracture_and_stays_valid(sr_with_integrity):
+    path, result = sr_with_integrity
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    assert [ln for ln in (run.stdout + run.stderr).splitlines() if "Error" in ln] == []
+    text = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=120).stdout
+    assert '"Pedicle breach distance")="3.1" (mm,UCUM' in text
+    assert '(FCT054,99FUSIONCT,"Gertzbein-Robbins grade C")' in text
+    assert '"Segmental lordosis")="8.5" (deg,UCUM' in text
+    assert '"Disc height")="9.7" (mm,UCUM' in text
+    assert '"Rod fracture"' in text and '"Fracture gap width")="1.4" (mm,UCUM' in text
+    assert f'"Tracking Identifier")="{result.fractures[0].id}"' in text
