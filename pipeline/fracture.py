@@ -1,0 +1,337 @@
+"""Rod and screw fractures: a gap across a rod or a screw shaft, located and measured.
+
+A fracture of a rod or a shaft is a thin slab where metal is missing. Sampled along the
+hardware's centre line the HU profile is a metal plateau that drops into the gap and comes
+back (:func:`centreline_profile`). Three things make this less simple than a threshold:
+
+* **Clipping and blooming.** Titanium is far beyond a 12-bit scanner's range: the plateau
+  is clipped (3071 HU) and the blurred metal on both sides of the gap spills into it. At
+  coarse spacing a 1 mm gap can stay above the 2200 HU metal threshold and only shows as a
+  shallow dip below the plateau. So a gap is any dip *below the plateau* that is deeper
+  than the plateau's own noise (:func:`find_dips`), not a fall below the metal threshold.
+* **Width.** The half-maximum of such a dip is not its width (a shallow dip's depth, not
+  its width, carries the information). We model the dip as the sum of the two broken
+  ends' edge responses, ``p(s) = min(C, B + (E(s - s0 + w/2) - B) + (E(s0 + w/2 - s) - B))``
+  where ``E(x)`` is the HU at distance ``x`` outside a metal surface (measured on the same
+  rod or shaft's own sides, from its true radius, and scaled to the axis direction by the
+  voxel extent along it), ``B`` the surrounding tissue and ``C`` the plateau; the gap
+  width ``w`` and centre ``s0`` are the least-squares fit (:func:`fit_gap`). For a wide gap
+  this reduces to the distance between the two half-maximum crossings, corrected for the
+  metal's spill; for a shallow one it reads the width from the depth.
+* **False gaps.** Rod ends and screw tips fall and never come back; a tulip or the rod
+  passing through it only adds metal; streaks are in-plane bands that touch a few of the
+  parallel lines sampled across the rod's core (the profile is their median). A dip must
+  come back to the plateau on both sides, be deeper than ``DIP_MIN_HU`` (and several
+  plateau noise SDs) over at least ``DIP_MIN_LENGTH_MM``.
+
+Tuned on the phantoms of :mod:`sample_data.phantom` at 0.35-0.8 mm in-plane / 0.6-1.5 mm
+slices (tests/test_fracture.py). Rod fracture is clinically common after long constructs
+and osteotomies (6.8 %, 15.8 % after pedicle subtraction osteotomy; CLINICAL.md) and usually
+means pseudarthrosis.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.sampling import sample_points
+from pipeline.config import Config
+from pipeline.results import Anatomy, FractureFinding, Rod, ScrewGeometry
+from pipeline.volume import Volume
+
+STEP_MM = 0.1                 # sampling step along the centre line
+CORE_FRACTION = 0.45          # parallel lines at this fraction of the radius around the axis
+N_CORE_LINES = 6              # ... this many, plus the axis itself
+END_PAD_MM = 4.0              # sample this far beyond the hardware's ends
+DIP_MIN_HU = 12.0             # a dip shallower than this below the plateau is not a gap
+DIP_NOISE_K = 6.0             # ... nor one within this many plateau noise SDs
+DIP_MIN_LENGTH_MM = 0.3       # ... nor one shorter than this (a sampling blip)
+RETURN_MM = 1.5               # the plateau must hold this far on both sides of a gap
+ESF_RANGE_MM = (-1.0, 6.0)    # edge response sampled from the true surface outward
+ESF_AZIMUTHS = 12
+ESF_STATION_QUANTILE = 25     # percentile over rays: tulips/neighbours only add metal
+ESF_NEAREST = 48              # rays nearest in grid crossing that make one edge response
+BACKGROUND_MM = (4.0, 6.0)    # surrounding tissue this far outside the surface
+MAX_GAP_MM = 15.0
+ROD_JOIN_MM = 12.0            # same-side rod pieces this close end to end are one rod
+
+
+# ------------------------------------------------------------------------------ geometry
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, float)
+    return v / np.linalg.norm(v)
+
+
+def _perp_frame(axis) -> tuple[np.ndarray, np.ndarray]:
+    ax = _unit(axis)
+    ref = np.array([0.0, 0.0, 1.0]) if abs(ax[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    e1 = _unit(ref - (ref @ ax) * ax)
+    return e1, np.cross(ax, e1)
+
+
+def voxel_extent_mm(volume: Volume, dirs_lps) -> np.ndarray:
+    """Voxel extent (mm) along unit LPS directions, ``sqrt(sum((n_ijk * spacing)^2))``: how
+    far the voxel grid (partial volume, PSF) smears an edge crossed along that direction."""
+    d = np.atleast_2d(np.asarray(dirs_lps, float))
+    n_ijk = d @ volume.direction
+    return np.sqrt(((n_ijk * volume.spacing_mm[None, :]) ** 2).sum(axis=1))
+
+
+def polyline_points(points_lps_mm, s_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points (n, 3) and unit tangents (n, 3) at arc lengths ``s_mm`` along a polyline
+    (extrapolated straight beyond both ends)."""
+    P = np.asarray(points_lps_mm, float)
+    seg = np.diff(P, axis=0)
+    L = np.linalg.norm(seg, axis=1)
+    keep = L > 1e-6
+    P = np.vstack([P[:1], P[1:][keep]])
+    seg, L = seg[keep], L[keep]
+    cum = np.concatenate([[0.0], np.cumsum(L)])
+    k = np.clip(np.searchsorted(cum, s_mm, side="right") - 1, 0, len(L) - 1)
+    tan = seg[k] / L[k][:, None]
+    return P[k] + (s_mm - cum[k])[:, None] * tan, tan
+
+
+def polyline_length_mm(points_lps_mm) -> float:
+    P = np.asarray(points_lps_mm, float)
+    return float(np.linalg.norm(np.diff(P, axis=0), axis=1).sum())
+
+
+# ------------------------------------------------------------------------------ sampling
+def _sample(volume: Volume, hu: np.ndarray, pts_lps: np.ndarray) -> np.ndarray:
+    shape = pts_lps.shape[:-1]
+    kji = np.ascontiguousarray(volume.lps_to_kji(pts_lps.reshape(-1, 3)), dtype=np.float64)
+    return sample_points(hu, kji).reshape(shape)
+
+
+def centreline_profile(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm: float,
+                       s_mm: np.ndarray) -> np.ndarray:
+    """HU along a rod / shaft centre line at arc lengths ``s_mm``: per station the median of
+    the axis and ``N_CORE_LINES`` parallel lines at ``CORE_FRACTION`` of the radius (a gap
+    cuts them all; a streak or a slightly off-centre line touches only some)."""
+    c, tan = polyline_points(points_lps_mm, s_mm)
+    ang = 2 * np.pi * np.arange(N_CORE_LINES) / N_CORE_LINES
+    off = [np.zeros_like(c)]
+    for a in ang:
+        e1 = np.cross(tan, np.where(np.abs(tan[:, 2:3]) < 0.9, [[0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0]]))
+        e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+        e2 = np.cross(tan, e1)
+        off.append(CORE_FRACTION * radius_mm * (np.cos(a) * e1 + np.sin(a) * e2))
+    pts = c[None, :, :] + np.stack(off)
+    return np.median(_sample(volume, hu, pts), axis=0)
+
+
+def grid_key(volume: Volume, dirs_lps) -> np.ndarray:
+    """How a direction crosses the voxel grid: (in-plane extent, slice extent) in mm of a
+    unit step along it. The PSF and partial volume of a CT volume are aligned with its
+    grid (in-plane and through-slice differ), so edges crossed along directions with the
+    same key are smeared alike."""
+    d = np.atleast_2d(np.asarray(dirs_lps, float))
+    ext = np.abs(d @ volume.direction) * volume.spacing_mm[None, :]
+    return np.column_stack([np.hypot(ext[:, 0], ext[:, 1]), ext[:, 2]])
+
+
+class EdgeLibrary:
+    """Edge responses of the study's own metal, measured on the sides of its rods and
+    shafts from their true radius outward, keyed by how each ray crosses the voxel grid.
+
+    ``response(axis)`` gives ``E(x)`` (HU at distance ``x`` outside a metal face crossed
+    along ``axis``): the ``ESF_STATION_QUANTILE`` percentile of the ``ESF_NEAREST`` rays
+    whose :func:`grid_key` is nearest the axis's (tulips and neighbouring metal only add HU,
+    so a low percentile keeps the clean sides). ``background_hu``: surrounding tissue.
+    """
+
+    def __init__(self, x_mm: np.ndarray):
+        self.x_mm = x_mm
+        self._keys: list = []
+        self._curves: list = []
+        self._bg: list = []
+
+    def add(self, volume: Volume, hu: np.ndarray, stations_lps: np.ndarray, axes: np.ndarray,
+            radius_mm: float) -> None:
+        ang = 2 * np.pi * np.arange(ESF_AZIMUTHS) / ESF_AZIMUTHS
+        rho = np.arange(ESF_RANGE_MM[0], BACKGROUND_MM[1] + 1e-9, STEP_MM)
+        far = (rho >= BACKGROUND_MM[0]) & (rho <= BACKGROUND_MM[1])
+        for c, ax in zip(stations_lps, axes):
+            e1, e2 = _perp_frame(ax)
+            dirs = np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2
+            pts = c[None, None, :] + (radius_mm + rho)[None, :, None] * dirs[:, None, :]
+            prof = _sample(volume, hu, pts)                       # (az, rho)
+            self._keys.append(grid_key(volume, dirs))
+            self._curves.append(np.array([np.interp(self.x_mm, rho, p) for p in prof]))
+            self._bg.append(np.median(prof[:, far], axis=1))
+
+    @property
+    def background_hu(self) -> float:
+        return float(np.median(np.concatenate(self._bg)))
+
+    def response(self, volume: Volume, axis) -> np.ndarray:
+        keys = np.concatenate(self._keys)
+        curves = np.concatenate(self._curves)
+        d = np.linalg.norm(keys - grid_key(volume, axis)[0], axis=1)
+        near = np.argsort(d, kind="stable")[:ESF_NEAREST]
+        E = np.percentile(curves[near], ESF_STATION_QUANTILE, axis=0)
+        return np.minimum.accumulate(E)  # an edge response only falls outward
+
+
+# ---------------------------------------------------------------------------------- dips
+def plateau_level(profile_hu: np.ndarray) -> tuple[float, float]:
+    """The metal plateau (HU) of a centre-line profile and its noise SD (robust).
+
+    The plateau is the 90th percentile of the profile's metal part (above the half-way
+    level between its 5th percentile and maximum); its noise is 1.4826 x the MAD of the
+    samples within 10 % of it (zero on a clipped plateau)."""
+    p = np.asarray(profile_hu, float)
+    lo, hi = np.percentile(p, 5), p.max()
+    metal = p[p > lo + 0.5 * (hi - lo)]
+    C = float(np.percentile(metal, 90))
+    near = metal[metal > C - 0.1 * (C - lo)]
+    noise = 1.4826 * float(np.median(np.abs(near - np.median(near)))) if near.size else 0.0
+    return C, noise
+
+
+def find_dips(profile_hu: np.ndarray, plateau_hu: float, threshold_hu: float,
+              step_mm: float, return_mm: float = RETURN_MM,
+              min_length_mm: float = DIP_MIN_LENGTH_MM) -> list[tuple[int, int]]:
+    """Index ranges ``[a, b)`` where the profile sits more than ``threshold_hu`` below the
+    plateau and comes back to it on both sides (within ``threshold_hu``, held for
+    ``return_mm``): gaps, not ends. Runs shorter than ``min_length_mm`` are dropped."""
+    p = np.asarray(profile_hu, float)
+    low = p < plateau_hu - threshold_hu
+    at_plateau = p >= plateau_hu - threshold_hu
+    n_ret = max(1, int(round(return_mm / step_mm)))
+    out = []
+    i, n = 0, len(p)
+    while i < n:
+        if not low[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and low[j]:
+            j += 1
+        if (j - i) * step_mm >= min_length_mm and i - n_ret >= 0 and j + n_ret <= n \
+                and at_plateau[i - n_ret:i].all() and at_plateau[j:j + n_ret].all():
+            out.append((i, j))
+        i = j
+    return out
+
+
+def gap_model(s_mm: np.ndarray, s0_mm: float, width_mm: float, esf_x_mm: np.ndarray,
+              esf_hu: np.ndarray, background_hu: float, plateau_hu: float) -> np.ndarray:
+    """Predicted profile across a gap of ``width_mm`` centred at ``s0_mm`` (module doc):
+    the two broken ends' edge responses added over the background, capped at the plateau."""
+    d1 = (s_mm - s0_mm) + 0.5 * width_mm      # distance outside the lower end's face
+    d2 = (s0_mm - s_mm) + 0.5 * width_mm      # ... and the upper end's
+    e1 = np.interp(d1, esf_x_mm, esf_hu, left=plateau_hu)   # deeper inside: the plateau
+    e2 = np.interp(d2, esf_x_mm, esf_hu, left=plateau_hu)
+    pred = e1 + e2 - background_hu
+    return np.minimum(pred, plateau_hu)
+
+
+def fit_gap(s_mm: np.ndarray, profile_hu: np.ndarray, s_guess_mm: float, esf_x_mm: np.ndarray,
+            esf_hu: np.ndarray, background_hu: float, plateau_hu: float,
+            max_width_mm: float = MAX_GAP_MM) -> tuple[float, float]:
+    """Least-squares gap centre and width (mm) for the dip near ``s_guess_mm`` under
+    :func:`gap_model`: a coarse grid over (centre, width) refined twice."""
+    best = (np.inf, s_guess_mm, 1.0)
+    c_span, w_lo, w_hi = 2.0, 0.05, max_width_mm
+    for _ in range(3):
+        cs = np.linspace(best[1] - c_span, best[1] + c_span, 41)
+        ws = np.linspace(w_lo, w_hi, 61)
+        for c in cs:
+            for w in ws:
+                r = gap_model(s_mm, c, w, esf_x_mm, esf_hu, background_hu, plateau_hu) - profile_hu
+                e = float(r @ r)
+                if e < best[0]:
+                    best = (e, float(c), float(w))
+        c_span /= 8.0
+        dw = (w_hi - w_lo) / 60.0
+        w_lo, w_hi = max(0.02, best[2] - 3 * dw), best[2] + 3 * dw
+    return best[1], best[2]
+
+
+# ---------------------------------------------------------------------------- per piece
+def hardware_fractures(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm: float,
+                       kind: str, hardware_id: str, library: EdgeLibrary,
+                       start_id: int = 1) -> list[FractureFinding]:
+    """Gaps along one rod polyline or screw shaft (points in order, LPS mm), measured with
+    the study's edge responses ``library``."""
+    length = polyline_length_mm(points_lps_mm)
+    s = np.arange(-END_PAD_MM, length + END_PAD_MM + 1e-9, STEP_MM)
+    prof = centreline_profile(volume, hu, points_lps_mm, radius_mm, s)
+    C, noise = plateau_level(prof)
+    thr = max(DIP_MIN_HU, DIP_NOISE_K * noise)
+    dips = find_dips(prof, C, thr, STEP_MM)
+    out = []
+    B = library.background_hu
+    for i, j in dips:
+        w_idx = max(int(round(3.0 / STEP_MM)), (j - i))
+        lo, hi = max(0, i - w_idx), min(len(s), j + w_idx)
+        s_guess = float(np.sum(s[i:j] * (C - prof[i:j])) / np.sum(C - prof[i:j]))
+        _, tan = polyline_points(points_lps_mm, np.array([s_guess]))
+        E = library.response(volume, tan[0])
+        s0, w = fit_gap(s[lo:hi], prof[lo:hi], s_guess, library.x_mm, E, B, C)
+        pos, _ = polyline_points(points_lps_mm, np.array([s0]))
+        out.append(FractureFinding(id=f"fracture-{start_id + len(out)}", kind=kind,
+                                   hardware_id=hardware_id, position_lps_mm=pos[0], gap_mm=w))
+    return out
+
+
+def _join_rod_pieces(rods) -> list[tuple[str, list, float]]:
+    """Same-side rod pieces that meet end to end (a rod broken in two found as two pieces)
+    joined into one polyline: [(id, points, diameter)]."""
+    groups: dict = {}
+    for r in rods:
+        groups.setdefault(r.side if r.side is not None else r.id, []).append(r)
+    out = []
+    for pieces in groups.values():
+        pieces = sorted(pieces, key=lambda r: -max(p[2] for p in r.points_lps_mm))
+        cur_id, cur_pts, cur_d = pieces[0].id, [np.asarray(p, float) for p in pieces[0].points_lps_mm], pieces[0].diameter_mm
+        for r in pieces[1:]:
+            pts = [np.asarray(p, float) for p in r.points_lps_mm]
+            if np.linalg.norm(pts[-1] - cur_pts[-1]) < np.linalg.norm(pts[0] - cur_pts[-1]):
+                pts = pts[::-1]
+            if np.linalg.norm(pts[0] - cur_pts[-1]) <= ROD_JOIN_MM:
+                cur_pts = cur_pts + pts
+            else:
+                out.append((cur_id, cur_pts, cur_d))
+                cur_id, cur_pts, cur_d = r.id, pts, r.diameter_mm
+        out.append((cur_id, cur_pts, cur_d))
+    return out
+
+
+def find_fractures(volume: Volume, anatomy: Anatomy, config: Config) -> list[FractureFinding]:
+    """Every gap across a rod or a screw shaft of ``anatomy`` (module docstring).
+
+    Parameters
+    ----------
+    volume : Volume
+        CT in HU.
+    anatomy : Anatomy
+        Rods (centre polylines, diameters) and screws (head -> tip, shaft diameter).
+    config : Config
+        Not used yet beyond the defaults of this module (kept for the pipeline's signature).
+
+    Returns
+    -------
+    list of FractureFinding
+        ``position_lps_mm`` the centre of the gap, ``gap_mm`` its width along the rod / shaft.
+    """
+    hu = np.asarray(volume.hu)
+    if hu.dtype != np.float32 or not hu.flags.c_contiguous:
+        hu = np.ascontiguousarray(hu, dtype=np.float32)
+    rods = [r for r in _join_rod_pieces(anatomy.rods)
+            if len(r[1]) >= 2 and polyline_length_mm(r[1]) >= 5.0]
+    screws = [(sc.id, [np.asarray(sc.head_lps_mm), np.asarray(sc.tip_lps_mm)], sc.diameter_mm)
+              for sc in anatomy.screws if sc.length_mm >= 5.0]
+    library = EdgeLibrary(np.arange(ESF_RANGE_MM[0], ESF_RANGE_MM[1] + 1e-9, 0.05))
+    for _, pts, diam in rods + screws:
+        L = polyline_length_mm(pts)
+        st = np.arange(0.15 * L, 0.85 * L + 1e-9, 2.0)
+        st_pts, st_ax = polyline_points(pts, st)
+        library.add(volume, hu, st_pts, st_ax, 0.5 * diam)
+    found: list[FractureFinding] = []
+    for kind, items in (("rod", rods), ("screw", screws)):
+        for hid, pts, diam in items:
+            found += hardware_fractures(volume, hu, pts, 0.5 * diam, kind, hid, library,
+                                        start_id=len(found) + 1)
+    return found
