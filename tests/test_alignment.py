@@ -41,3 +41,19 @@ def test_adjacent_levels_border_the_fusion():
     assert adjacent_levels(names, {"L4-L5"}) == {"L3-L4", "L5-S1"}
     assert adjacent_levels(names, {"L4-L5", "L5-S1"}) == {"L3-L4"}
     assert adjacent_levels(names, set()) == set()
+
+
+@pytest.mark.parametrize("spacing", ["standard", "coarse"])
+def test_lordosis_on_detected_endplates_within_2_degrees(spacing):
+    from pipeline.config import Config
+    from pipeline.detect import detect
+    from sample_data.phantom import spacing_specs
+
+    vol, truth = make_phantom(spacing_specs(seed=5, noise_hu=25.0)[spacing])
+    anatomy = detect(vol, Config())
+    by_name = {v.name: v for v in anatomy.vertebrae}
+    tilt = {v["name"]: v["tilt_deg"] for v in truth["vertebrae"]}
+    assert len(anatomy.levels) == len(truth["levels"])
+    for lv in anatomy.levels:
+        got = segmental_lordosis_deg(by_name[lv.upper], by_name[lv.lower])
+        assert got == pytest.approx(tilt[lv.lower] - tilt[lv.upper], abs=2.0), lv.name
