@@ -601,6 +601,9 @@ def serve(port: int = 11112, ae_title: str = "FUSIONCT", watch=None, out_root="f
     (``python -m flows.deploy``) instead of running the flow in this process.
     """
     _configure_logging()
+    # a fresh ephemeral server migrates its database first; on a busy machine that takes
+    # longer than Prefect's default wait (set before Prefect reads its settings)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if launch is None:
         deployment = os.environ.get("FUSIONCT_DEPLOYMENT")
         launch = deployment_launcher(deployment, config_path) if deployment else flow_launcher(config_path)
