@@ -51,6 +51,7 @@ class Plan:
     scaling_repeats: int = 3
     scaling_warmup: bool = True
     kernel_scale: float = 1.0
+    record: bool = True
     check_targets: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -88,7 +89,7 @@ def run_all(plan: Plan) -> dict:
     """Run every part of ``plan``; returns rows, summary line, machine and raw figures."""
     from benchmarks.bandwidth import bandwidth_rows, copy_bandwidth
     from benchmarks.kernels_bench import (bench_kernels, compile_fresh, float64_copy_time,
-                                          kernel_rows)
+                                          kernel_rows, record_pipeline_calls)
     from benchmarks.loading_bench import bench_loading, loading_rows
     from benchmarks.standard import cached_study_dicom, cached_study_volume
     from benchmarks.study_bench import (bench_screw_scaling, bench_study, bench_voxel_scaling,
@@ -106,12 +107,27 @@ def run_all(plan: Plan) -> dict:
     _say(f"standard study {label} (phantom made once, then reused from {bench_root()})")
     volume, truth = cached_study_volume(plan.study)
 
+    folder = cached_study_dicom(plan.study)
+    recorded = None
+    if plan.record:
+        _say("one analysis in this process, recording every kernel call")
+        try:
+            recorded = record_pipeline_calls(folder, volume)
+            raw["recorded_calls"] = {k: len(v) for k, v in recorded.items()}
+        except Exception as exc:  # noqa: BLE001 - fall back to synthetic workloads, say so
+            raw["recording_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            _say(f"recording failed ({raw['recording_error']}); synthetic workloads instead")
     _say("kernels vs references")
-    kres = bench_kernels(volume, truth, repeats=plan.repeats, scale=plan.kernel_scale)
+    kres = bench_kernels(volume, truth, repeats=plan.repeats, scale=plan.kernel_scale,
+                         recorded=recorded)
+    del recorded
     raw["kernels"] = [asdict(k) for k in kres]
-    rows: list[Row] = kernel_rows(kres)
     t64 = float64_copy_time(volume, plan.repeats)
     raw["float64_copy_s"] = t64
+    rows: list[Row] = kernel_rows(kres, t64)
+    if "recording_error" in raw:
+        rows.append(Row("kernel", "recording the pipeline's kernel calls FAILED",
+                        note=raw["recording_error"] + "; synthetic workloads used"))
     rows.append(Row("kernel", "float64 copy of the volume (inside each reference)", ref_s=t64,
                     note=f"{volume.hu.nbytes / 2 ** 20:.0f} MB float32 -> float64; the references "
                          "convert before map_coordinates, so this is part of every reference time"))
@@ -127,7 +143,6 @@ def run_all(plan: Plan) -> dict:
     del volume
 
     _say(f"loading the {label} series")
-    folder = cached_study_dicom(plan.study)
     lres = bench_loading(folder, repeats=plan.repeats)
     raw["loading"] = lres
     lrows = loading_rows(lres, label)

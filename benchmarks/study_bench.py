@@ -70,10 +70,11 @@ def child_plain(input_path: str, outdir: str) -> dict:
 
     t_import = time.perf_counter() - _T0
     steps: dict = {}
-    _timed(pipeline.study, "load_step", steps)
-    _timed(pipeline.study, "detect_step", steps)
-    _timed(pipeline.measure, "measure_study", steps)
-    _timed(pipeline.outputs, "write_outputs", steps)
+    for mod, name in ((pipeline.study, "load_step"), (pipeline.study, "detect_step"),
+                      (pipeline.measure, "measure_study"), (pipeline.study, "integrity_step"),
+                      (pipeline.outputs, "write_outputs")):
+        if hasattr(mod, name):
+            _timed(mod, name, steps)
     t0 = time.perf_counter()
     pipeline.study.analyze_study(input_path, outdir, Config())
     analyze = time.perf_counter() - t0
