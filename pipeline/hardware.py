@@ -99,9 +99,11 @@ def radial_profiles(volume: Volume, centres, axis, radii_mm, n_azimuth: int = 24
 
 
 def voxel_extent_mm(volume: Volume, directions) -> np.ndarray:
-    """Extent (mm) of one voxel along each unit LPS direction (finer sampling = smaller)."""
+    """Sampling step (mm) along each unit LPS direction: the norm of the direction's
+    components scaled by the voxel size (in-plane directions all read the pixel size; a
+    direction across thick slices reads more)."""
     d = np.asarray(directions, float).reshape(-1, 3)
-    return np.abs(d @ volume.direction) @ volume.spacing_mm
+    return np.linalg.norm((d @ volume.direction) * volume.spacing_mm, axis=1)
 
 
 def true_radius_mm(volume: Volume, centres, axis, data_max_hu: float, max_radius_mm: float = 9.0,
@@ -278,7 +280,10 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
         a, b = v.semi_axes_mm
         rel = metal - c
         u, w, h = rel @ lr, rel @ ap, rel @ si
-        slab = np.abs(h) <= max(half_h - 6.0, 5.0)
+        # between the body's own endplates (and clear of them: cages sit beyond them)
+        s_sup = (metal - np.asarray(v.superior_endplate.point_lps_mm)) @ np.asarray(v.superior_endplate.normal)
+        s_inf = (metal - np.asarray(v.inferior_endplate.point_lps_mm)) @ np.asarray(v.inferior_endplate.normal)
+        slab = (np.abs(h) <= max(half_h - 6.0, 5.0)) & (s_sup < -4.0) & (s_inf < -4.0)
         inside = slab & (w >= -b - 2.0) & (w <= b + 6.0) & (np.abs(u) <= a + 6.0)
         for side, sgn in (("left", 1.0), ("right", -1.0)):
             sel = inside & (sgn * u > 1.0)
@@ -569,7 +574,13 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         mids = 0.5 * (th[:-1] + th[1:]) if th.size >= 2 else np.array([])
         diam = None
         if mids.size:
-            st = c + mids[:, None] * d
+            # stations on the rod's own centre: the metal centroid in a 2 mm slab there
+            st = []
+            for m in mids:
+                sl = np.abs(t - m) <= 1.0
+                if sl.sum() >= 3:
+                    st.append(p[sl].mean(0))
+            st = np.array(st) if st else c + mids[:, None] * d
             r = true_radius_mm(volume, st, d, data_max, max_radius_mm=8.0)
             diam = None if r is None else 2.0 * r
         if diam is None:
