@@ -7,12 +7,11 @@ cross-sections of the pedicle, one station at a time along the shaft's pedicle s
 
 1. **Rays.** At each station, rays perpendicular to the shaft, from its true surface
    (radius = diameter / 2) outward (:func:`station_profiles`).
-2. **Outer cortex points.** Where a ray crosses ``CORTEX_EDGE_HU`` (half-way between
-   cortical bone, ~1000 HU, and soft tissue / CSF, ~0-50 HU: the half-maximum of the bright
-   cortex ring against what lies outside the bone) with soft tissue (below
-   ``Config.bone_threshold_hu``) on the far side and no metal on the bone side: the outer
-   surface of bone, seen from inside the pedicle (falling) or from outside it (rising, for
-   a shaft that has left the pedicle). Crossings of the metal's own blooming and of the
+2. **Outer cortex points.** Where a ray passes from bone into soft tissue / CSF (below
+   ``Config.bone_threshold_hu``), at the half-maximum between the bright cortex ring's peak
+   and the soft tissue beyond, with no metal on the bone side: the outer surface of bone,
+   seen from inside the pedicle (falling) or from outside it (rising, for a shaft that has
+   left the pedicle). Crossings of the metal's own blooming and of the
    inner face of the cortex are rejected (:func:`outer_cortex_points`).
 3. **Pedicle outline.** A circle fitted to those points with RANSAC (other bone nearby,
    the transverse process, lamina or body, is outliers) and refined by least squares on
@@ -38,17 +37,20 @@ from pipeline.config import Config
 from pipeline.results import ScrewGeometry, Vertebra, gertzbein_robbins_grade
 from pipeline.volume import Volume
 
-CORTEX_EDGE_HU = 500.0          # half-way between cortex (~1000 HU) and soft tissue (~40 HU)
+CORTEX_MIN_CONTRAST_HU = 150.0  # a cortex peak at least this far above the soft-tissue cut
+CORTEX_HU = 1000.0              # cortical bone; its half-contrast to soft tissue is the surface
+RING_FRACTION = 0.8             # ... or this fraction of a blurred ring's own height
 N_AZIMUTHS = 72
 RAY_STEP_MM = 0.1
 RAY_REACH_MM = 22.0             # from the shaft axis
 STATION_STEP_MM = 1.0
+POOL_STATIONS = 2               # a station's outline is fitted with this many neighbours each side
 SOFT_SIDE_MM = (0.8, 2.0)       # the far side of an outer-cortex crossing: soft tissue here
-METAL_SIDE_MM = 1.5             # ... and no metal this close on its bone side
+METAL_SIDE_MM = 2.0             # ... and no metal this close on its bone side
 RANSAC_ITER = 300
 RANSAC_TOL_MM = 0.35
 PEDICLE_RADIUS_RANGE_MM = (2.5, 14.0)
-MIN_INLIERS = 14
+MIN_INLIERS = 20
 MIN_ARC_DEG = 100.0             # inliers must cover at least this arc of the outline
 PEDICLE_FRACTION_NO_VERTEBRA = 0.45
 BODY_MARGIN_MM = 1.0            # stop this far before the shaft enters the body outline
@@ -103,36 +105,57 @@ def station_profiles(volume: Volume, hu: np.ndarray, centre_lps, axis, radii_mm:
 
 
 def outer_cortex_points(profiles_hu: np.ndarray, radii_mm: np.ndarray, start_mm: float,
-                        soft_hu: float, metal_hu: float, edge_hu: float = CORTEX_EDGE_HU):
+                        soft_hu: float, metal_hu: float):
     """Outer-cortex crossings on each ray: (azimuth index, radius mm) pairs (module doc, 2).
 
-    A crossing of ``edge_hu`` beyond ``start_mm`` counts when the median HU
-    ``SOFT_SIDE_MM`` beyond it on its low side is below ``soft_hu`` (soft tissue, not
-    trabecular bone) and nothing within ``METAL_SIDE_MM`` on its high side reaches
-    ``metal_hu`` (not the metal's own blooming)."""
+    Candidates are crossings of ``soft_hu`` (bone above, soft tissue below) beyond
+    ``start_mm`` whose soft side (median ``SOFT_SIDE_MM`` beyond) is below ``soft_hu`` and
+    whose bone side holds no metal within ``METAL_SIDE_MM``. Each is placed at the
+    half-maximum between the cortex peak on its bone side (within ``METAL_SIDE_MM``) and the
+    soft side's level: the outer surface of the bright cortex ring, whatever its blurred
+    height (a 1 mm cortex peaks near 1000 HU on fine data, below 500 HU at 0.8 mm voxels)."""
     step = float(radii_mm[1] - radii_mm[0])
     n = len(radii_mm)
     s_lo, s_hi = (int(round(x / step)) for x in SOFT_SIDE_MM)
     m_n = int(round(METAL_SIDE_MM / step))
     out_a, out_r = [], []
     for a, p in enumerate(profiles_hu):
-        above = p >= edge_hu
+        above = p >= soft_hu
         idx = np.nonzero(above[1:] != above[:-1])[0]
         for i in idx:
             if radii_mm[i] < start_mm:
                 continue
-            falling = above[i] and not above[i + 1]
-            if falling:   # bone inside, the far side outward
-                lo_side = p[min(n, i + 1 + s_lo):min(n, i + 1 + s_hi)]
-                hi_side = p[max(0, i - m_n):i + 1]
-            else:         # rising: bone outward, the far side inward
-                lo_side = p[max(0, i - s_hi):max(0, i - s_lo + 1)]
-                hi_side = p[i + 1:min(n, i + 1 + m_n)]
-            if lo_side.size < 3 or np.median(lo_side) >= soft_hu or hi_side.max() >= metal_hu:
+            if above[i]:   # falling: bone inside, soft tissue outward
+                soft = p[min(n, i + 1 + s_lo):min(n, i + 1 + s_hi)]
+                lo_b = max(0, i - m_n)
+                bone = p[lo_b:i + 1]
+                k_pk = lo_b + int(np.argmax(bone))
+                seg = np.arange(k_pk, i + 2)
+            else:          # rising: soft tissue inward, bone outward
+                soft = p[max(0, i - s_hi):max(0, i - s_lo + 1)]
+                hi_b = min(n, i + 1 + m_n)
+                bone = p[i + 1:hi_b]
+                k_pk = i + 1 + int(np.argmax(bone)) if bone.size else i + 1
+                seg = np.arange(i, k_pk + 1)
+            if soft.size < 3 or bone.size < 2:
                 continue
-            f = (edge_hu - p[i]) / (p[i + 1] - p[i])
+            if k_pk in (seg[0], seg[-1]) and (above[i] and k_pk == lo_b or not above[i] and k_pk == hi_b - 1):
+                continue  # no ring: a monotone fall from the metal (blooming), not a cortex
+            soft_level = float(np.median(soft))
+            peak = float(bone.max())
+            if soft_level >= soft_hu or peak >= metal_hu or peak < soft_hu + CORTEX_MIN_CONTRAST_HU:
+                continue
+            level = min(soft_level + 0.5 * (CORTEX_HU - soft_level),
+                        soft_level + RING_FRACTION * (peak - soft_level))
+            q = p[seg]
+            hi_side = q >= level
+            j = np.nonzero(hi_side[1:] != hi_side[:-1])[0]
+            if j.size == 0:
+                continue
+            j = int(j[-1]) if above[i] else int(j[0])
+            f = (level - q[j]) / (q[j + 1] - q[j])
             out_a.append(a)
-            out_r.append(radii_mm[i] + f * step)
+            out_r.append(radii_mm[seg[j]] + f * step)
     return np.array(out_a, int), np.array(out_r, float)
 
 
@@ -192,29 +215,33 @@ def _arc_deg(xy: np.ndarray, centre: np.ndarray) -> float:
     return float(360.0 - gaps.max())
 
 
-def station_breach(volume: Volume, hu: np.ndarray, centre_lps, axis, radius_mm: float,
-                   config: Config):
-    """One cross-section's breach (mm, may be negative: clearance inside the pedicle) and
-    the unit LPS direction from the pedicle centre towards the shaft; None if no pedicle
-    outline could be fitted."""
+def station_points(volume: Volume, hu: np.ndarray, centre_lps, axis, radius_mm: float,
+                   config: Config) -> np.ndarray:
+    """Outer-cortex points (n, 2) of one cross-section, in the shaft's own perpendicular
+    frame (:func:`_perp_frame`), mm from the shaft axis."""
     radii = np.arange(0.0, RAY_REACH_MM + 1e-9, RAY_STEP_MM)
-    prof, dirs, (e1, e2) = station_profiles(volume, hu, centre_lps, axis, radii)
+    prof, _, _ = station_profiles(volume, hu, centre_lps, axis, radii)
     az, rr = outer_cortex_points(prof, radii, radius_mm + 0.3, config.bone_threshold_hu,
                                  config.metal_threshold_hu)
-    if az.size < MIN_INLIERS:
-        return None
     ang = 2 * np.pi * az / N_AZIMUTHS
-    xy = np.column_stack([rr * np.cos(ang), rr * np.sin(ang)])
+    return np.column_stack([rr * np.cos(ang), rr * np.sin(ang)])
+
+
+def outline_breach(xy: np.ndarray, axis, radius_mm: float):
+    """Breach (mm; negative is clearance inside the pedicle) of a shaft of ``radius_mm`` on
+    the frame's origin against the pedicle circle fitted to ``xy``, and the unit LPS
+    direction from the pedicle centre to the shaft; None when no outline fits (too few
+    points, or inliers covering less than ``MIN_ARC_DEG``)."""
     fit = fit_circle_ransac(xy)
     if fit is None:
         return None
     c, R, inl = fit
     if _arc_deg(xy[inl], c) < MIN_ARC_DEG:
         return None
+    e1, e2 = _perp_frame(axis)
     off = float(np.linalg.norm(c))
-    breach = off + radius_mm - R
     direction = -(c[0] * e1 + c[1] * e2)  # from the pedicle centre to the shaft axis
-    return breach, (direction / off if off > 1e-6 else np.zeros(3))
+    return off + radius_mm - R, (direction / off if off > 1e-6 else np.zeros(3))
 
 
 def breach_direction(direction_lps: np.ndarray, screw: ScrewGeometry,
@@ -272,9 +299,13 @@ def measure_breach(volume: Volume, screw: ScrewGeometry, vertebra: Vertebra | No
     head = np.asarray(screw.head_lps_mm)
     ax = np.asarray(screw.axis)
     r = 0.5 * screw.diameter_mm
+    ts = np.arange(t0 + 0.5 * STATION_STEP_MM, t1 + 1e-9, STATION_STEP_MM)
+    pts = [station_points(volume, hu, head + t * ax, ax, r, config) for t in ts]
     rows = []
-    for t in np.arange(t0 + 0.5 * STATION_STEP_MM, t1 + 1e-9, STATION_STEP_MM):
-        res = station_breach(volume, hu, head + t * ax, ax, r, config)
+    for i, t in enumerate(ts):
+        # pool the neighbouring cross-sections: the pedicle is a tube, locally parallel
+        xy = np.concatenate(pts[max(0, i - POOL_STATIONS):i + POOL_STATIONS + 1])
+        res = outline_breach(xy, ax, r)
         if res is not None:
             rows.append((t, res[0], res[1]))
     if not rows:
