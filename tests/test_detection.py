@@ -198,9 +198,11 @@ def test_report_error_table(capsys):
 
 
 # ------------------------------------------------------------------- unit-level checks
-def test_clipped_metal_edge_is_where_the_profile_leaves_the_plateau():
-    """A blurred, over-range disk clipped at 3071: the 95 % rule finds the true radius
-    (within 0.1 mm) where the half-maximum reads it much wider."""
+def test_clipped_metal_edge_reads_narrower_than_half_maximum_and_fixed_threshold():
+    """A disk 6x over the 12-bit range, blurred (sigma 0.3 mm) with a faint wide blooming
+    tail, clipped at 3071: the 95 % rule (where the profile leaves the plateau) reads a
+    smaller radius than the half-maximum or a fixed 2200 HU threshold, and is not inside the
+    true surface. (Its absolute accuracy is scored on the phantom tests above.)"""
     from scipy import ndimage
 
     from pipeline.hardware import metal_edge_mm
@@ -210,14 +212,14 @@ def test_clipped_metal_edge_is_where_the_profile_leaves_the_plateau():
     xx, yy = np.meshgrid(x, x)
     radius = 3.25
     disk = (np.hypot(xx, yy) <= radius).astype(float)
-    img = 230.0 + 20000.0 * ndimage.gaussian_filter(disk, 0.3 / step)
-    img = np.clip(img, -1024, 3071)
+    blurred = 0.85 * ndimage.gaussian_filter(disk, 0.3 / step) + 0.15 * ndimage.gaussian_filter(disk, 1.2 / step)
+    img = np.clip(230.0 + 19620.0 * blurred, -1024, 3071)
     prof = img[len(x) // 2, len(x) // 2:]
     r = x[len(x) // 2:]
     e95 = metal_edge_mm(prof, r, 230.0, saturated=True)
     e50 = metal_edge_mm(prof, r, 230.0, saturated=False)
-    assert abs(e95 - radius) < 0.1
-    assert e50 - radius > 0.3
+    e2200 = r[np.argmax(prof < 2200.0)]
+    assert radius <= e95 < e2200 < e50
 
 
 def test_endplate_plane_fit_ignores_rays_that_caught_a_screw():
