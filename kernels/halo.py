@@ -18,13 +18,16 @@ the lucent level (``lucent_hu``) inside a halo. Per ray:
    ``d_vis`` (the lucency touches the visible part of the surface), the outer edge is the
    first up-crossing of ``half`` beyond ``d_vis`` that is followed by bone for
    ``settle_mm`` (a short bright speck inside the halo does not end it); the width is
-   the edge's distance, linearly interpolated between samples. No such edge within
-   ``max_width_mm``: the ray never reaches bone (a dark beam-hardening streak, or the ray
-   left the bone) and is excluded (NaN, status 2).
+   the edge's distance, linearly interpolated between samples. When what lies just
+   beyond that edge (mean over ``[edge + local_from, edge + local_to]``) is denser than
+   ``bone_hu`` (a sclerotic rim), the step is from lucency to *that* level and the edge
+   is re-read at the half-way level between the two. No edge within ``max_width_mm``:
+   the ray never reaches bone (a dark beam-hardening streak, or the ray left the bone)
+   and is excluded (NaN, status 2).
 3. **Deficit mode.** Otherwise the halo, if any, is thinner than ``d_vis`` and only its
    blurred outer tail reaches the readable part. The width is the one whose blurred
    box ``[0, w]`` (Gaussian, ``sigma_mm``) has the same deficit below bone over
-   ``[d_vis, d_vis + window_mm]`` as the profile: the deficit integral is unchanged by
+   ``[d_vis, d_vis + window_mm + 2 sigma]`` as the profile: the deficit integral is unchanged by
    blurring, so this reads halos thinner than the blur. Status 0 when the result is 0,
    else 1.
 
@@ -89,9 +92,49 @@ def invert_blurred_box_integral(target, sigma, a, b, w_hi):
     return 0.5 * (lo + hi)
 
 
+@numba.njit(cache=True, inline="always")
+def _first_settled_crossing(g, s_vis, s_max, level, n_settle):
+    """First index s in (s_vis, s_max] where g rises through ``level`` and stays at or above
+    it for ``n_settle`` samples (-1 if none), and the minimum of g from s_vis up to it."""
+    n = g.shape[0]
+    gmin = g[s_vis]
+    for s in range(s_vis + 1, s_max + 1):
+        if g[s] < gmin:
+            gmin = g[s]
+        if g[s] >= level and g[s - 1] < level:
+            ok = True
+            for q in range(s, min(s + n_settle, n)):
+                if g[q] < level:
+                    ok = False
+                    break
+            if ok:
+                return s, gmin
+    return -1, gmin
+
+
+@numba.njit(cache=True, inline="always")
+def _crossing_position(g, s, level, d_start, step):
+    a = g[s - 1]
+    b = g[s]
+    f = (level - a) / (b - a) if b > a else 0.0
+    return d_start + (s - 1 + f) * step
+
+
+@numba.njit(cache=True, inline="always")
+def _window_mean(g, d_start, step, lo, hi):
+    acc = 0.0
+    cnt = 0
+    for s in range(g.shape[0]):
+        d = d_start + s * step
+        if d >= lo and d <= hi:
+            acc += g[s]
+            cnt += 1
+    return acc / cnt if cnt > 0 else -np.inf
+
+
 @numba.njit(cache=True)
 def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
-                 window, settle, rim_from, rim_to):
+                 window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
     """Steps 1-3 of the module docstring on one profile.
 
     Returns (width_mm, status, lucent_min_hu, rim_excess_hu, edge_mm)."""
@@ -107,63 +150,70 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
         s_max = n - 1
     n_settle = max(int(round(settle / step)), 1)
     if g[s_vis] < half:
-        # crossing mode
-        gmin = g[s_vis]
-        s = s_vis + 1
-        edge = -1.0
-        while s <= s_max:
-            if g[s] < gmin:
-                gmin = g[s]
-            if g[s] >= half and g[s - 1] < half:
-                ok = True
-                for q in range(s, min(s + n_settle, n)):
-                    if g[q] < half:
-                        ok = False
-                        break
-                if ok:
-                    a = g[s - 1]
-                    b = g[s]
-                    f = (half - a) / (b - a) if b > a else 0.0
-                    edge = d_start + (s - 1 + f) * step
-                    break
-            s += 1
-        if edge < 0.0:
+        # crossing mode: provisional edge at the half level against ordinary bone ...
+        s0, gmin = _first_settled_crossing(g, s_vis, s_max, half, n_settle)
+        if s0 < 0:
             return np.nan, 2, gmin, np.nan, np.nan
+        e0 = _crossing_position(g, s0, half, d_start, step)
+        # ... then against what actually lies beyond it (a denser sclerotic rim)
+        for _ in range(2):
+            b_loc = _window_mean(g, d_start, step, e0 + local_from, e0 + local_to)
+            if b_loc <= bone_hu:
+                break
+            half1 = 0.5 * (lucent_hu + b_loc)
+            s1, _ = _first_settled_crossing(g, s_vis, s_max, half1, n_settle)
+            if s1 < 0:
+                break
+            e0 = _crossing_position(g, s1, half1, d_start, step)
+        edge = e0
         width = max(edge, 0.0)
         status = 1
     else:
-        # deficit mode
-        d_end = d_vis + window
+        # deficit mode, against the ray's own bone level beyond the window when that is
+        # lower (a dark streak or thinner bone lowers the whole ray, not just its start)
+        d_end = d_vis + window + 2.0 * sigma
+        b_ray = bone_hu
+        cnt = 0
+        for s in range(n):
+            d = d_start + s * step
+            if d > d_end and d <= d_end + far_len:
+                cnt += 1
+        if cnt > 0:
+            buf = np.empty(cnt, np.float64)
+            k = 0
+            for s in range(n):
+                d = d_start + s * step
+                if d > d_end and d <= d_end + far_len:
+                    buf[k] = g[s]
+                    k += 1
+            b_far = np.median(buf)
+            if b_far < b_ray:
+                b_ray = b_far
         acc = 0.0
         gmin = g[s_vis]
         s = s_vis
         while s < n and d_start + s * step <= d_end + 1e-9:
             if g[s] < gmin:
                 gmin = g[s]
-            acc += (bone_hu - g[s]) * step
+            acc += (b_ray - g[s]) * step
             s += 1
-        contrast = bone_hu - lucent_hu
+        contrast = b_ray - lucent_hu
         target = acc / contrast if contrast > 0 else 0.0
-        width = invert_blurred_box_integral(target, sigma, d_vis, d_end, d_end)
+        if target < min_deficit:
+            width = 0.0
+        else:
+            width = invert_blurred_box_integral(target, sigma, d_vis, d_end, d_end)
         edge = width
         status = 1 if width > 0.0 else 0
     # rim excess just outside the edge
-    lo = edge + rim_from
-    hi = edge + rim_to
-    acc = 0.0
-    cnt = 0
-    for s in range(n):
-        d = d_start + s * step
-        if d >= lo and d <= hi:
-            acc += g[s]
-            cnt += 1
-    rim = acc / cnt - bone_hu if cnt > 0 else np.nan
+    m = _window_mean(g, d_start, step, edge + rim_from, edge + rim_to)
+    rim = m - bone_hu if m > -np.inf else np.nan
     return width, status, gmin, rim, edge
 
 
 @numba.njit(cache=True, parallel=True)
 def halo_widths(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
-                window, settle, rim_from, rim_to):
+                window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
     """Per-ray halo widths from tail-corrected profiles (module docstring, steps 1-3).
 
     Parameters
@@ -177,6 +227,11 @@ def halo_widths(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     sigma : (n_rays,) float64, mm; the blur of a lucent/bone edge along the ray.
     max_width : float, mm; a lucency not ended by then excludes the ray.
     window, settle, rim_from, rim_to : float, mm (module docstring).
+    local_from, local_to : float, mm; window beyond a provisional edge whose mean, when
+        denser than ``bone_hu``, replaces it in the half-way level (module docstring).
+    min_deficit : float, mm; deficits below this (noise) read as no halo.
+    far_len : float, mm; deficit mode compares with the median of ``g`` over
+        ``(d_vis + window, d_vis + window + far_len]`` when that is below ``bone_hu``.
 
     Returns
     -------
@@ -191,7 +246,8 @@ def halo_widths(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     edge = np.empty(n, np.float64)
     for r in numba.prange(n):
         w, st, gm, rm, ed = _analyse_ray(g[r], d_start, step, d_vis[r], lucent_hu, bone_hu[r],
-                                         sigma[r], max_width, window, settle, rim_from, rim_to)
+                                         sigma[r], max_width, window, settle, rim_from, rim_to,
+                                         local_from, local_to, min_deficit, far_len)
         width[r] = w
         status[r] = st
         gmin[r] = gm
@@ -213,8 +269,43 @@ def blurred_box_integral_reference(w, sigma, a, b):
     return integrate.quad(f, a, b, limit=200)[0]
 
 
+def _first_crossing_vec(g, sv, s_max, level, n_settle):
+    """Vectorised :func:`_first_settled_crossing` with a per-ray ``level``."""
+    n_rays, n = g.shape
+    idx = np.arange(n)
+    below = g < level[:, None]
+    up = np.zeros_like(below)
+    up[:, 1:] = ~below[:, 1:] & below[:, :-1]
+    cs = np.concatenate([np.zeros((n_rays, 1), int), np.cumsum(below, axis=1)], axis=1)
+    hi_idx = np.minimum(idx + n_settle, n)
+    settled = (cs[:, hi_idx] - cs[:, idx]) == 0
+    cand = up & settled & (idx[None, :] > sv[:, None]) & (idx[None, :] <= s_max)
+    has = cand.any(axis=1)
+    s_up = np.argmax(cand, axis=1)
+    stop = np.where(has, s_up, s_max)
+    in_range = (idx[None, :] >= sv[:, None]) & (idx[None, :] <= stop[:, None])
+    gmin = np.where(in_range, g, np.inf).min(axis=1)
+    return has, s_up, gmin
+
+
+def _crossing_vec(g, s_up, level, d_start, step):
+    rows = np.arange(g.shape[0])
+    a = g[rows, np.maximum(s_up - 1, 0)]
+    b = g[rows, s_up]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(b > a, (level - a) / (b - a), 0.0)
+    return d_start + (s_up - 1 + f) * step
+
+
+def _window_mean_vec(g, d, lo, hi):
+    win = (d[None, :] >= lo[:, None]) & (d[None, :] <= hi[:, None])
+    cnt = win.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, np.where(win, g, 0.0).sum(axis=1) / np.maximum(cnt, 1), -np.inf)
+
+
 def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
-                          window, settle, rim_from, rim_to):
+                          window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
     """Same definition as :func:`halo_widths`, vectorised NumPy/SciPy (``brentq`` for the
     deficit inversion)."""
     from scipy import optimize
@@ -222,18 +313,17 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
     g = np.asarray(g, np.float64)
     n_rays, n = g.shape
     d = d_start + step * np.arange(n)
+    idx = np.arange(n)
     d_vis = np.asarray(d_vis, float)
     bone = np.asarray(bone_hu, float)
     sigma = np.asarray(sigma, float)
     half = 0.5 * (lucent_hu + bone)
-    idx = np.arange(n)
     s_vis = np.maximum(np.ceil((d_vis - d_start) / step - 1e-9).astype(int), 0)
     s_max = min(int(np.floor((max_width - d_start) / step + 1e-9)), n - 1)
     n_settle = max(int(round(settle / step)), 1)
     width = np.full(n_rays, np.nan)
     status = np.full(n_rays, 2, np.int64)
     gmin = np.full(n_rays, np.nan)
-    rim = np.full(n_rays, np.nan)
     edge = np.full(n_rays, np.nan)
     valid = s_vis < n - 1
     sv = np.minimum(s_vis, n - 1)
@@ -241,44 +331,39 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
     crossing = valid & (g_vis < half)
     deficit = valid & ~crossing
 
-    # crossing mode: up-crossings after s_vis, settled for n_settle samples
-    below = g < half[:, None]
-    up = np.zeros_like(below)
-    up[:, 1:] = ~below[:, 1:] & below[:, :-1]
-    # "settled": no sample below half in [s, s + n_settle)
-    cs = np.concatenate([np.zeros((n_rays, 1), int), np.cumsum(below, axis=1)], axis=1)
-    hi_idx = np.minimum(idx + n_settle, n)
-    settled = (cs[:, hi_idx] - cs[:, idx]) == 0
-    cand = up & settled & (idx[None, :] > sv[:, None]) & (idx[None, :] <= s_max)
-    has = cand.any(axis=1)
-    s_up = np.argmax(cand, axis=1)
-    a = g[np.arange(n_rays), np.maximum(s_up - 1, 0)]
-    b = g[np.arange(n_rays), s_up]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f = np.where(b > a, (half - a) / (b - a), 0.0)
-    e_cross = d_start + (s_up - 1 + f) * step
-    # running minimum from s_vis up to the edge (or s_max when none)
-    stop = np.where(has, s_up, s_max)
-    in_range = (idx[None, :] >= sv[:, None]) & (idx[None, :] <= stop[:, None])
-    gmin_cross = np.where(in_range, g, np.inf).min(axis=1)
+    # crossing mode
+    has, s_up, gmin_c = _first_crossing_vec(g, sv, s_max, half, n_settle)
+    e_cross = _crossing_vec(g, s_up, half, d_start, step)
+    active = np.ones(n_rays, bool)
+    for _ in range(2):
+        b_loc = _window_mean_vec(g, d, e_cross + local_from, e_cross + local_to)
+        active &= b_loc > bone
+        half1 = np.where(active, 0.5 * (lucent_hu + b_loc), half)
+        has1, s_up1, _ = _first_crossing_vec(g, sv, s_max, half1, n_settle)
+        active &= has1
+        e1 = _crossing_vec(g, s_up1, half1, d_start, step)
+        e_cross = np.where(active, e1, e_cross)
     ok_c = crossing & has
     width[ok_c] = np.maximum(e_cross[ok_c], 0.0)
     edge[ok_c] = e_cross[ok_c]
     status[ok_c] = 1
-    gmin[crossing] = gmin_cross[crossing]
+    gmin[crossing] = gmin_c[crossing]
 
     # deficit mode
-    d_end = d_vis + window
+    d_end = d_vis + window + 2.0 * sigma
+    far = (d[None, :] > d_end[:, None]) & (d[None, :] <= d_end[:, None] + far_len)
+    b_far = np.array([np.median(g[r, far[r]]) if far[r].any() else np.inf for r in range(n_rays)])
+    b_ray = np.minimum(bone, b_far)
     in_win = (idx[None, :] >= sv[:, None]) & (d[None, :] <= d_end[:, None] + 1e-9)
-    acc = np.where(in_win, bone[:, None] - g, 0.0).sum(axis=1) * step
+    acc = np.where(in_win, b_ray[:, None] - g, 0.0).sum(axis=1) * step
     gmin_def = np.where(in_win, g, np.inf).min(axis=1)
-    contrast = bone - lucent_hu
+    contrast = b_ray - lucent_hu
     with np.errstate(divide="ignore", invalid="ignore"):
         target = np.where(contrast > 0, acc / contrast, 0.0)
     for r in np.flatnonzero(deficit):
         lo_r, hi_r = d_vis[r], d_end[r]
         fbox = lambda w: blurred_box_integral_reference(w, sigma[r], lo_r, hi_r) - target[r]  # noqa: E731
-        if target[r] <= 0:
+        if target[r] < min_deficit or target[r] <= 0:
             w = 0.0
         elif fbox(hi_r) <= 0:
             w = hi_r
@@ -290,11 +375,7 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
         gmin[r] = gmin_def[r]
 
     # rim excess
-    done = np.isfinite(edge)
-    lo = edge + rim_from
-    hi = edge + rim_to
-    win = (d[None, :] >= lo[:, None]) & (d[None, :] <= hi[:, None]) & done[:, None]
-    cnt = win.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rim = np.where(cnt > 0, np.where(win, g, 0.0).sum(axis=1) / np.maximum(cnt, 1) - bone, np.nan)
+    m = _window_mean_vec(g, d, np.where(np.isfinite(edge), edge + rim_from, np.inf),
+                         np.where(np.isfinite(edge), edge + rim_to, -np.inf))
+    rim = np.where(np.isfinite(edge) & (m > -np.inf), m - bone, np.nan)
     return width, status, gmin, rim, edge

@@ -59,9 +59,13 @@ HALO_HEAD_MARGIN_MM = 1.0     # first station past the head (where the shaft lea
 HALO_TIP_MARGIN_MM = 1.5      # last station before the tip (the rounded end is not shaft side)
 HALO_FAR_MM = (2.4, 3.0)      # where a halo-free ray's bone level is read (tail nearly gone)
 HALO_TAIL_CLASSES = 4         # classes of ray direction (blur along the ray) for the tail
+HALO_TAIL_START_PERCENTILE = 90  # first tail guess: halo rays only lower a profile
 HALO_TAIL_SPREAD_HU = 45.0    # a distance is readable once halo-free rays agree this well
 HALO_D_VIS_MIN_MM = 0.3       # never read closer to the surface than this
-HALO_DEFICIT_WINDOW_MM = 1.5  # deficit integrated over [d_vis, d_vis + this]
+HALO_DEFICIT_WINDOW_MM = 0.3  # deficit integrated over [d_vis, d_vis + this + 2 sigma]
+HALO_LOCAL_MM = (0.2, 0.7)    # what lies just beyond a provisional edge (a denser rim?)
+HALO_DEFICIT_MIN_MM = 0.15    # smaller deficits are noise: no halo
+HALO_FAR_LEN_MM = 1.0         # the ray's own bone level is read this far beyond the window
 HALO_SETTLE_MM = 0.3          # bone must persist this long to end a lucency
 HALO_NOHALO_MM = 0.3          # rays thinner than this count as halo-free for the tail
 HALO_MIN_REFERENCE_RAYS = 30  # halo-free rays a direction class needs for its own tail
@@ -272,13 +276,14 @@ def _far_level(profiles: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 def _smooth_rays(g: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """3 x 3 mean over neighbouring stations and azimuths (azimuth wraps): halos are
-    spatially coherent, noise and sampling-phase ripple are not."""
+    """Mean over 5 neighbouring stations (2 mm either way along the shaft) per azimuth:
+    a halo is coherent along the shaft, noise and the sampling-phase ripple of a tilted
+    screw on the voxel grid are not. Azimuths are not mixed (a partial halo's sector
+    edges stay sharp)."""
     S, A = shape
     x = g.reshape(S, A, -1)
-    x = ndimage.uniform_filter1d(x, 3, axis=1, mode="wrap")
     if S >= 3:
-        x = ndimage.uniform_filter1d(x, 3, axis=0, mode="nearest")
+        x = ndimage.uniform_filter1d(x, min(5, S - (1 - S % 2)), axis=0, mode="nearest")
     return x.reshape(S * A, -1)
 
 
@@ -301,7 +306,8 @@ def _analyse(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float,
                       tail.d_vis_mm[cls].astype(float), float(tail.lucent_hu),
                       np.full(n_rays, float(bone_hu)), tail.sigma_mm[cls].astype(float),
                       float(config.halo_max_width_mm), HALO_DEFICIT_WINDOW_MM, HALO_SETTLE_MM,
-                      RIM_WINDOW_MM[0], RIM_WINDOW_MM[1])
+                      RIM_WINDOW_MM[0], RIM_WINDOW_MM[1], HALO_LOCAL_MM[0], HALO_LOCAL_MM[1],
+                      HALO_DEFICIT_MIN_MM, HALO_FAR_LEN_MM)
     return g, out
 
 
@@ -318,10 +324,13 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
     d = rays_list[0].d_mm
     edges = _class_edges(volume)
     n_cls = len(edges) - 1
-    excess = []
+    excess, excess_s = [], []
     for rays, prof in zip(rays_list, profiles):
-        excess.append(prof - _far_level(prof, d)[:, None])
+        x = prof - _far_level(prof, d)[:, None]
+        excess.append(x)
+        excess_s.append(_smooth_rays(x, rays.shape))
     X = np.concatenate(excess)
+    Xs = np.concatenate(excess_s)  # as the analysis sees it: for the readable distance
     blur = np.concatenate([r.blur_mm for r in rays_list])
     far = np.concatenate([_far_level(p, d) for p in profiles])
     tmp = MetalTail(d, edges, np.zeros((n_cls, len(d))), np.full(n_cls, 1.0),
@@ -333,11 +342,11 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
     for c in range(n_cls):
         sel = cls == c
         src = X[sel] if sel.sum() >= HALO_MIN_REFERENCE_RAYS else X
-        tail[c] = np.percentile(src, 70, axis=0)
+        tail[c] = np.percentile(src, HALO_TAIL_START_PERCENTILE, axis=0)
     tail[:, beyond] = 0.0
     sigma = np.array([0.6 * np.mean(blur[cls == c]) if np.any(cls == c) else 0.6 * np.mean(blur)
                       for c in range(n_cls)])
-    d_vis = _readable_distance(X, cls, n_cls, d, tail, np.ones(len(X), bool))
+    d_vis = _readable_distance(Xs, cls, n_cls, d, tail, np.ones(len(X), bool))
     tmp = MetalTail(d, edges, tail, d_vis, sigma, LUCENT_DEFAULT_HU, float(np.median(far)),
                     np.zeros(n_cls, int))
     for _ in range(n_iter):
@@ -358,7 +367,7 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
             elif nohalo.sum() >= HALO_MIN_REFERENCE_RAYS:
                 tail[c] = np.median(X[nohalo], axis=0)
         tail[:, beyond] = 0.0
-        d_vis = _readable_distance(X, cls, n_cls, d, tail, nohalo)
+        d_vis = _readable_distance(Xs, cls, n_cls, d, tail, nohalo)
         bone = float(np.median(far[nohalo])) if nohalo.sum() >= HALO_MIN_REFERENCE_RAYS else tmp.bone_hu
         tmp = MetalTail(d, edges, tail.copy(), d_vis, sigma, LUCENT_DEFAULT_HU, bone, ref)
     return tmp
