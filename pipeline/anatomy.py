@@ -3,24 +3,32 @@
 The steps, each one function (all positions LPS mm, see ``pipeline.volume``):
 
 1. :func:`resample_to_lps_grid` - a smoothed copy of the CT on an LPS-aligned grid
-   (z superior), so the rest never depends on the series' slice order or direction.
-2. :func:`column_cores` - in each axial plane, the "thick" bone: points at least
-   ``core_radius_mm`` inside a mask of bone-or-disc density. Vertebral bodies are the
-   thickest bone of the trunk; laminae, ribs and iliac blades are thin and drop out.
-3. :func:`select_column_chain` - the chain of such cores stacked along z near the midline
-   (the spinal column); a femoral head or hip implant beside it is never part of it.
-4. :func:`column_centreline` and :func:`column_profile` - a smooth curve through the
-   chain and, along it, cross-section statistics (central HU, fraction of disc-density
-   and metal voxels) from which :func:`split_bodies` finds the disc spaces.
-5. :func:`fit_body` - per body: outline ellipse, superior and inferior endplate planes
-   (the outer surface of the cortical endplate, half-way between the endplate's peak and
-   the disc beyond it) fitted to many rays parallel to the body axis.
-6. :func:`sacrum_index` / :func:`name_vertebrae` - the sacrum is the first body (from the
-   top) with alae: bone running far to both sides in the body's own plane. Names are
-   counted upward from it (S1, L5, L4, ...); without a sacrum the bodies are named by
-   position (V1.. from the top) and a note says so (CONTRACT.md, "Geometry and units").
+   (z superior), so nothing depends on the series' slice order or direction.
+2. :func:`column_cores` - in each axial plane, the "thick" bone-or-disc tissue: points at
+   least ``CORE_RADIUS_MM`` inside a mask above ``COLUMN_THRESHOLD_HU``. Vertebral bodies
+   are the thickest such tissue of the trunk; laminae, ribs and iliac blades drop out.
+3. :func:`select_column_chain` - the chain of cores stacked along z (weighted to the
+   midline) that covers the most length: the spinal column, never a femoral head or a
+   hip implant beside it.
+4. :func:`column_centreline`, :func:`column_profile`, :func:`find_disc_stations` - a
+   smooth curve through the chain; along it, cross-section statistics; the disc spaces as
+   the best-scoring set of evidence at least a short body apart (:func:`select_periodic`):
+   dark disc tissue between bright endplates, a pair of cortical endplates (bridged
+   levels, PEEK cages), non-trabecular tissue, or metal filling the centre (titanium cage).
+5. :func:`fit_body` - per body between (or beyond) the discs: the outline
+   (:func:`body_outline`), then each endplate as a robust plane (:func:`fit_plane`)
+   through points found on rays parallel to the body axis (:func:`endplate_edge_mm`: the
+   outer surface of the cortical endplate, half-way from its peak to what lies beyond).
+6. The sacrum is the first body from the top with bone beside it at S1's level (the
+   alae, :func:`lateral_bone_fraction`); it is fitted from its superior endplate only.
+   Names count upward from it (:func:`name_vertebrae`: S1, L5, L4, ...); without a sacrum
+   the bodies are named by position (V1 at the top) and a note says so (CONTRACT.md,
+   "Geometry and units").
+7. :func:`disc_levels` - one level per pair of consecutive bodies.
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from scipy import ndimage
@@ -30,6 +38,8 @@ from pipeline.errors import InputError
 from pipeline.results import DiscLevel, Plane, Vertebra
 from pipeline.volume import Volume
 
+_log = logging.getLogger(__name__)
+
 # Grid and thresholds of the column search (not clinical criteria: detection internals).
 ANATOMY_STEP_MM = 2.0          # LPS grid step for the column search
 COLUMN_SIGMA_MM = 1.5          # pre-smoothing before thresholding
@@ -37,13 +47,11 @@ COLUMN_THRESHOLD_HU = 100.0    # bone-or-disc: above soft tissue (~40) and below
                                # bone even in osteopenic spines (~120-250 HU)
 CORE_RADIUS_MM = 8.0           # in-plane half-thickness a vertebral body always exceeds
 MAX_HOLE_MM2 = 120.0           # holes filled in the mask (not the spinal canal, ~300 mm2)
-BODY_HEIGHT_RANGE_MM = (18.0, 45.0)
-DISC_HEIGHT_RANGE_MM = (2.0, 20.0)
+BODY_HEIGHT_RANGE_MM = (18.0, 45.0)  # a fitted body outside this is a failed fit
 MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
 SACRUM_LATERAL_BONE = 0.11     # lateral bone fraction beside S1 (alae): phantoms >= 0.14, real
                                # CT 0.39; lumbar bodies: phantoms 0.0, real CT <= 0.07
-_DEBUG = False
 LUMBAR_NAMES_ABOVE_S1 = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8")
 
 
@@ -489,8 +497,14 @@ def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm
     smooth = ndimage.uniform_filter1d(prof, max(1, int(1.0 / step_mm)))
     # 1. a cortical endplate standing out of both the body and what lies beyond it
     pk_hi = min(int((disc_mm + 1.0) / step_mm), hi_i)
-    if pk_hi - lo_i >= 2:
-        i_pk = lo_i + int(np.argmax(smooth[lo_i:pk_hi]))
+    i_pk = None
+    if pk_hi - lo_i >= 3:
+        seg = smooth[lo_i:pk_hi]
+        # a true peak inside the window (not the rising flank of the next body's endplate)
+        interior = np.nonzero((seg[1:-1] >= seg[:-2]) & (seg[1:-1] > seg[2:]))[0] + 1
+        if interior.size:
+            i_pk = lo_i + int(interior[np.argmax(seg[interior])])
+    if i_pk is not None:
         k = min(i_pk + int(4.0 / step_mm), n - 1)
         if k > i_pk + 1:
             surround = float(smooth[i_pk:k + 1].min())
@@ -697,7 +711,8 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
             pts = endplate_points(volume, centre, si, lr, ap, semi_lr, semi_ap, direction, disc_mm,
                                   metal_threshold_hu)
             if len(pts) >= 6:
-                c, n, k = fit_plane(pts, direction * si, max_residual_mm=tol_mm, lr=lr)
+                c, n, k = fit_plane(pts, direction * si, max_residual_mm=tol_mm, lr=lr,
+                                    min_cos=0.9 if superior_only else 0.8)
                 if k >= 6 and k >= 0.4 * len(pts) and n @ (direction * si) > 0.7:
                     planes[name] = (c, n)
                     spans[name] = plane_spans(pts, c, n, lr, ap, tol_mm)
@@ -867,9 +882,9 @@ def find_vertebrae(volume: Volume, config: Config):
                                                   ap_s, f["semi"][0], f["semi"][1],
                                                   config.bone_threshold_hu)
         fitted.append(f)
-        if _DEBUG:
-            print("DBG", np.round(f["centre"], 1), np.round(f["si"], 2), np.round(f["semi"], 1),
-                  f["lateral_bone"], f["superior"] is not None, f["inferior"] is not None)
+        _log.debug("body centre %s axis %s semi %s lateral bone %.3f endplates %s/%s",
+                   np.round(f["centre"], 1), np.round(f["si"], 2), np.round(f["semi"], 1),
+                   f["lateral_bone"], f["superior"] is not None, f["inferior"] is not None)
 
     sacrum = next((i for i, f in enumerate(fitted) if f["lateral_bone"] >= SACRUM_LATERAL_BONE), None)
     if sacrum is not None:
