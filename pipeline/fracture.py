@@ -227,26 +227,28 @@ def gap_model(s_mm: np.ndarray, s0_mm: float, width_mm: float, esf_x_mm: np.ndar
     return np.minimum(pred, plateau_hu)
 
 
-def fit_gap(s_mm: np.ndarray, profile_hu: np.ndarray, s_guess_mm: float, esf_x_mm: np.ndarray,
+def fit_gap(s_mm: np.ndarray, profile_hu: np.ndarray, s0_mm: float, esf_x_mm: np.ndarray,
             esf_hu: np.ndarray, background_hu: float, plateau_hu: float,
-            max_width_mm: float = MAX_GAP_MM) -> tuple[float, float]:
-    """Least-squares gap centre and width (mm) for the dip near ``s_guess_mm`` under
-    :func:`gap_model`: a coarse grid over (centre, width) refined twice."""
-    best = (np.inf, s_guess_mm, 1.0)
-    c_span, w_lo, w_hi = 2.0, 0.05, max_width_mm
-    for _ in range(3):
-        cs = np.linspace(best[1] - c_span, best[1] + c_span, 41)
-        ws = np.linspace(w_lo, w_hi, 61)
-        for c in cs:
-            for w in ws:
-                r = gap_model(s_mm, c, w, esf_x_mm, esf_hu, background_hu, plateau_hu) - profile_hu
-                e = float(r @ r)
-                if e < best[0]:
-                    best = (e, float(c), float(w))
-        c_span /= 8.0
-        dw = (w_hi - w_lo) / 60.0
-        w_lo, w_hi = max(0.02, best[2] - 3 * dw), best[2] + 3 * dw
-    return best[1], best[2]
+            max_width_mm: float = MAX_GAP_MM) -> float:
+    """Gap width (mm) whose :func:`gap_model` dip, centred at ``s0_mm``, has the observed
+    dip's deficit area ``sum(C - p) * step`` (monotone in the width; the area is robust to
+    noise and to the exact shape of the blur, which a shallow dip barely shows)."""
+    step = float(s_mm[1] - s_mm[0])
+    observed = float(np.sum(np.clip(plateau_hu - profile_hu, 0.0, None)) * step)
+    ws = np.arange(0.02, max_width_mm + 1e-9, 0.02)
+    ss = s0_mm + np.arange(-0.5 * max_width_mm - 6.0, 0.5 * max_width_mm + 6.0 + 1e-9, step)
+    areas = np.array([np.sum(plateau_hu - gap_model(ss, s0_mm, w, esf_x_mm, esf_hu,
+                                                    background_hu, plateau_hu)) * step
+                      for w in ws])
+    areas = np.maximum.accumulate(areas)
+    if observed <= areas[0]:
+        return float(ws[0])
+    if observed >= areas[-1]:
+        return float(ws[-1])
+    k = int(np.searchsorted(areas, observed))
+    a0, a1 = areas[k - 1], areas[k]
+    f = 0.0 if a1 <= a0 else (observed - a0) / (a1 - a0)
+    return float(ws[k - 1] + f * (ws[k] - ws[k - 1]))
 
 
 # ---------------------------------------------------------------------------- per piece
@@ -262,15 +264,15 @@ def hardware_fractures(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm:
     thr = max(DIP_MIN_HU, DIP_NOISE_K * noise)
     dips = find_dips(prof, C, thr, STEP_MM)
     out = []
-    B = library.background_hu
     for i, j in dips:
         w_idx = max(int(round(3.0 / STEP_MM)), (j - i))
         lo, hi = max(0, i - w_idx), min(len(s), j + w_idx)
         s_guess = float(np.sum(s[i:j] * (C - prof[i:j])) / np.sum(C - prof[i:j]))
         _, tan = polyline_points(points_lps_mm, np.array([s_guess]))
         E = library.response(volume, tan[0])
-        s0, w = fit_gap(s[lo:hi], prof[lo:hi], s_guess, library.x_mm, E, B, C)
-        pos, _ = polyline_points(points_lps_mm, np.array([s0]))
+        B = float(E[-1])  # the response's own far level: the tissue its rays ended in
+        w = fit_gap(s[lo:hi], prof[lo:hi], s_guess, library.x_mm, E, B, C)
+        pos, _ = polyline_points(points_lps_mm, np.array([s_guess]))
         out.append(FractureFinding(id=f"fracture-{start_id + len(out)}", kind=kind,
                                    hardware_id=hardware_id, position_lps_mm=pos[0], gap_mm=w))
     return out
