@@ -42,7 +42,7 @@ def test_output_folders_are_named_by_study_uid_and_never_shared(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
-def test_batch_of_three_studies_runs_on_two_dask_workers(tmp_path):
+def test_batch_of_three_studies_runs_on_two_dask_workers_of_a_cluster_given_by_address(tmp_path):
     try:
         from sample_data import PhantomSpec, write_dicom_study
         import pipeline.detect, pipeline.measure  # noqa: F401,E401
@@ -57,10 +57,14 @@ def test_batch_of_three_studies_runs_on_two_dask_workers(tmp_path):
         write_dicom_study(PhantomSpec(seed=seed, spacing_mm=(0.8, 0.8, 1.5), vertebrae=("L4", "L5", "S1"),
                                       instrumented_levels=("L5-S1",)), d, extra_series=False)
         truths[str(d)] = json.loads((d / "truth.json").read_text())
-    rows = run_batch([str(inbox)], tmp_path / "out", n_workers=2)
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        workers = set(cluster.scheduler_info["workers"])
+        rows = run_batch([str(inbox)], tmp_path / "out", address=cluster.scheduler_address)
 
     assert [r["state"] for r in rows] == ["done"] * 3, rows
-    assert len({r["worker"] for r in rows}) == 2          # both workers took studies
+    assert {r["worker"] for r in rows} == workers          # both workers took studies
     for r in rows:
         truth = truths[r["input"]]
         uid = truth["dicom"]["study_instance_uid"]
