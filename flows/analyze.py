@@ -36,8 +36,8 @@ from flows.progress import current
 from pipeline.config import Config, load_config
 from pipeline.errors import InputError
 from pipeline.results import Anatomy
-from pipeline.study import (VolumeRef, build_result, cache_root, check_input_path, detect_step,
-                            input_fingerprint, load_step)
+from pipeline.study import (VolumeRef, baseline_summary, build_result, cache_root, check_input_path,
+                            compare_step, detect_step, input_fingerprint, integrity_step, load_step)
 
 RESULTS_DIR = cache_root() / "prefect-results"
 CACHE_DAYS = timedelta(days=30)
@@ -176,14 +176,26 @@ def measure_level_task(ref: VolumeRef, level, anatomy: Anatomy, config: Config):
     return measure_level(ref.open(), level, anatomy, config)
 
 
+@task(name="integrity", cache_policy=NO_CACHE)
+def integrity_task(ref: VolumeRef, anatomy: Anatomy, screws, config: Config):
+    return integrity_step(ref.open(), anatomy, screws, config)
+
+
+@task(name="compare-with-prior", cache_policy=NO_CACHE)
+def compare_task(prior: dict, ref: VolumeRef, anatomy: Anatomy, screws, cages, levels, config: Config):
+    return compare_step(prior["ref"], prior["anatomy"], prior["screws"], prior["cages"], prior["levels"],
+                        ref, anatomy, screws, cages, levels, config)
+
+
 @task(name="write-report", retries=2, retry_delay_seconds=1, retry_condition_fn=transient_only,
       cache_policy=NO_CACHE)
 def report_task(ref: VolumeRef, anatomy: Anatomy, screws, cages, levels, evidence, config: Config,
-                outdir: str) -> str:
+                outdir: str, fractures=(), notes=(), baseline: dict | None = None) -> str:
     from pipeline.outputs import write_outputs
 
     volume = ref.open()
-    result = build_result(volume, anatomy, screws, cages, levels, config)
+    result = build_result(volume, anatomy, screws, cages, levels, config, extra_notes=notes,
+                          fractures=fractures, baseline=baseline)
     with outdir_lock(outdir):
         return str(write_outputs(outdir, result, evidence, volume))
 
@@ -197,27 +209,46 @@ def _unzip(pairs):
 
 
 # ----------------------------------------------------------------------------- flow
-@flow(name="fusionct-analyze", log_prints=False)
-def analyze_flow(input_path: str, outdir: str, config_path: str | None = None) -> str:
-    """Analyze one study (DICOM folder or NIfTI file) and write the report files to ``outdir``."""
-    progress = current()
-    config = load_config(config_path)
-    check_input_path(input_path)
-    with progress.step("load"):
+def _load_detect_measure(input_path: str, config: Config, progress, label: str = ""):
+    """The per-study steps: load (select series), detect, measure each screw / cage / level."""
+    with progress.step(f"{label}load"):
         fingerprint = fingerprint_task(input_path)
         # a cached reference is only good while its volume file is there
         ref = load_task.with_options(refresh_cache=not volume_on_disk(fingerprint))(input_path, fingerprint)
-    with progress.step("detect"):
+    with progress.step(f"{label}detect"):
         anatomy = detect_task(ref, config)
-    with progress.step("measure", f"{len(anatomy.screws)} screws, {len(anatomy.cages)} cages, "
-                                  f"{len(anatomy.levels)} levels"):
+    with progress.step(f"{label}measure", f"{len(anatomy.screws)} screws, {len(anatomy.cages)} cages, "
+                                          f"{len(anatomy.levels)} levels"):
         screws = measure_screw_task.map(unmapped(ref), anatomy.screws, unmapped(config))
         cages = measure_cage_task.map(unmapped(ref), anatomy.cages, unmapped(anatomy), unmapped(config))
         levels = measure_level_task.map(unmapped(ref), anatomy.levels, unmapped(anatomy), unmapped(config))
         screws, ev_s = _unzip(screws.result())
         cages, ev_c = _unzip(cages.result())
         levels, ev_l = _unzip(levels.result())
+    return ref, anatomy, screws, cages, levels, {**ev_s, **ev_c, **ev_l}
+
+
+@flow(name="fusionct-analyze", log_prints=False)
+def analyze_flow(input_path: str, outdir: str, config_path: str | None = None,
+                 baseline_path: str | None = None) -> str:
+    """Analyze one study (DICOM folder or NIfTI file) and write the report files to ``outdir``;
+    with ``baseline_path`` (an earlier study of the same patient) also report change since it."""
+    progress = current()
+    config = load_config(config_path)
+    check_input_path(input_path)
+    if baseline_path is not None:
+        check_input_path(baseline_path)
+    ref, anatomy, screws, cages, levels, evidence = _load_detect_measure(input_path, config, progress)
+    with progress.step("integrity", "pedicle breach, rod and screw fractures"):
+        screws, fractures = integrity_task(ref, anatomy, screws, config)
+    notes, baseline = [], None
+    if baseline_path is not None:
+        pref, panat, ps, pc, pl, _ = _load_detect_measure(baseline_path, config, progress, "prior ")
+        with progress.step("compare", "registering each vertebra to the prior"):
+            prior = {"ref": pref, "anatomy": panat, "screws": ps, "cages": pc, "levels": pl}
+            screws, cages, levels, notes = compare_task(prior, ref, anatomy, screws, cages, levels, config)
+            baseline = baseline_summary(pref)
     with progress.step("report"):
-        written = report_task(ref, anatomy, screws, cages, levels, {**ev_s, **ev_c, **ev_l}, config,
-                              str(Path(outdir)))
+        written = report_task(ref, anatomy, screws, cages, levels, evidence, config, str(Path(outdir)),
+                              fractures=fractures, notes=notes, baseline=baseline)
     return written

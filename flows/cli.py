@@ -15,6 +15,8 @@ from pathlib import Path
 def _quiet_prefect(debug: bool) -> None:
     """Keep Prefect's own logs and telemetry out of the way; our progress lines say enough."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The embedded server takes seconds to start, more on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "DEBUG" if debug else "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "fusionct" / "numba"))
