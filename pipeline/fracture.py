@@ -177,15 +177,14 @@ class EdgeLibrary:
 def plateau_level(profile_hu: np.ndarray) -> tuple[float, float]:
     """The metal plateau (HU) of a centre-line profile and its noise SD (robust).
 
-    The plateau is the 90th percentile of the profile's metal part (above the half-way
-    level between its 5th percentile and maximum); its noise is 1.4826 x the MAD of the
-    samples within 10 % of it (zero on a clipped plateau)."""
+    The metal part is what lies above half-way between the profile's 5th percentile (the
+    tissue beyond the ends) and its maximum; the plateau is its median and the noise
+    1.4826 x its MAD (zero on a clipped plateau)."""
     p = np.asarray(profile_hu, float)
     lo, hi = np.percentile(p, 5), p.max()
     metal = p[p > lo + 0.5 * (hi - lo)]
-    C = float(np.percentile(metal, 90))
-    near = metal[metal > C - 0.1 * (C - lo)]
-    noise = 1.4826 * float(np.median(np.abs(near - np.median(near)))) if near.size else 0.0
+    C = float(np.median(metal))
+    noise = 1.4826 * float(np.median(np.abs(metal - C)))
     return C, noise
 
 
