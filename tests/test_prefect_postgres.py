@@ -3,9 +3,10 @@
 The test starts a throwaway PostgreSQL cluster (Debian's postgresql, as the ``postgres``
 user when run as root) and ``prefect server start`` on it, both on free loopback ports;
 serves the deployments with ``python -m flows.deploy``; launches an analysis from the
-Prefect CLI (``prefect deployment run``), as staff would; then checks that the result was
-written and that the flow run is recorded as COMPLETED in PostgreSQL. Everything it
-started is stopped at the end.
+Prefect CLI (``prefect deployment run``), as staff would, and checks that the result was
+written and that the flow run is recorded as COMPLETED in PostgreSQL; then runs
+``fusionct serve`` with ``FUSIONCT_DEPLOYMENT`` so a study sent by storescu becomes a run of
+the served deployment, recorded the same way. Everything started is stopped at the end.
 """
 from __future__ import annotations
 
@@ -147,60 +148,124 @@ def _pipeline_ready() -> bool:
     return True
 
 
-def test_prefect_server_on_postgres_records_a_study_launched_from_the_cli(prefect_server, postgres, tmp_path):
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
     if not _pipeline_ready():
         pytest.skip("pipeline.detect / pipeline.measure not importable yet")
-    import psycopg2
     from sample_data import PhantomSpec, write_dicom_study
 
-    study = tmp_path / "study"
+    study = tmp_path_factory.mktemp("pg_study") / "study"
     write_dicom_study(PhantomSpec(seed=3, spacing_mm=(0.8, 0.8, 1.5), vertebrae=("L4", "L5", "S1"),
                                   instrumented_levels=("L5-S1",)), study, extra_series=False)
-    out = tmp_path / "results"
+    return study
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, small_study, tmp_path_factory):
+    """``python -m flows.deploy`` serving the deployments against the PostgreSQL-backed server."""
+    work = tmp_path_factory.mktemp("deploy")
     env = {**prefect_server["env"], "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "FUSIONCT_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    serve_log = tmp_path / "deploy.log"
-    with open(serve_log, "w") as fh:
-        served = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--limit", "1"], cwd=REPO,
-                                  env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def deployment_listed():
-            url = f"{prefect_server['api_url']}/deployments/name/fusionct-analyze/analyze"
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        assert wait_until(lambda: served.poll() is not None or deployment_listed(), 120, 1.0), \
-            serve_log.read_text()[-3000:]
-        assert served.poll() is None, serve_log.read_text()[-3000:]
+           "FUSIONCT_CACHE_DIR": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
+    log_path = work / "deploy.log"
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--limit", "1"], cwd=REPO,
+                                env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
-        t0 = time.perf_counter()
-        launched = subprocess.run(
-            [str(VENV_BIN / "prefect"), "deployment", "run", "fusionct-analyze/analyze",
-             "--param", f"input_path={study}", "--param", f"outdir={out}",
-             "--watch", "--watch-timeout", "600"],
-            env=env, capture_output=True, text=True, timeout=660)
-        elapsed = time.perf_counter() - t0
-        assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:] + \
-            serve_log.read_text()[-3000:]
-        doc = json.loads((out / "measurements.json").read_text())
-        truth = json.loads((study / "truth.json").read_text())
-        assert doc["input"]["study_instance_uid"] == truth["dicom"]["study_instance_uid"]
-
-        with psycopg2.connect(postgres["dsn"]) as conn, conn.cursor() as cur:
-            cur.execute("""SELECT fr.state_type, d.name, fr.parameters
-                           FROM flow_run fr JOIN flow f ON f.id = fr.flow_id
-                           LEFT JOIN deployment d ON d.id = fr.deployment_id
-                           WHERE f.name = 'fusionct-analyze'""")
-            rows = cur.fetchall()
-        assert [(state, dep) for state, dep, _ in rows] == [("COMPLETED", "analyze")]
-        assert rows[0][2]["input_path"] == str(study)
-        print(f"\nCLI-launched analysis on the PostgreSQL-backed server: {elapsed:.1f} s")
-    finally:
-        os.killpg(served.pid, 15)
+    def deployment_listed():
+        url = f"{prefect_server['api_url']}/deployments/name/fusionct-analyze/analyze"
         try:
-            served.wait(timeout=30)
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(lambda: proc.poll() is not None or deployment_listed(), 120, 1.0), \
+            log_path.read_text()[-3000:]
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        yield {"env": env, "log": log_path}
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(served.pid, 9)
-            served.wait()
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def flow_runs(dsn: str) -> list[tuple]:
+    """(state, deployment name, flow run name, parameters) of every fusionct-analyze run in PostgreSQL."""
+    import psycopg2
+
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("""SELECT fr.state_type, d.name, fr.name, fr.parameters
+                       FROM flow_run fr JOIN flow f ON f.id = fr.flow_id
+                       LEFT JOIN deployment d ON d.id = fr.deployment_id
+                       WHERE f.name = 'fusionct-analyze' ORDER BY fr.created""")
+        return cur.fetchall()
+
+
+def test_prefect_server_on_postgres_records_a_study_launched_from_the_cli(served, postgres, small_study,
+                                                                         tmp_path):
+    out = tmp_path / "results"
+    t0 = time.perf_counter()
+    launched = subprocess.run(
+        [str(VENV_BIN / "prefect"), "deployment", "run", "fusionct-analyze/analyze",
+         "--param", f"input_path={small_study}", "--param", f"outdir={out}",
+         "--watch", "--watch-timeout", "600"],
+        env=served["env"], capture_output=True, text=True, timeout=660)
+    elapsed = time.perf_counter() - t0
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:] + \
+        served["log"].read_text()[-3000:]
+    doc = json.loads((out / "measurements.json").read_text())
+    truth = json.loads((small_study / "truth.json").read_text())
+    assert doc["input"]["study_instance_uid"] == truth["dicom"]["study_instance_uid"]
+
+    runs = [r for r in flow_runs(postgres["dsn"]) if r[3].get("outdir") == str(out)]
+    assert [(state, dep) for state, dep, _, _ in runs] == [("COMPLETED", "analyze")]
+    assert runs[0][3]["input_path"] == str(small_study)
+    print(f"\nCLI-launched analysis on the PostgreSQL-backed server: {elapsed:.1f} s")
+
+
+def test_fusionct_serve_hands_a_received_study_to_the_served_deployment(served, postgres, small_study,
+                                                                         tmp_path):
+    if shutil.which("storescu") is None:
+        pytest.skip("dcmtk's storescu is not installed (Debian package dcmtk)")
+    truth = json.loads((small_study / "truth.json").read_text())
+    uid = truth["dicom"]["study_instance_uid"]
+    port, out = free_port(), tmp_path / "out"
+    env = {**served["env"], "FUSIONCT_DEPLOYMENT": "fusionct-analyze/analyze"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+                                 "--out-root", str(out), "--quiet-seconds", "1"], cwd=REPO, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_until(lambda: "serving" in log_path.read_text() or proc.poll() is not None, 120), \
+            log_path.read_text()[-2000:]
+        files = [str(p) for p in small_study.rglob("*") if p.is_file() and p.name != "truth.json"]
+        sent = subprocess.run(["storescu", "-aec", "FUSIONCT", "127.0.0.1", str(port), *files],
+                              capture_output=True, text=True, timeout=180)
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        status_path = out / ".intake" / uid / "status.json"
+
+        def finished():
+            try:
+                return json.loads(status_path.read_text())["state"] in ("done", "failed")
+            except (OSError, ValueError, KeyError):
+                return False
+
+        assert wait_until(finished, 600, 0.5), log_path.read_text()[-3000:]
+        status = json.loads(status_path.read_text())
+        assert status["state"] == "done", status
+        assert (out / uid / "measurements.json").exists()
+        runs = [r for r in flow_runs(postgres["dsn"]) if r[2] == f"study-{uid}"]
+        assert [(state, dep) for state, dep, _, _ in runs] == [("COMPLETED", "analyze")]
+        assert runs[0][3]["outdir"] == str(out / uid)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
