@@ -221,12 +221,16 @@ def steepest_edges(hu, origins_kji, directions_kji, s_start, s_step, n_steps, ke
 
 def steepest_edges_reference(hu, origins_kji, directions_kji, s_start, s_step, n_steps, kern,
                              detect_hu, n_back, n_fwd):
-    """Same definition as :func:`steepest_edges`: ``map_coordinates`` profiles,
-    ``scipy.ndimage.correlate1d(mode="nearest")`` smoothing, vectorised NumPy search."""
-    from scipy import ndimage
-
+    """Same definition as :func:`steepest_edges`: ``map_coordinates`` profiles, edge-padded
+    weighted sum for the smoothing (taps in the kernel's order, so near-ties resolve alike),
+    vectorised NumPy search."""
     prof = sample_rays_reference(hu, origins_kji, directions_kji, s_start, s_step, n_steps)
-    sm = ndimage.correlate1d(prof, np.asarray(kern, float), axis=1, mode="nearest")
+    kern = np.asarray(kern, float)
+    r = len(kern) // 2
+    padded = np.pad(prof, ((0, 0), (r, r)), mode="edge")
+    sm = np.zeros_like(prof)
+    for q in range(-r, r + 1):
+        sm = sm + kern[q + r] * padded[:, r + q: r + q + prof.shape[1]]
     n_r, m = sm.shape
     rows = np.arange(n_r)
     above = sm >= detect_hu

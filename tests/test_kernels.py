@@ -124,3 +124,113 @@ def test_bridging_kernel_matches_reference_on_random_volume():
         br, mr = bridged_columns_reference(hu, s, e, 25, smooth, 0.0)
         np.testing.assert_allclose(m, mr, atol=1e-6)
         np.testing.assert_array_equal(b, br)
+
+
+# ------------------------------------------------------------------------------ halo
+from kernels.halo import (  # noqa: E402
+    blurred_box_integral,
+    blurred_box_integral_reference,
+    halo_widths,
+    halo_widths_reference,
+)
+from kernels.subsidence import (  # noqa: E402
+    gaussian_kernel,
+    steepest_edges,
+    steepest_edges_reference,
+)
+
+D_START, STEP = -0.5, 0.1
+D = D_START + STEP * np.arange(70)
+HALO_ARGS = dict(max_width=5.0, window=0.3, settle=0.3, rim_from=0.2, rim_to=0.8,
+                 local_from=0.2, local_to=0.7, min_deficit=0.15, far_len=1.0)
+
+
+def _halo_profile(width_mm, sigma_mm, lucent=25.0, bone=230.0, rim_hu=0.0):
+    """Bone with a lucent box [0, width] (and optionally a 1 mm rim), blurred."""
+    box = special.ndtr((width_mm - D) / sigma_mm) - special.ndtr(-D / sigma_mm)
+    prof = bone - (bone - lucent) * box
+    if rim_hu:
+        rim = special.ndtr((width_mm + 1.0 - D) / sigma_mm) - special.ndtr((width_mm - D) / sigma_mm)
+        prof += rim_hu * rim
+    return prof
+
+
+def _halo_call(fn, g, d_vis, bone, sigma):
+    n = len(g)
+    return fn(np.ascontiguousarray(g, dtype=float), D_START, STEP, np.full(n, d_vis), 25.0,
+              np.full(n, bone), np.full(n, sigma), *HALO_ARGS.values())
+
+
+@pytest.mark.parametrize("w,sigma", [(0.0, 0.4), (0.2, 0.5), (1.0, 0.3), (1.7, 0.45), (3.0, 0.6)])
+def test_blurred_box_integral_matches_quadrature(w, sigma):
+    for a, b in ((0.8, 2.3), (0.3, 1.2), (-0.5, 4.0)):
+        assert blurred_box_integral(w, sigma, a, b) == pytest.approx(
+            blurred_box_integral_reference(w, sigma, a, b), abs=1e-7)
+
+
+@pytest.mark.parametrize("width", [1.2, 1.5, 2.0, 3.0])
+def test_halo_width_recovered_from_blurred_lucent_box(width):
+    g = np.array([_halo_profile(width, 0.4) for _ in range(3)])
+    w, st, *_ = _halo_call(halo_widths, g, 0.8, 230.0, 0.4)
+    np.testing.assert_allclose(w, width, atol=0.05)
+    assert np.all(st == 1)
+
+
+def test_thin_halo_read_through_its_deficit_beyond_the_readable_distance():
+    # a 1.2 mm halo blurred by 0.8 mm is not lucent at d_vis = 1.4 mm, but its tail is
+    g = _halo_profile(1.2, 0.8)[None, :]
+    w, st, *_ = _halo_call(halo_widths, g, 1.4, 230.0, 0.8)
+    assert g[0, np.searchsorted(D, 1.4)] > 127.5  # deficit mode
+    assert w[0] == pytest.approx(1.2, abs=0.05)
+    # a deficit too small to tell from noise reads as no halo
+    g = _halo_profile(0.4, 0.5)[None, :]
+    w, st, *_ = _halo_call(halo_widths, g, 1.2, 230.0, 0.5)
+    assert w[0] == 0.0 and st[0] == 0
+
+
+def test_no_halo_and_dark_streak_rays():
+    bone = np.full((1, len(D)), 230.0)
+    streak = np.full((1, len(D)), 90.0)  # never returns to bone: excluded
+    w, st, *_ = _halo_call(halo_widths, np.vstack([bone, streak]), 0.8, 230.0, 0.4)
+    assert w[0] == 0.0 and st[0] == 0
+    assert np.isnan(w[1]) and st[1] == 2
+
+
+def test_halo_with_sclerotic_rim_is_read_against_the_rim_and_reports_it():
+    g = _halo_profile(2.0, 0.35, rim_hu=420.0)[None, :]
+    w, st, gmin, rim, edge = _halo_call(halo_widths, g, 0.8, 230.0, 0.35)
+    naive = D[np.argmax((D > 0.8) & (g[0] >= 127.5))]  # half-way to ordinary bone: too early
+    assert w[0] == pytest.approx(2.0, abs=0.15) and w[0] > naive + 0.15
+    assert rim[0] > 200.0
+
+
+def test_halo_kernel_matches_reference_on_random_and_synthetic_profiles():
+    rng = np.random.default_rng(7)
+    synth = [_halo_profile(w, s, rim_hu=r) for w in (0, 0.4, 0.9, 1.6, 2.8)
+             for s in (0.3, 0.6) for r in (0.0, 400.0)]
+    g = np.vstack([np.array(synth) + rng.normal(0, 20, (len(synth), len(D))),
+                   rng.normal(150, 120, (60, len(D)))])
+    for d_vis, sigma in ((0.8, 0.4), (1.3, 0.6), (0.3, 0.25)):
+        got = _halo_call(halo_widths, g, d_vis, 230.0, sigma)
+        ref = _halo_call(halo_widths_reference, g, d_vis, 230.0, sigma)
+        np.testing.assert_array_equal(got[1], ref[1])
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, atol=1e-5, equal_nan=True)
+
+
+def test_steepest_edge_matches_reference_and_finds_a_blurred_step():
+    hu = _blurred_slab_volume(18.35, sigma_vox=0.9, low=200.0, high=2800.0)
+    o = np.array([[10.0, 3.3, 4.1], [9.0, 2.0, 5.0]])
+    d = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    kern = gaussian_kernel(1.5)
+    args = (hu, o, d, 0.0, 0.1, 150, kern, 2200.0, 15, 5)
+    got = steepest_edges(*args)
+    np.testing.assert_allclose(got, steepest_edges_reference(*args), atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(got, 18.35 - o[:, 0], atol=0.1)
+    vol = _random_volume((20, 20, 20))
+    rng = np.random.default_rng(3)
+    o2 = rng.random((200, 3)) * 19
+    d2 = rng.normal(size=(200, 3))
+    args2 = (vol, o2, d2, 0.0, 0.11, 90, gaussian_kernel(1.0), 300.0, 12, 4)
+    np.testing.assert_allclose(steepest_edges(*args2), steepest_edges_reference(*args2), atol=1e-6,
+                               equal_nan=True)
