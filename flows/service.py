@@ -364,6 +364,7 @@ class IntakeService:
         self._threads: list[threading.Thread] = []
         self._server = None
         self._skipped: dict[Path, float] = {}   # watched non-DICOM files: path -> mtime seen
+        self._per_assoc: dict[int, list[int]] = {}  # association -> [stored, refused]
         self._futures = []
         self.results: dict[str, dict] = {}      # study_uid -> last status (for callers/tests)
 
@@ -377,17 +378,28 @@ class IntakeService:
             sop_uid = str(event.request.AffectedSOPInstanceUID or ds.get("SOPInstanceUID", "") or "").strip()
         except Exception:  # noqa: BLE001 - a peer's malformed dataset must not kill the server
             log.warning("refused an instance whose header cannot be read")
-            return STATUS_CANNOT_UNDERSTAND
+            return self._count(event, STATUS_CANNOT_UNDERSTAND)
         if not (study_uid and series_uid and sop_uid):
             log.warning("refused an instance without Study/Series/SOP Instance UID")
-            return STATUS_CANNOT_UNDERSTAND
+            return self._count(event, STATUS_CANNOT_UNDERSTAND)
         try:
             self.store.store_bytes(study_uid, series_uid, sop_uid, event.encoded_dataset(include_meta=True))
         except OSError as exc:
             log.error("could not store an instance of study %s: %s", safe_name(study_uid), exc.strerror)
-            return STATUS_OUT_OF_RESOURCES
+            return self._count(event, STATUS_OUT_OF_RESOURCES)
         self._received(study_uid)
-        return STATUS_OK
+        return self._count(event, STATUS_OK)
+
+    def _count(self, event, status: int) -> int:
+        counts = self._per_assoc.setdefault(id(event.assoc), [0, 0])
+        counts[0 if status == STATUS_OK else 1] += 1
+        return status
+
+    def _on_closed(self, event) -> None:
+        stored, refused = self._per_assoc.pop(id(event.assoc), [0, 0])
+        if stored or refused:
+            log.info("association from %r closed: %d instance(s) stored, %d refused",
+                     event.assoc.requestor.ae_title, stored, refused)
 
     def _received(self, study_uid: str) -> None:
         if self.tracker.received(study_uid) == 1:
@@ -426,7 +438,8 @@ class IntakeService:
         ae.add_supported_context(Verification)
         if self.allowed_aes:
             ae.require_calling_aet = self.allowed_aes
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)]
         self._server = ae.start_server((self.host, int(self.port)), block=False, evt_handlers=handlers)
         log.info("listening for C-STORE on %s:%d as %s%s", self.host, self.port, self.ae_title,
                  f" (calling AEs: {', '.join(self.allowed_aes)})" if self.allowed_aes else "")

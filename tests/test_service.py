@@ -183,6 +183,7 @@ def test_received_instances_are_named_by_uid_and_patient_data_stays_out_of_paths
         assert secret not in every_path
         assert secret not in caplog.text
     assert rec.runs[0][0] == study and len(rec.runs[0][1]) == 3
+    assert "3 instance(s) stored, 0 refused" in caplog.text
     assert (tmp_path / "out" / study / "measurements.json").exists()
     status = json.loads((tmp_path / "out" / ".intake" / study / "status.json").read_text())
     assert status["state"] == "done" and status["instances"] == 3
