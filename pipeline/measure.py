@@ -60,7 +60,7 @@ HALO_TIP_MARGIN_MM = 1.5      # last station before the tip (the rounded end is 
 HALO_FAR_MM = (2.4, 3.0)      # where a halo-free ray's bone level is read (tail nearly gone)
 HALO_TAIL_CLASSES = 4         # classes of ray direction (blur along the ray) for the tail
 HALO_TAIL_START_PERCENTILE = 90  # first tail guess: halo rays only lower a profile
-HALO_TAIL_SPREAD_HU = 45.0    # a distance is readable once halo-free rays agree this well
+HALO_TAIL_SPREAD_HU = 60.0    # a distance is readable once halo-free rays agree this well
 HALO_D_VIS_MIN_MM = 0.3       # never read closer to the surface than this
 HALO_DEFICIT_WINDOW_MM = 0.3  # deficit integrated over [d_vis, d_vis + this + 2 sigma]
 HALO_LOCAL_MM = (0.2, 0.7)    # what lies just beyond a provisional edge (a denser rim?)
@@ -557,9 +557,13 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
 
 
 def _steepest(hu, origins_kji, dirs_kji, step, n, detect_hu, volume) -> np.ndarray:
-    """Steepest rising edge (mm along the ray) of rays starting on the dark side; the
-    profile is smoothed over ~0.3 voxel so the edge is located sub-voxel."""
-    kern = gaussian_kernel(max(0.3 * float(volume.spacing_mm.min()) / step, 1.0))
+    """Steepest rising edge (mm along the ray) of rays starting on the dark side. The
+    profile is smoothed over 0.6 of the voxel extent along the ray: linear interpolation
+    makes a profile piecewise linear between voxel planes, and without that smoothing the
+    steepest point would snap to the middle of a voxel interval."""
+    dirs_lps = np.asarray(dirs_kji, float)[:1, ::-1] @ volume.index_to_lps_matrix.T
+    ext = float(_blur_extent_mm(volume, dirs_lps / np.linalg.norm(dirs_lps))[0])
+    kern = gaussian_kernel(max(0.6 * ext / step, 1.0))
     return steepest_edges(hu, np.ascontiguousarray(origins_kji, dtype=float),
                           np.ascontiguousarray(dirs_kji, dtype=float), 0.0, float(step), int(n), kern,
                           float(detect_hu), int(round(EDGE_BACK_MM / step)), int(round(EDGE_FWD_MM / step)))
