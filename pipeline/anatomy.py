@@ -289,10 +289,15 @@ def column_profile(volume: Volume, curve: np.ndarray, metal_threshold_hu: float,
     body_hu = float(np.nanmedian(med[valid])) if valid.any() else 0.0
     band = max(45.0, 0.35 * (body_hu - 40.0))
     other = np.mean(np.abs(v - body_hu) > band, axis=1)
+    # the same in the central +-5 mm only: screws, their halos and blooming run beside it
+    cpts5 = cross_section_points(curve, lr, ap, half_lr_mm=5.0, half_ap_mm=5.0, step_mm=1.0)
+    c5 = sample_lps(volume, cpts5, cval_hu=-1000.0)
+    other_c = np.mean(np.abs(c5 - body_hu) > band, axis=1)
     cpts = cross_section_points(curve, lr, ap, half_lr_mm=6.0, half_ap_mm=6.0, step_mm=1.5)
     cvals = sample_lps(volume, cpts, cval_hu=-1000.0)
     metal = (cvals > metal_threshold_hu).mean(axis=1)
-    return dict(low_hu=low, high_hu=high, non_trabecular=other, body_hu=body_hu,
+    return dict(low_hu=low, high_hu=high, non_trabecular=other, central_non_trabecular=other_c,
+                body_hu=body_hu,
                 central_metal_fraction=metal, valid=valid, tangent=t, lr=lr, ap=ap)
 
 
@@ -308,15 +313,15 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     """Indices of disc centres along the column profile (see :func:`column_profile`).
 
     Four kinds of evidence, each scored about 1 for a clear disc, are summed where they
-    coincide (within 4 mm); the first two are weighted by how bright the endplates on
-    both sides within 10 mm are (see ``flanks``):
+    coincide (within 4 mm); the dips are weighted by how bright the endplates on both
+    sides within 10 mm are (see ``flanks``):
 
     * a dip of the low-quantile HU below the endplates on both sides within 10 mm (disc
       tissue; scored by its depth over the body-to-disc contrast);
     * a pair of bright thin peaks of the 75th percentile 5 to 16 mm apart (the two cortical
       endplates bounding a disc, still there when bone bridges it or a PEEK cage fills it);
-    * a run of stations where most samples are far from the body level (disc, PEEK,
-      bridging bone; scored by its prominence, 0.5 at least);
+    * a run of stations where at least 70 % of the central +-5 mm is far from the body level
+      (disc, PEEK, bridging bone; scored by its prominence, 0.5 at least);
     * metal filling the centre of the cross-section (a titanium cage; scored 2).
 
     A dark metal streak through a body makes a dip but has no endplate pair beside it;
@@ -352,9 +357,13 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     # bright flanks: a dark streak or a lucent halo at screw level inside a body has none
     for p, pr in _normalised_peaks(-low, valid, 0.3 * contrast, int(round(20 * sig)) + 1):
         cand.append((p, min(pr / contrast, 1.5) * flanks(p)))
-    nt = ndimage.gaussian_filter1d(prof["non_trabecular"], sig)
-    for p, pr in _normalised_peaks(nt, valid, 0.5, int(round(20 * sig)) + 1):
-        cand.append((p, min(pr, 1.0) * flanks(p)))
+    # the centre of a disc is not trabecular (disc, cage, bridging bone) across most of
+    # it; at screw level inside a body the centre stays trabecular (at most about half of
+    # it is crossed by streaks)
+    nt = ndimage.gaussian_filter1d(prof["central_non_trabecular"], sig)
+    for p, pr in _normalised_peaks(nt, valid, 0.5, int(round(30 * sig)) + 1):
+        if nt[p] >= 0.7:
+            cand.append((p, min(pr, 1.0)))
     hp = _normalised_peaks(high, valid, 0.3 * spread, int(round(10 * sig)) + 1)
     for (a, pa), (b, pb) in zip(hp[:-1], hp[1:]):
         if 5.0 <= (b - a) * spacing_mm <= 16.0:
@@ -363,6 +372,7 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     for p, _ in _normalised_peaks(mf, valid, 0.3, None):
         if mf[p] >= 0.3:
             cand.append((p, 2.0))
+    _log.debug("disc evidence %s", [(p, round(sc, 2)) for p, sc in sorted(cand)])
     # merge evidence within 4 mm
     cand.sort()
     merged: list[list[float]] = []
