@@ -42,6 +42,7 @@ class Plan:
     study: StudySize
     repeats: int = 5
     study_repeats: int = 5
+    study_warmup: bool = True
     prefect: bool = True
     compile_fresh: bool = True
     copy_mb: int = 512
@@ -73,11 +74,12 @@ def quick_plan() -> Plan:
 
 
 def tiny_plan() -> Plan:
-    """A smoke run of the harness (seconds per part; used by tests)."""
-    t = StudySize(128, 100, 2.0, 2.0)
-    return Plan("tiny", t, repeats=2, study_repeats=1, prefect=False, compile_fresh=False,
-                copy_mb=32, screw_scaling=t, screw_levels=(1, 4),
-                voxel_sizes=(StudySize(96, 75, 2.6667, 2.6667), t), scaling_repeats=1,
+    """A smoke run of the harness (used by tests): the smallest grid the pipeline is meant
+    for (0.8 mm pixels, 1.5 mm slices, 128 mm field), one run of everything, no warm-ups."""
+    t = StudySize(160, 124, 0.8, 1.5)
+    return Plan("tiny", t, repeats=2, study_repeats=1, study_warmup=False, prefect=False,
+                compile_fresh=False, copy_mb=32, screw_scaling=t, screw_levels=(1, 4),
+                voxel_sizes=(StudySize(140, 124, 0.9143, 1.5), t), scaling_repeats=1,
                 scaling_warmup=False, kernel_scale=0.05, check_targets=False)
 
 
@@ -152,11 +154,11 @@ def run_all(plan: Plan) -> dict:
     rows += lrows
 
     _say(f"whole study, no Prefect ({plan.study_repeats} runs after a warm-up)")
-    plain = bench_study(folder, "plain", plan.study_repeats)
+    plain = bench_study(folder, "plain", plan.study_repeats, plan.study_warmup)
     prefect = None
     if plan.prefect:
         _say(f"whole study, Prefect flow ({plan.study_repeats} runs after a warm-up)")
-        prefect = bench_study(folder, "prefect", plan.study_repeats)
+        prefect = bench_study(folder, "prefect", plan.study_repeats, plan.study_warmup)
     raw["study_plain"], raw["study_prefect"] = plain, prefect
     rows += study_rows(plain, prefect, label, plan.check_targets)
 

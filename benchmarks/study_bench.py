@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -212,8 +213,10 @@ def study_rows(plain: dict, prefect: dict | None, label: str, check_targets: boo
             "study", f"{label}: whole study, no Prefect (after start-up)", plain["analyze_s"],
             note=(f"{plain['n_screws']} screws, {plain['n_cages']} cages, {plain['n_levels']} levels; "
                   f"steps s: {steps}; start-up (imports) {plain['import_s']:.2f} s; "
-                  f"process wall {plain['wall_s']:.2f} s; first run {plain['warmup']['wall_s']:.1f} s wall; "
-                  f"median of {plain['n_ok']}"),
+                  f"process wall {plain['wall_s']:.2f} s; "
+                  + (f"first run {plain['warmup']['wall_s']:.1f} s wall; "
+                     if math.isfinite(plain['warmup'].get('wall_s', float('nan'))) else "")
+                  + f"median of {plain['n_ok']}"),
             target=f"<= {TARGET_ANALYZE_S:g} s" if check_targets else "",
             met=bool(plain["analyze_s"] <= TARGET_ANALYZE_S) if check_targets else None))
         rows.append(Row(
