@@ -33,7 +33,6 @@ import signal
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,10 +152,12 @@ class StudyStore:
         """
         src_root = self.input_dir(study_uid)
         runs = self.study_dir(study_uid) / "runs"
-        if runs.exists():  # snapshots left by a killed service (callers hold the study lock)
+        if runs.exists():  # a snapshot left by a killed service (callers hold the study lock)
             for stale in runs.iterdir():
                 shutil.rmtree(stale, ignore_errors=True)
-        dst_root = runs / uuid.uuid4().hex[:12]
+        # always the same path: a re-sent identical study is a cache hit, and the cached
+        # volume's source file paths (read again for the SR) must exist again
+        dst_root = runs / "current"
         for src in sorted(src_root.rglob("*")):
             if not src.is_file() or src.name.startswith("."):
                 continue

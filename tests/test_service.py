@@ -363,6 +363,18 @@ def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(
         assert status["state"] == "done" and status["instances"] == truth["dicom"]["n_files"]
         print(f"\nlast instance -> result: {status['seconds_from_last_instance']:.1f} s "
               f"(quiet 2.0 s, analysis {status['seconds_analysis']:.1f} s)")
+
+        # a PACS retry re-sends an instance: the unchanged study is analyzed again, from cache
+        again = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FUSIONCT", "127.0.0.1",
+                                str(port), files[0]], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert wait_for(lambda: finished() and json.loads(status_path.read_text())["finished_at"]
+                        > status["finished_at"], 300, 0.5), log_path.read_text()[-3000:]
+        second = json.loads(status_path.read_text())
+        assert second["state"] == "done", second
+        assert json.loads(result.read_text())["screws"] == doc["screws"]
+        print(f"re-sent, served from cache: {second['seconds_from_last_instance']:.1f} s "
+              f"(analysis {second['seconds_analysis']:.1f} s)")
     finally:
         proc.terminate()
         try:
