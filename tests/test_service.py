@@ -317,7 +317,7 @@ def _sample_data_ready() -> bool:
 
 
 @pytest.mark.slow
-def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(tmp_path):
+def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(tmp_path, prefect_harness):
     if shutil.which("storescu") is None:
         pytest.skip("dcmtk's storescu is not installed (Debian package dcmtk)")
     if not _sample_data_ready():
@@ -330,8 +330,11 @@ def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(
     study_uid = truth["dicom"]["study_instance_uid"]
     files = sorted(str(p) for p in study_dir.rglob("*") if p.is_file() and p.name != "truth.json")
     port, out = free_port(), tmp_path / "out"
+    from prefect.settings import PREFECT_API_URL
+
+    # the service reports to the session's test server instead of starting its own
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
-           "PREFECT_HOME": str(tmp_path / "prefect_home")}
+           "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": PREFECT_API_URL.value()}
     cmd = [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--out-root", str(out),
            "--allow-ae", "STORESCU", "--quiet-seconds", "2"]
     log_path = tmp_path / "serve.log"
