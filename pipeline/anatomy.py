@@ -313,7 +313,7 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     """Indices of disc centres along the column profile (see :func:`column_profile`).
 
     Four kinds of evidence, each scored about 1 for a clear disc, are summed where they
-    coincide (within 4 mm); the dips are weighted by how bright the endplates on both
+    coincide (within 6 mm); the dips are weighted by how bright the endplates on both
     sides within 10 mm are (see ``flanks``):
 
     * a dip of the low-quantile HU below the endplates on both sides within 10 mm (disc
@@ -361,9 +361,13 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     # it; at screw level inside a body the centre stays trabecular (at most about half of
     # it is crossed by streaks)
     nt = ndimage.gaussian_filter1d(prof["central_non_trabecular"], sig)
+    from scipy.signal import peak_widths
+
     for p, pr in _normalised_peaks(nt, valid, 0.5, int(round(30 * sig)) + 1):
         if nt[p] >= 0.7:
-            cand.append((p, min(pr, 1.0)))
+            # the middle of the run (its half-height width), not wherever its top happens
+            _, _, left, right = peak_widths(nt, [p], rel_height=0.5, wlen=int(round(30 * sig)) + 1)
+            cand.append((int(round(0.5 * (left[0] + right[0]))), min(pr, 1.0)))
     hp = _normalised_peaks(high, valid, 0.3 * spread, int(round(10 * sig)) + 1)
     for (a, pa), (b, pb) in zip(hp[:-1], hp[1:]):
         if 5.0 <= (b - a) * spacing_mm <= 16.0:
@@ -373,11 +377,11 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
         if mf[p] >= 0.3:
             cand.append((p, 2.0))
     _log.debug("disc evidence %s", [(p, round(sc, 2)) for p, sc in sorted(cand)])
-    # merge evidence within 4 mm
+    # merge evidence within 6 mm (one disc; bodies are far taller)
     cand.sort()
     merged: list[list[float]] = []
     for p, sc in cand:
-        if merged and (p - merged[-1][0]) * spacing_mm <= 4.0:
+        if merged and (p - merged[-1][0]) * spacing_mm <= 6.0:
             w0, s0 = merged[-1][2], merged[-1][1]
             merged[-1] = [(merged[-1][0] * w0 + p * sc) / (w0 + sc), s0 + sc, w0 + sc]
         else:

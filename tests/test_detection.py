@@ -29,8 +29,9 @@ def _study(key):
         kind, seed = key
         if kind == "demo":
             spec = demo_spec()
-        elif kind == "nosacrum":
-            spec = PhantomSpec(seed=seed, vertebrae=("L2", "L3", "L4", "L5"), spacing_mm=(0.8, 0.8, 1.5))
+        elif kind.startswith("nosacrum"):
+            spacing = (0.8, 0.8, 1.5) if kind.endswith("coarse") else (0.5, 0.5, 1.0)
+            spec = PhantomSpec(seed=seed, vertebrae=("L2", "L3", "L4", "L5"), spacing_mm=spacing)
         elif kind == "feetfirst":
             spec = PhantomSpec(seed=seed, feet_first=True, spacing_mm=(0.8, 0.8, 1.5))
         else:
@@ -129,8 +130,9 @@ def test_rods_found_on_both_sides_through_the_screw_heads():
         assert abs(r.diameter_mm - t["diameter_mm"]) < 1.0
 
 
-def test_named_by_position_with_a_note_when_the_sacrum_is_not_in_view():
-    _, truth, an = _study(("nosacrum", 5))
+@pytest.mark.parametrize("kind", ["nosacrum-coarse", "nosacrum-standard"])
+def test_named_by_position_with_a_note_when_the_sacrum_is_not_in_view(kind):
+    _, truth, an = _study((kind, 5))
     assert an.named_by_position
     assert [v.name for v in an.vertebrae] == [f"V{i + 1}" for i in range(len(truth["vertebrae"]))]
     assert [lv.name for lv in an.levels] == [f"V{i + 1}-V{i + 2}" for i in range(len(truth["levels"]))]
