@@ -190,10 +190,10 @@ def compare_task(prior: dict, ref: VolumeRef, anatomy: Anatomy, screws, cages, l
 @task(name="write-report", retries=2, retry_delay_seconds=1, retry_condition_fn=transient_only,
       cache_policy=NO_CACHE)
 def report_task(ref: VolumeRef, anatomy: Anatomy, screws, cages, levels, evidence, config: Config,
-                outdir: str, fractures=(), notes=(), baseline: dict | None = None) -> str:
+                outdir: str, input_path: str, fractures=(), notes=(), baseline: dict | None = None) -> str:
     from pipeline.outputs import write_outputs
 
-    volume = ref.open()
+    volume = ref.open(input_root=input_path)
     result = build_result(volume, anatomy, screws, cages, levels, config, extra_notes=notes,
                           fractures=fractures, baseline=baseline)
     with outdir_lock(outdir):
@@ -250,5 +250,5 @@ def analyze_flow(input_path: str, outdir: str, config_path: str | None = None,
             baseline = baseline_summary(pref)
     with progress.step("report"):
         written = report_task(ref, anatomy, screws, cages, levels, evidence, config, str(Path(outdir)),
-                              fractures=fractures, notes=notes, baseline=baseline)
+                              input_path, fractures=fractures, notes=notes, baseline=baseline)
     return written

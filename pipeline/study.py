@@ -35,12 +35,31 @@ class VolumeRef:
 
     stem: str
 
-    def open(self, mmap: bool = True) -> Volume:
-        """The volume, memory-mapped by default so parallel tasks share the pages."""
+    def open(self, mmap: bool = True, input_root: str | Path | None = None) -> Volume:
+        """The volume, memory-mapped by default so parallel tasks share the pages.
+
+        The cache is keyed by content, so the same study may come back from another folder:
+        with ``input_root`` the source file paths are re-based onto it (the SR writer reads
+        the source headers from them).
+        """
         info = json.loads(Path(self.stem + ".json").read_text())
         hu = np.load(self.stem + ".npy", mmap_mode="r" if mmap else None)
+        meta = rebase_source_paths(info["meta"], input_root)
         return Volume(hu=hu, origin_lps_mm=info["origin_lps_mm"], spacing_mm=info["spacing_mm"],
-                      direction=info["direction"], meta=info["meta"])
+                      direction=info["direction"], meta=meta)
+
+
+def rebase_source_paths(meta: dict, input_root: str | Path | None) -> dict:
+    """``meta`` with ``source_paths`` moved from the folder they were loaded from
+    (``meta["input_root"]``) to ``input_root``; unchanged when either is unknown."""
+    old_root = meta.get("input_root")
+    if input_root is None or old_root is None or not Path(input_root).is_dir():
+        return meta
+    new_root = Path(input_root).resolve()
+    if str(new_root) == old_root:
+        return meta
+    moved = [str(new_root / Path(p).relative_to(old_root)) for p in meta.get("source_paths", [])]
+    return {**meta, "source_paths": moved, "input_root": str(new_root)}
 
 
 def input_fingerprint(input_path: str | Path) -> str:
@@ -82,7 +101,10 @@ def load_step(input_path: str | Path, fingerprint: str | None = None) -> VolumeR
     ref = VolumeRef(str(stem))
     if Path(ref.stem + ".npy").exists() and Path(ref.stem + ".json").exists():
         return ref
-    return save_volume(load_study(input_path), stem)
+    volume = load_study(input_path)
+    if Path(input_path).is_dir():
+        volume.meta["input_root"] = str(Path(input_path).resolve())
+    return save_volume(volume, stem)
 
 
 def detect_step(ref: VolumeRef, config: Config) -> Anatomy:
@@ -167,7 +189,7 @@ def analyze_study(input_path: str | Path, outdir: str | Path, config: Config | N
 
     config = config or Config()
     ref = load_step(input_path)
-    volume = ref.open()
+    volume = ref.open(input_root=input_path)
     anatomy = detect_step(ref, config)
     screws, cages, levels, evidence = measure_study(volume, anatomy, config)
     screws, fractures = integrity_step(volume, anatomy, screws, config)
