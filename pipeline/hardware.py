@@ -269,6 +269,20 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
     Metal is looked for only inside each vertebra's body and pedicles (between the
     endplates, away from the disc spaces where cages sit), so metal elsewhere is never a
     screw. Sides follow the vertebra's LR axis: left is patient left (+x in LPS).
+
+    Parameters
+    ----------
+    volume : Volume
+    config : Config
+        ``metal_threshold_hu`` selects the metal voxels the shafts are traced in.
+    vertebrae : sequence of Vertebra
+        From :func:`pipeline.anatomy.find_vertebrae`.
+
+    Returns
+    -------
+    list of ScrewGeometry
+        ``id`` ``<vertebra>-<side>``; head (where the shaft meets its tulip), tip (anterior
+        end of the metal) and true diameter, all in LPS mm.
     """
     metal = metal_points(volume, config.metal_threshold_hu)
     if len(metal) == 0 or not vertebrae:
@@ -438,6 +452,21 @@ def find_cages(volume: Volume, config: Config, vertebrae, levels, screws=()) -> 
     the box is the pins' box (centres in the plane, ends along the normal) grown by
     ``config.peek_marker_inset_mm``. Ids ``<level>-cage<k>``, k ordered from patient right
     to left.
+
+    Parameters
+    ----------
+    volume : Volume
+    config : Config
+        ``metal_threshold_hu`` and ``peek_marker_inset_mm``.
+    vertebrae, levels : sequences of Vertebra and DiscLevel
+        From :func:`pipeline.anatomy.find_vertebrae`.
+    screws : sequence of ScrewGeometry, optional
+        Their shafts are removed first (a screw near an endplate is not cage metal).
+
+    Returns
+    -------
+    list of CageGeometry
+        Boxes with axes ``(level normal, in-plane LR-most, in-plane AP-most)``.
     """
     if not levels:
         return []
@@ -531,6 +560,21 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
     piece that reaches a screw head and is at least 20 mm long along the spine is a rod
     (with its tulips). Its centre line is the mean of its metal in 5 mm steps along its
     main direction; its diameter comes from radial profiles midway between tulips.
+
+    Parameters
+    ----------
+    volume : Volume
+    config : Config
+    vertebrae : sequence of Vertebra
+        Their mean LR position splits left from right.
+    screws : sequence of ScrewGeometry
+        Rods are the metal joined to these screws' heads.
+
+    Returns
+    -------
+    list of Rod
+        ``rod-left`` / ``rod-right`` (a further piece on a side gets a number), points top
+        first, LPS mm.
     """
     if not screws:
         return []
@@ -559,13 +603,13 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         t = (p - c) @ d
         if np.ptp(t) < 20.0:
             continue
-        # the rod lies behind the tulips: drop the tulips' own metal from the centre line
-        beh = p
+        # the centre line: the metal's mean in 5 mm steps (the tulips pull it a little
+        # towards themselves where they hold the rod)
         line = []
         for t0 in np.arange(t.min(), t.max() + 1e-6, 5.0):
             sl = (t >= t0) & (t < t0 + 5.0)
             if sl.sum() >= 3:
-                line.append(beh[sl].mean(0))
+                line.append(p[sl].mean(0))
         line = np.array(line[::-1])  # top first
         if len(line) < 2:
             continue
