@@ -204,7 +204,10 @@ def render_files(result: StudyResult, evidence: Mapping, volume) -> dict[str, by
             raise ValueError("DICOM input without source_paths: cannot reference the source series")
         headers = report_sr.read_source_headers(paths)
         refs = report_sr.source_refs(headers)
-        files[SR_DRAFT] = report_sr.sr_bytes(report_sr.build_sr(result, headers))
+        if result.screws or result.cages or result.levels or getattr(result, "fractures", ()):
+            # TID 1500 needs at least one measurement group: a study where nothing could be
+            # measured (no hardware, no spine in view) gets no SR; the report says why
+            files[SR_DRAFT] = report_sr.sr_bytes(report_sr.build_sr(result, headers))
     files[EVIDENCE] = npz_bytes(evidence_arrays(result, evidence, figures, meta, refs))
     files[MEASUREMENTS] = dumps(doc).encode("utf-8")
     return files
