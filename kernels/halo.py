@@ -132,6 +132,16 @@ def _window_mean(g, d_start, step, lo, hi):
     return acc / cnt if cnt > 0 else -np.inf
 
 
+@numba.njit(cache=True, inline="always")
+def _window_max(g, d_start, step, lo, hi):
+    best = -np.inf
+    for s in range(g.shape[0]):
+        d = d_start + s * step
+        if d >= lo and d <= hi and g[s] > best:
+            best = g[s]
+    return best
+
+
 @numba.njit(cache=True)
 def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
                  window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
@@ -157,7 +167,7 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
         e0 = _crossing_position(g, s0, half, d_start, step)
         # ... then against what actually lies beyond it (a denser sclerotic rim)
         for _ in range(2):
-            b_loc = _window_mean(g, d_start, step, e0 + local_from, e0 + local_to)
+            b_loc = _window_max(g, d_start, step, e0 + local_from, e0 + local_to)
             if b_loc <= bone_hu:
                 break
             half1 = 0.5 * (lucent_hu + b_loc)

@@ -58,18 +58,20 @@ HALO_D_START_MM = -0.5        # profiles start this far inside the true metal su
 HALO_HEAD_MARGIN_MM = 1.0     # first station past the head (where the shaft leaves bone)
 HALO_TIP_MARGIN_MM = 1.5      # last station before the tip (the rounded end is not shaft side)
 HALO_FAR_MM = (2.4, 3.0)      # where a halo-free ray's bone level is read (tail nearly gone)
-HALO_TAIL_CLASSES = 4         # classes of ray direction (blur along the ray) for the tail
+HALO_TAIL_CLASSES = 6         # classes of ray direction (blur along the ray) for the tail
 HALO_TAIL_START_PERCENTILE = 90  # first tail guess: halo rays only lower a profile
 HALO_TAIL_SPREAD_HU = 60.0    # a distance is readable once halo-free rays agree this well
 HALO_D_VIS_MIN_MM = 0.3       # never read closer to the surface than this
 HALO_DEFICIT_WINDOW_MM = 0.3  # deficit integrated over [d_vis, d_vis + this + 2 sigma]
-HALO_LOCAL_MM = (0.2, 0.7)    # what lies just beyond a provisional edge (a denser rim?)
+HALO_LOCAL_MM = (0.2, 1.2)    # densest tissue just beyond a provisional edge (a rim?)
 HALO_DEFICIT_MIN_MM = 0.15    # smaller deficits are noise: no halo
 HALO_FAR_LEN_MM = 1.0         # the ray's own bone level is read this far beyond the window
 HALO_SETTLE_MM = 0.3          # bone must persist this long to end a lucency
 HALO_NOHALO_MM = 0.3          # rays thinner than this count as halo-free for the tail
 HALO_MIN_REFERENCE_RAYS = 30  # halo-free rays a direction class needs for its own tail
 LUCENT_DEFAULT_HU = 25.0      # fibrous tissue / fluid in a loosening track, when not measurable
+HALO_READABLE_DVIS_MM = 1.35  # a direction class reading no closer than this cannot tell
+                              # a loosening-size halo from none (see _fill_unreadable)
 HALO_OUTLIER_MM = 1.0         # a ray this far from its neighbours' median is an artefact
 RIM_WINDOW_MM = (0.2, 0.8)    # sclerotic rim read just outside the lucency
 RIM_CLEAR_HU = 150.0          # "clearly denser than the surrounding bone"
@@ -264,10 +266,32 @@ class MetalTail:
     lucent_hu: float
     bone_hu: float
     reference_rays: np.ndarray
+    class_centres_mm: np.ndarray = None
 
     def classes(self, blur_mm: np.ndarray) -> np.ndarray:
         return np.clip(np.searchsorted(self.class_edges_mm, blur_mm, side="right") - 1,
                        0, len(self.class_edges_mm) - 2)
+
+    def _weights(self, blur_mm: np.ndarray):
+        """Linear interpolation between the classes' mean blur extents: (lower, upper, w)."""
+        c = self.class_centres_mm
+        b = np.asarray(blur_mm, float)
+        if len(c) == 1:
+            z = np.zeros(len(b), int)
+            return z, z, np.zeros(len(b))
+        k = np.clip(np.searchsorted(c, b) - 1, 0, len(c) - 2)
+        t = np.clip((b - c[k]) / np.maximum(c[k + 1] - c[k], 1e-9), 0.0, 1.0)
+        return k, k + 1, t
+
+    def tail_for(self, blur_mm: np.ndarray) -> np.ndarray:
+        """The tail (n_rays, n) for rays of the given blur extents, interpolated."""
+        lo, hi, t = self._weights(blur_mm)
+        return (1 - t)[:, None] * self.tail_hu[lo] + t[:, None] * self.tail_hu[hi]
+
+    def per_ray(self, values: np.ndarray, blur_mm: np.ndarray) -> np.ndarray:
+        """A per-class quantity (d_vis, sigma) interpolated to rays."""
+        lo, hi, t = self._weights(blur_mm)
+        return (1 - t) * values[lo] + t * values[hi]
 
 
 def _far_level(profiles: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -287,24 +311,26 @@ def _smooth_rays(g: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return x.reshape(S * A, -1)
 
 
-def _class_edges(volume: Volume) -> np.ndarray:
+def _class_edges(volume: Volume, blur_mm: np.ndarray) -> np.ndarray:
+    """Class edges over the rays' voxel extents: ``HALO_TAIL_CLASSES`` classes of equal
+    size (one class when the voxels are isotropic)."""
     lo, hi = float(volume.spacing_mm.min()), float(volume.spacing_mm.max())
-    if hi / lo < 1.05:
+    if hi / lo < 1.05 or len(blur_mm) < 2 * HALO_MIN_REFERENCE_RAYS:
         return np.array([0.0, np.inf])
-    inner = lo + (hi - lo) * np.arange(1, HALO_TAIL_CLASSES) / HALO_TAIL_CLASSES
-    return np.concatenate([[0.0], inner, [np.inf]])
+    q = np.quantile(blur_mm, np.arange(1, HALO_TAIL_CLASSES) / HALO_TAIL_CLASSES)
+    q = np.unique(q)
+    return np.concatenate([[0.0], q, [np.inf]])
 
 
 def _analyse(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float,
              config: Config):
     """Tail-corrected, neighbour-smoothed profiles through the halo kernel."""
-    cls = tail.classes(rays.blur_mm)
-    g = _smooth_rays(prof - tail.tail_hu[cls], rays.shape)
+    g = _smooth_rays(prof - tail.tail_for(rays.blur_mm), rays.shape)
     d = rays.d_mm
     n_rays = g.shape[0]
     out = halo_widths(np.ascontiguousarray(g), float(d[0]), float(d[1] - d[0]),
-                      tail.d_vis_mm[cls].astype(float), float(tail.lucent_hu),
-                      np.full(n_rays, float(bone_hu)), tail.sigma_mm[cls].astype(float),
+                      tail.per_ray(tail.d_vis_mm, rays.blur_mm), float(tail.lucent_hu),
+                      np.full(n_rays, float(bone_hu)), tail.per_ray(tail.sigma_mm, rays.blur_mm),
                       float(config.halo_max_width_mm), HALO_DEFICIT_WINDOW_MM, HALO_SETTLE_MM,
                       RIM_WINDOW_MM[0], RIM_WINDOW_MM[1], HALO_LOCAL_MM[0], HALO_LOCAL_MM[1],
                       HALO_DEFICIT_MIN_MM, HALO_FAR_LEN_MM)
@@ -315,28 +341,31 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
                         config: Config, n_iter: int = 2) -> MetalTail:
     """Estimate the metal tail from the study's own halo-free rays (module docstring).
 
-    Start from a high percentile of every ray's excess over its far bone level (halo rays
-    only lower a profile), read the widths with it, keep the rays found halo-free, and
-    re-estimate the tail as their median, per direction class; repeat ``n_iter`` times.
-    The readable distance of a class is where its halo-free rays agree within
-    ``HALO_TAIL_SPREAD_HU`` (robust SD).
+    Rays are grouped into classes of equal size by the voxel extent along them (the blur
+    differs along the slice axis); a ray's tail is interpolated between the classes'
+    mean extents. Start from a high percentile of every ray's excess over its far bone
+    level (halo rays only lower a profile), read the widths with it, keep the rays found
+    halo-free, and re-estimate each class's tail as their median; repeat ``n_iter`` times.
+    The readable distance of a class is where its halo-free rays agree with the tail
+    within ``HALO_TAIL_SPREAD_HU`` (robust SD, on the station-smoothed profiles the
+    analysis reads).
     """
     d = rays_list[0].d_mm
-    edges = _class_edges(volume)
-    n_cls = len(edges) - 1
     excess, excess_s = [], []
     for rays, prof in zip(rays_list, profiles):
         x = prof - _far_level(prof, d)[:, None]
         excess.append(x)
         excess_s.append(_smooth_rays(x, rays.shape))
     X = np.concatenate(excess)
-    Xs = np.concatenate(excess_s)  # as the analysis sees it: for the readable distance
+    Xs = np.concatenate(excess_s)
     blur = np.concatenate([r.blur_mm for r in rays_list])
     far = np.concatenate([_far_level(p, d) for p in profiles])
-    tmp = MetalTail(d, edges, np.zeros((n_cls, len(d))), np.full(n_cls, 1.0),
-                    np.full(n_cls, 0.5), LUCENT_DEFAULT_HU, float(np.median(far)),
-                    np.zeros(n_cls, int))
-    cls = tmp.classes(blur)
+    edges = _class_edges(volume, blur)
+    n_cls = len(edges) - 1
+    cls = np.clip(np.searchsorted(edges, blur, side="right") - 1, 0, n_cls - 1)
+    centres = np.array([blur[cls == c].mean() if np.any(cls == c) else 0.5 * (edges[c] + edges[min(c + 1, n_cls)])
+                        for c in range(n_cls)])
+    centres = np.maximum.accumulate(centres + 1e-9 * np.arange(n_cls))
     beyond = d >= HALO_FAR_MM[0]
     tail = np.zeros((n_cls, len(d)))
     for c in range(n_cls):
@@ -344,13 +373,16 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
         src = X[sel] if sel.sum() >= HALO_MIN_REFERENCE_RAYS else X
         tail[c] = np.percentile(src, HALO_TAIL_START_PERCENTILE, axis=0)
     tail[:, beyond] = 0.0
-    sigma = np.array([0.6 * np.mean(blur[cls == c]) if np.any(cls == c) else 0.6 * np.mean(blur)
-                      for c in range(n_cls)])
-    d_vis = _readable_distance(Xs, cls, n_cls, d, tail, np.ones(len(X), bool))
-    tmp = MetalTail(d, edges, tail, d_vis, sigma, LUCENT_DEFAULT_HU, float(np.median(far)),
-                    np.zeros(n_cls, int))
+    sigma = 0.6 * centres
+
+    def build(tail_hu, d_vis, bone, ref):
+        return MetalTail(d, edges, tail_hu.copy(), d_vis, sigma, LUCENT_DEFAULT_HU, bone, ref, centres)
+
+    tmp = build(tail, np.full(n_cls, 1.0), float(np.median(far)), np.zeros(n_cls, int))
+    tmp = build(tail, _readable_distance(Xs, blur, cls, n_cls, d, tmp, np.ones(len(X), bool)),
+                tmp.bone_hu, tmp.reference_rays)
     for _ in range(n_iter):
-        widths, status, nohalo_bone = [], [], []
+        widths, status = [], []
         for rays, prof in zip(rays_list, profiles):
             _, (w, st, _, _, _) = _analyse(prof, rays, tmp, tmp.bone_hu, config)
             widths.append(w)
@@ -367,22 +399,24 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
             elif nohalo.sum() >= HALO_MIN_REFERENCE_RAYS:
                 tail[c] = np.median(X[nohalo], axis=0)
         tail[:, beyond] = 0.0
-        d_vis = _readable_distance(Xs, cls, n_cls, d, tail, nohalo)
         bone = float(np.median(far[nohalo])) if nohalo.sum() >= HALO_MIN_REFERENCE_RAYS else tmp.bone_hu
-        tmp = MetalTail(d, edges, tail.copy(), d_vis, sigma, LUCENT_DEFAULT_HU, bone, ref)
+        tmp = build(tail, tmp.d_vis_mm, bone, ref)
+        tmp = build(tail, _readable_distance(Xs, blur, cls, n_cls, d, tmp, nohalo), bone, ref)
     return tmp
 
 
-def _readable_distance(X, cls, n_cls, d, tail, sel_ok) -> np.ndarray:
+def _readable_distance(Xs, blur, cls, n_cls, d, tail: MetalTail, sel_ok) -> np.ndarray:
     """Per class, the smallest distance from which on the halo-free rays' robust spread
-    about the tail stays below ``HALO_TAIL_SPREAD_HU`` (up to the far window)."""
+    about their (interpolated) tail stays below ``HALO_TAIL_SPREAD_HU`` (up to the far
+    window)."""
     out = np.empty(n_cls)
     upto = d < HALO_FAR_MM[0]
+    resid = Xs - tail.tail_for(blur)
     for c in range(n_cls):
         sel = sel_ok & (cls == c)
         if sel.sum() < HALO_MIN_REFERENCE_RAYS:
             sel = sel_ok if sel_ok.sum() >= HALO_MIN_REFERENCE_RAYS else np.ones_like(sel_ok)
-        r = X[sel] - tail[c][None, :]
+        r = resid[sel]
         spread = 1.4826 * np.median(np.abs(r - np.median(r, axis=0)), axis=0)
         bad = (spread > HALO_TAIL_SPREAD_HU) & upto
         idx = np.flatnonzero(bad)
@@ -403,6 +437,43 @@ def _neighbour_outliers(widths: np.ndarray, shape: tuple[int, int]) -> np.ndarra
     return (np.abs(fill - med) > tol).ravel()
 
 
+def _fill_unreadable(w: np.ndarray, st: np.ndarray, g: np.ndarray, rays: ScrewRays,
+                     tail: MetalTail, bone_hu: float) -> np.ndarray:
+    """Widths for rays that cannot tell a halo of the loosening size from none.
+
+    Along the slice axis of a thick-slice scan the metal's tail stays irreproducible
+    farther out than the loosening threshold (``d_vis`` of that direction class above
+    ``HALO_READABLE_DVIS_MM``); a ray there that shows no lucency at ``d_vis`` has not
+    shown that there is none. A lucency around a screw is contiguous, so such a ray takes
+    the width interpolated around the circumference (same station) from the nearest rays
+    that could read it: rays of readable classes, and any ray whose lucency reached past
+    ``d_vis`` (read directly).
+    """
+    d = rays.d_mm
+    d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm)
+    s_vis = np.clip(np.searchsorted(d, d_vis - 1e-9), 0, len(d) - 1)
+    g_vis = g[np.arange(len(g)), s_vis]
+    direct = (st == 1) & (g_vis < 0.5 * (tail.lucent_hu + bone_hu))
+    unreadable = (d_vis > HALO_READABLE_DVIS_MM) & ~direct & (st != 2)
+    if not unreadable.any():
+        return w
+    S, A = rays.shape
+    W = w.reshape(S, A)
+    U = unreadable.reshape(S, A)
+    ok = ~U & np.isfinite(W)
+    out = W.copy()
+    for s in range(S):
+        good = np.flatnonzero(ok[s])
+        if good.size == 0 or not U[s].any():
+            continue
+        ext = np.concatenate([good - A, good, good + A])
+        vals = np.tile(W[s, good], 3)
+        for a in np.flatnonzero(U[s]):
+            k = np.searchsorted(ext, a)
+            out[s, a] = min(vals[k - 1], vals[k])
+    return out.ravel()
+
+
 def _screw_result(rays: ScrewRays, prof: np.ndarray, tail: MetalTail, config: Config,
                   bone_hu: float | None = None):
     crit = config.criteria
@@ -410,7 +481,7 @@ def _screw_result(rays: ScrewRays, prof: np.ndarray, tail: MetalTail, config: Co
     if bone_hu is None:
         bone_hu = tail.bone_hu
     g, (w, st, gmin, rim, edge) = _analyse(prof, rays, tail, bone_hu, config)
-    w = w.copy()
+    w = _fill_unreadable(w.copy(), st, g, rays, tail, bone_hu)
     excl = (st == 2) | ~np.isfinite(w)
     excl |= _neighbour_outliers(np.where(excl, np.nan, w), rays.shape) & ~excl
     w[excl] = np.nan
