@@ -711,3 +711,41 @@ def test_study_without_hardware_is_analyzed_and_says_so_under_unicode_paths(tmp_
     assert "no spinal hardware" in html.lower()
     for name in ("levels.csv", "screws.csv", "cages.csv"):
         assert (out / name).exists()
+
+
+@pytest.mark.slow
+def test_real_dicom_ct_without_hardware_is_analyzed_and_says_so(tmp_path, capfd):
+    """The real CT as DICOM (no spinal hardware): exit 0, no measurements invented, the
+    notes and the report say no hardware was found (it used to end in exit 1 when the SR
+    writer got nothing to report)."""
+    needs_full_flow()
+    dicom = needs_real_ct().parent / "example_ct_dicom"
+    if not dicom.is_dir():
+        pytest.skip(f"{dicom} is absent")
+    out = tmp_path / "out"
+    run = run_cli(capfd, "analyze", dicom, "-o", out)
+    assert run.rc == 0, run.err
+    doc = json.loads((out / "measurements.json").read_text(encoding="utf-8"))
+    assert doc["screws"] == [] and doc["cages"] == []
+    assert any("no spinal hardware" in n.lower() for n in doc["notes"]), doc["notes"]
+    assert "no spinal hardware" in (out / "report.html").read_text(encoding="utf-8").lower()
+
+
+@pytest.mark.slow
+def test_two_interleaved_series_without_spine_analyzed_through_the_command_line(tmp_path, capfd):
+    """Bone and soft series shuffled into one folder, a CT with no spine in it: the flow
+    picks the bone series, says why, finds nothing, and says that (exit 0)."""
+    needs_full_flow()
+    folder = tmp_path / "mixed"
+    study = generate_uid()
+    write_ct_series(folder, (24, 48, 48), kernel="B70f", description="Spine bone", study_uid=study, seed=1)
+    write_ct_series(folder, (6, 48, 48), kernel="B30f", description="Spine soft", study_uid=study,
+                    spacing_mm=(0.8, 0.8, 4.0), seed=2, series_number=4)
+    out = tmp_path / "out"
+    run = run_cli(capfd, "analyze", folder, "-o", out)
+    assert run.rc == 0, run.err
+    doc = json.loads((out / "measurements.json").read_text(encoding="utf-8"))
+    assert doc["input"]["series_description"] == "Spine bone"
+    assert "Spine soft" in doc["input"]["selection_reason"]
+    assert doc["input"]["shape"] == [48, 48, 24]
+    assert any("no spinal hardware" in n.lower() for n in doc["notes"]), doc["notes"]
