@@ -347,7 +347,12 @@ def read_stored_pixels(h: SliceHeader, root: Path | None = None) -> np.ndarray:
     except NotImplementedError:
         raise InputError(name, f"transfer syntax {ts_name} ({h.transfer_syntax_uid}) cannot be decoded by the installed pixel handlers") from None
     except Exception as e:  # noqa: BLE001
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        msg = lines[0][:160]
+        if "exceptions were raised by all available plugins" in msg and len(lines) > 1:
+            # every installed decoder tried and failed on the data: say what each one found
+            raise InputError(name, f"pixel data cannot be decoded ({ts_name}): {'; '.join(lines[1:])[:200]}; "
+                                   "corrupt or truncated") from None
         if "no available" in msg.lower() or "plugin" in msg.lower() or "missing required dependencies" in msg.lower():
             raise InputError(name, f"transfer syntax {ts_name} ({h.transfer_syntax_uid}) cannot be decoded: {msg}") from None
         raise InputError(name, f"pixel data cannot be decoded ({ts_name}): {msg}; corrupt or truncated") from None
