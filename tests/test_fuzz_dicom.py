@@ -42,7 +42,6 @@ from pipeline.loading_bench import write_ct_series
 from pipeline.series import scan_dicom_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-logging.getLogger("pydicom").setLevel(logging.ERROR)  # hostile bytes make pydicom chatty
 
 SCALE = float(os.environ.get("FUSIONCT_FUZZ_SCALE", "1"))
 SHAPE = (3, 8, 8)
@@ -58,8 +57,13 @@ def _count(test: str, outcome: str) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts():
+    """Quiet pydicom (hostile bytes make it chatty) and print the example counts at the end."""
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL)
     t0 = time.perf_counter()
     yield
+    pydicom_log.setLevel(level)
     lines = [f"{name}: {sum(c.values())} examples ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
              for name, c in sorted(STATS.items())]
     print(f"\nfuzz summary ({time.perf_counter() - t0:.1f} s):\n  " + "\n  ".join(lines))
