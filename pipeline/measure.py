@@ -696,8 +696,16 @@ def _face_points_titanium(volume, hu, cage: CageGeometry, sign: float, config: C
 
 
 def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Config):
-    """Points on one bearing face of a PEEK cage: each marker pin's end (half-max along the
-    cage axis) moved out by ``config.peek_marker_inset_mm``."""
+    """Points on one bearing face of a PEEK cage from its tantalum marker pins.
+
+    Each pin (bright voxels inside the cage box) is followed along the cage axis from
+    outside each face inward to its end (the metal-edge level of :func:`_metal_edges`).
+    Where both ends of a pin are found, the pin's measured centre is used and the face put
+    ``half_height`` from it: the pins run from ``peek_marker_inset_mm`` inside one face to
+    the same inset inside the other, and a thin, saturated pin reads longer than it is by
+    the same amount at both ends (blur along the slice axis), which the centre cancels.
+    With one end only, the face is that end plus ``peek_marker_inset_mm``.
+    """
     c = np.asarray(cage.centroid_lps_mm)
     A = np.asarray(cage.axes)
     h = np.asarray(cage.half_sizes_mm)
@@ -716,6 +724,8 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
     inside = np.all(np.abs(local) <= h + 1.0, axis=-1)
     mask = inside & (sub >= PIN_DETECT_HU)
     lab, n_lab = ndimage.label(mask)
+    step = min(0.05, 0.2 * float(volume.spacing_mm.min()))
+    n = int((h[0] + PIN_RAY_OUT_MM) / step) + 1
     faces = []
     for k in range(1, n_lab + 1):
         m = lab == k
@@ -723,17 +733,20 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
             continue
         wts = sub[m] - PIN_DETECT_HU + 1.0
         cen = (lps[m] * wts[:, None]).sum(axis=0) / wts.sum()
-        # the pin's line through its centroid along the cage axis
-        cl = cen - ((cen - c) @ A[0]) * A[0]
-        start = cl + (h[0] + PIN_RAY_OUT_MM) * o
-        step = min(0.05, 0.2 * float(volume.spacing_mm.min()))
-        n = int((h[0] + PIN_RAY_OUT_MM) / step) + 1
-        edge = _metal_edges(hu, volume.lps_to_kji(start[None]), volume.direction_lps_to_kji(-o)[None],
-                            step, n, PIN_DETECT_HU)
-        if not np.isfinite(edge[0]):
-            continue
-        end = start - edge[0] * o
-        faces.append(end + config.peek_marker_inset_mm * o)
+        cl = cen - ((cen - c) @ A[0]) * A[0]  # the pin's line through its centroid
+        ends = {}
+        for sg in (1.0, -1.0):
+            oo = sg * A[0]
+            start = cl + (h[0] + PIN_RAY_OUT_MM) * oo
+            edge = _metal_edges(hu, volume.lps_to_kji(start[None]), volume.direction_lps_to_kji(-oo)[None],
+                                step, n, PIN_DETECT_HU)
+            if np.isfinite(edge[0]):
+                ends[sg] = start - edge[0] * oo
+        if len(ends) == 2:
+            mid = 0.5 * (ends[1.0] + ends[-1.0])
+            faces.append(mid + h[0] * o)
+        elif sign in ends:
+            faces.append(ends[sign] + config.peek_marker_inset_mm * o)
     return np.array(faces).reshape(-1, 3)
 
 
