@@ -18,10 +18,10 @@ the lucent level (``lucent_hu``) inside a halo. Per ray:
    ``d_vis`` (the lucency touches the visible part of the surface), the outer edge is the
    first up-crossing of ``half`` beyond ``d_vis`` that is followed by bone for
    ``settle_mm`` (a short bright speck inside the halo does not end it); the width is
-   the edge's distance, linearly interpolated between samples. When what lies just
-   beyond that edge (mean over ``[edge + local_from, edge + local_to]``) is denser than
-   ``bone_hu`` (a sclerotic rim), the step is from lucency to *that* level and the edge
-   is re-read at the half-way level between the two. No edge within ``max_width_mm``:
+   the edge's distance, linearly interpolated between samples. When the densest tissue
+   just beyond that edge (maximum over ``[edge + local_from, edge + local_to]``) is denser
+   than ``bone_hu`` (a sclerotic rim), the step is from lucency to *that* level and the
+   edge is re-read at the half-way level between the two (twice). No edge within ``max_width_mm``:
    the ray never reaches bone (a dark beam-hardening streak, or the ray left the bone)
    and is excluded (NaN, status 2).
 3. **Deficit mode.** Otherwise the halo, if any, is thinner than ``d_vis`` and only its
@@ -42,6 +42,8 @@ import math
 import numba
 import numpy as np
 from scipy import special
+
+from kernels.sampling import trilinear
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -237,7 +239,7 @@ def halo_widths(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     sigma : (n_rays,) float64, mm; the blur of a lucent/bone edge along the ray.
     max_width : float, mm; a lucency not ended by then excludes the ray.
     window, settle, rim_from, rim_to : float, mm (module docstring).
-    local_from, local_to : float, mm; window beyond a provisional edge whose mean, when
+    local_from, local_to : float, mm; window beyond a provisional edge whose maximum, when
         denser than ``bone_hu``, replaces it in the half-way level (module docstring).
     min_deficit : float, mm; deficits below this (noise) read as no halo.
     far_len : float, mm; deficit mode compares with the median of ``g`` over
@@ -314,6 +316,11 @@ def _window_mean_vec(g, d, lo, hi):
         return np.where(cnt > 0, np.where(win, g, 0.0).sum(axis=1) / np.maximum(cnt, 1), -np.inf)
 
 
+def _window_max_vec(g, d, lo, hi):
+    win = (d[None, :] >= lo[:, None]) & (d[None, :] <= hi[:, None])
+    return np.where(win, g, -np.inf).max(axis=1)
+
+
 def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
                           window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
     """Same definition as :func:`halo_widths`, vectorised NumPy/SciPy (``brentq`` for the
@@ -346,7 +353,7 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
     e_cross = _crossing_vec(g, s_up, half, d_start, step)
     active = np.ones(n_rays, bool)
     for _ in range(2):
-        b_loc = _window_mean_vec(g, d, e_cross + local_from, e_cross + local_to)
+        b_loc = _window_max_vec(g, d, e_cross + local_from, e_cross + local_to)
         active &= b_loc > bone
         half1 = np.where(active, 0.5 * (lucent_hu + b_loc), half)
         has1, s_up1, _ = _first_crossing_vec(g, sv, s_max, half1, n_settle)
@@ -389,3 +396,104 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
                          np.where(np.isfinite(edge), edge + rim_to, -np.inf))
     rim = np.where(np.isfinite(edge) & (m > -np.inf), m - bone, np.nan)
     return width, status, gmin, rim, edge
+
+
+# --------------------------------------------------------------- fused per-screw hot path
+@numba.njit(cache=True, parallel=True)
+def halo_screw(hu, origins_kji, directions_kji, n_stations, n_azimuths, d_start, step, n_steps,
+               radius_mm, tail_hu, d_vis, sigma, lucent_hu, bone_hu, smooth_stations, max_width,
+               window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len,
+               beyond_from, beyond_to):
+    """One screw's halo in one pass: sampling, tail removal, smoothing along the shaft and
+    the per-ray analysis of :func:`halo_widths`, in parallel over azimuths.
+
+    Rays are station-major (``r = s * n_azimuths + a``), ``origin + (radius_mm + d) * dir``
+    with ``d = d_start + k * step``. Per azimuth ``a``: ``tail_hu[a]`` (n_steps,) is
+    subtracted from every station's profile, the result is averaged over
+    ``smooth_stations`` neighbouring stations (odd; ends repeat, as
+    ``scipy.ndimage.uniform_filter1d(mode="nearest")``), and each station's ray is read
+    with ``d_vis[a]``, ``sigma[a]`` as in :func:`halo_widths`.
+
+    Returns width_mm, status, lucent_min_hu, rim_excess_hu, edge_mm (as
+    :func:`halo_widths`), plus ``g_vis_hu`` (the smoothed profile at ``d_vis``) and
+    ``beyond_hu`` (its mean over ``[edge + beyond_from, edge + beyond_to]`` minus
+    ``bone_hu``), all (n_rays,).
+    """
+    S = n_stations
+    A = n_azimuths
+    n = S * A
+    width = np.empty(n, np.float64)
+    status = np.empty(n, np.int64)
+    gmin = np.empty(n, np.float64)
+    rim = np.empty(n, np.float64)
+    edge = np.empty(n, np.float64)
+    g_vis = np.empty(n, np.float64)
+    beyond = np.empty(n, np.float64)
+    half_w = smooth_stations // 2
+    for a in numba.prange(A):
+        prof = np.empty((S, n_steps), np.float64)
+        for s in range(S):
+            r = s * A + a
+            for k in range(n_steps):
+                t = radius_mm + d_start + k * step
+                prof[s, k] = trilinear(hu,
+                                       origins_kji[r, 0] + t * directions_kji[r, 0],
+                                       origins_kji[r, 1] + t * directions_kji[r, 1],
+                                       origins_kji[r, 2] + t * directions_kji[r, 2]) - tail_hu[a, k]
+        g = np.empty(n_steps, np.float64)
+        s_vis = int(math.ceil((d_vis[a] - d_start) / step - 1e-9))
+        s_vis = min(max(s_vis, 0), n_steps - 1)
+        for s in range(S):
+            for k in range(n_steps):
+                acc = 0.0
+                for q in range(s - half_w, s + half_w + 1):
+                    qq = min(max(q, 0), S - 1)
+                    acc += prof[qq, k]
+                g[k] = acc / (2 * half_w + 1)
+            r = s * A + a
+            w, st, gm, rm, ed = _analyse_ray(g, d_start, step, d_vis[a], lucent_hu, bone_hu,
+                                             sigma[a], max_width, window, settle, rim_from, rim_to,
+                                             local_from, local_to, min_deficit, far_len)
+            width[r] = w
+            status[r] = st
+            gmin[r] = gm
+            rim[r] = rm
+            edge[r] = ed
+            g_vis[r] = g[s_vis]
+            if np.isfinite(ed):
+                m = _window_mean(g, d_start, step, ed + beyond_from, ed + beyond_to)
+                beyond[r] = m - bone_hu if m > -np.inf else np.nan
+            else:
+                beyond[r] = np.nan
+    return width, status, gmin, rim, edge, g_vis, beyond
+
+
+def halo_screw_reference(hu, origins_kji, directions_kji, n_stations, n_azimuths, d_start, step,
+                         n_steps, radius_mm, tail_hu, d_vis, sigma, lucent_hu, bone_hu,
+                         smooth_stations, max_width, window, settle, rim_from, rim_to, local_from,
+                         local_to, min_deficit, far_len, beyond_from, beyond_to):
+    """Same definition as :func:`halo_screw`: ``map_coordinates`` profiles,
+    ``uniform_filter1d`` along the stations, :func:`halo_widths_reference` per ray."""
+    from scipy import ndimage
+
+    from kernels.sampling import sample_rays_reference
+
+    S, A = n_stations, n_azimuths
+    prof = sample_rays_reference(hu, origins_kji, directions_kji, radius_mm + d_start, step, n_steps)
+    prof = prof.reshape(S, A, n_steps) - np.asarray(tail_hu)[None, :, :]
+    size = 2 * (smooth_stations // 2) + 1
+    g = ndimage.uniform_filter1d(prof, size, axis=0, mode="nearest").reshape(S * A, n_steps)
+    dv = np.tile(np.asarray(d_vis, float), S)
+    sg = np.tile(np.asarray(sigma, float), S)
+    out = halo_widths_reference(g, d_start, step, dv, lucent_hu, np.full(S * A, bone_hu), sg,
+                                max_width, window, settle, rim_from, rim_to, local_from, local_to,
+                                min_deficit, far_len)
+    d = d_start + step * np.arange(n_steps)
+    s_vis = np.clip(np.ceil((dv - d_start) / step - 1e-9).astype(int), 0, n_steps - 1)
+    g_vis = g[np.arange(S * A), s_vis]
+    edge = out[4]
+    fin = np.isfinite(edge)
+    m = _window_mean_vec(g, d, np.where(fin, edge + beyond_from, np.inf),
+                         np.where(fin, edge + beyond_to, -np.inf))
+    beyond = np.where(fin & (m > -np.inf), m - bone_hu, np.nan)
+    return (*out, g_vis, beyond)

@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from kernels.bridging import bridged_columns
-from kernels.halo import halo_widths
+from kernels.halo import halo_screw, halo_widths
 from kernels.sampling import sample_rays
 from kernels.subsidence import gaussian_kernel, rising_edges, steepest_edges
 from pipeline.config import Config
@@ -306,9 +306,15 @@ def _smooth_rays(g: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     edges stay sharp)."""
     S, A = shape
     x = g.reshape(S, A, -1)
-    if S >= 3:
-        x = ndimage.uniform_filter1d(x, min(5, S - (1 - S % 2)), axis=0, mode="nearest")
+    size = _station_window(S)
+    if size > 1:
+        x = ndimage.uniform_filter1d(x, size, axis=0, mode="nearest")
     return x.reshape(S * A, -1)
+
+
+def _station_window(n_stations: int) -> int:
+    """Odd number of stations averaged (5, fewer on a very short shaft)."""
+    return max(1, min(5, n_stations - (1 - n_stations % 2)))
 
 
 def _class_edges(volume: Volume, blur_mm: np.ndarray) -> np.ndarray:
@@ -437,7 +443,7 @@ def _neighbour_outliers(widths: np.ndarray, shape: tuple[int, int]) -> np.ndarra
     return (np.abs(fill - med) > tol).ravel()
 
 
-def _fill_unreadable(w: np.ndarray, st: np.ndarray, g: np.ndarray, rays: ScrewRays,
+def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: ScrewRays,
                      tail: MetalTail, bone_hu: float) -> np.ndarray:
     """Widths for rays that cannot tell a halo of the loosening size from none.
 
@@ -449,10 +455,7 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g: np.ndarray, rays: ScrewRa
     that could read it: rays of readable classes, and any ray whose lucency reached past
     ``d_vis`` (read directly).
     """
-    d = rays.d_mm
     d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm)
-    s_vis = np.clip(np.searchsorted(d, d_vis - 1e-9), 0, len(d) - 1)
-    g_vis = g[np.arange(len(g)), s_vis]
     direct = (st == 1) & (g_vis < 0.5 * (tail.lucent_hu + bone_hu))
     unreadable = (d_vis > HALO_READABLE_DVIS_MM) & ~direct & (st != 2)
     if not unreadable.any():
@@ -474,14 +477,25 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g: np.ndarray, rays: ScrewRa
     return out.ravel()
 
 
-def _screw_result(rays: ScrewRays, prof: np.ndarray, tail: MetalTail, config: Config,
+def _screw_result(rays: ScrewRays, hu: np.ndarray, tail: MetalTail, config: Config,
                   bone_hu: float | None = None):
+    """Measurement and evidence of one screw through the fused kernel ``halo_screw``."""
     crit = config.criteria
     screw = rays.screw
     if bone_hu is None:
         bone_hu = tail.bone_hu
-    g, (w, st, gmin, rim, edge) = _analyse(prof, rays, tail, bone_hu, config)
-    w = _fill_unreadable(w.copy(), st, g, rays, tail, bone_hu)
+    S, A = rays.shape
+    blur_a = rays.blur_mm[:A]
+    d = rays.d_mm
+    w, st, gmin, rim, edge, g_vis, beyond = halo_screw(
+        hu, rays.origins_kji, rays.dirs_kji, S, A, float(d[0]), float(d[1] - d[0]), len(d),
+        float(rays.radius_mm), np.ascontiguousarray(tail.tail_for(blur_a)),
+        tail.per_ray(tail.d_vis_mm, blur_a), tail.per_ray(tail.sigma_mm, blur_a),
+        float(tail.lucent_hu), float(bone_hu), _station_window(S), float(config.halo_max_width_mm),
+        HALO_DEFICIT_WINDOW_MM, HALO_SETTLE_MM, RIM_WINDOW_MM[0], RIM_WINDOW_MM[1],
+        HALO_LOCAL_MM[0], HALO_LOCAL_MM[1], HALO_DEFICIT_MIN_MM, HALO_FAR_LEN_MM,
+        RIM_BEYOND_MM[0], RIM_BEYOND_MM[1])
+    w = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu)
     excl = (st == 2) | ~np.isfinite(w)
     excl |= _neighbour_outliers(np.where(excl, np.nan, w), rays.shape) & ~excl
     w[excl] = np.nan
@@ -495,13 +509,7 @@ def _screw_result(rays: ScrewRays, prof: np.ndarray, tail: MetalTail, config: Co
     else:
         mean = p95 = cov = 0.0
     # double halo: a dense rim just outside the lucency, where the bone beyond is ordinary
-    d = rays.d_mm
     lucent = used & (st == 1) & (w >= 0.75)
-    beyond = np.full(len(w), np.nan)
-    for r in np.flatnonzero(lucent):
-        sel = (d >= edge[r] + RIM_BEYOND_MM[0]) & (d <= edge[r] + RIM_BEYOND_MM[1])
-        if sel.any():
-            beyond[r] = np.median(g[r, sel]) - bone_hu
     evaluable = lucent & (np.abs(beyond) < RIM_CLEAR_HU)
     n_eval = int(evaluable.sum())
     double = bool(n_eval >= DOUBLE_HALO_MIN_RAYS
@@ -560,7 +568,7 @@ def measure_screw(volume: Volume, screw: ScrewGeometry, config: Config, *,
     if tail is None:
         tail = estimate_metal_tail(volume, [rays], [prof], config)
     bone = _screw_bone_level(rays, prof, tail, config)
-    return _screw_result(rays, prof, tail, config, bone)
+    return _screw_result(rays, hu, tail, config, bone)
 
 
 # ========================================================================== subsidence
@@ -921,7 +929,7 @@ def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
         tail = estimate_metal_tail(volume, rays_list, profiles, config)
         for rays, prof in zip(rays_list, profiles):
             bone = _screw_bone_level(rays, prof, tail, config)
-            m, ev = _screw_result(rays, prof, tail, config, bone)
+            m, ev = _screw_result(rays, hu, tail, config, bone)
             screws_out.append(m)
             evidence[m.id] = ev
     cages_out = []
