@@ -49,6 +49,8 @@ CORE_RADIUS_MM = 8.0           # in-plane half-thickness a vertebral body always
 MAX_HOLE_MM2 = 120.0           # holes filled in the mask (not the spinal canal, ~300 mm2)
 BODY_HEIGHT_RANGE_MM = (18.0, 45.0)  # a fitted body outside this is a failed fit
 MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
+MIN_DISC_MM = 3.0              # the thinnest disc space the endplates across it leave
+MAX_WEDGE_DEG = 20.0           # a disc's endplates are this close to parallel (lordotic wedge)
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
 SACRUM_LATERAL_BONE = 0.11     # lateral bone fraction beside S1 (alae): phantoms >= 0.14, real
                                # CT 0.39; lumbar bodies: phantoms 0.0, real CT <= 0.07
@@ -683,6 +685,94 @@ def lateral_bone_fraction(volume: Volume, centre, si, lr, ap, semi_lr_mm: float,
     return min(fr)
 
 
+def endplate_across_disc(volume: Volume, point, normal, semi_mm, tol_mm: float,
+                         metal_threshold_hu: float, reach_mm: float = 22.0):
+    """The endplate facing a known one across a disc (e.g. S1's superior from L5's inferior).
+
+    Rays leave the known endplate (``point``, outward ``normal``, outline ``semi_mm``) along
+    its normal from a grid inside 90 % of its outline (bundles of 5, 1.5 mm apart); on each,
+    the disc level is the darkest point within 4 mm past the known endplate's own cortex and
+    the facing surface the half-way crossing from it up to the first cortex rising well
+    out of it (disc tissue, bridging bone and PEEK are all darker than cortex). Rays meeting metal or its blooming
+    (a cage) are skipped. Returns the robust plane (point, normal pointing back towards the
+    known endplate) or None.
+    """
+    n = np.asarray(normal, float)
+    _, lr, ap = _orthonormal_frame(-n)
+    step = 0.25
+    s = np.arange(0.0, reach_mm, step)
+    bundle = np.array([[0, 0], [1.5, 0], [-1.5, 0], [0, 1.5], [0, -1.5]])
+    offs = bundle[:, :1] * lr + bundle[:, 1:] * ap
+    i1 = int(1.0 / step)
+    pts = []
+    for fu in np.linspace(-0.9, 0.9, 13):
+        for fw in np.linspace(-0.9, 0.9, 13):
+            if fu**2 + fw**2 > 0.9**2 + 1e-9:
+                continue
+            base = np.asarray(point) + fu * semi_mm[0] * lr + fw * semi_mm[1] * ap
+            line = base + s[:, None] * n
+            prof = sample_lps(volume, line[None] + offs[:, None], cval_hu=np.nan).mean(0)
+            if not np.all(np.isfinite(prof)) or prof.max() >= min(metal_threshold_hu, ENDPLATE_MAX_HU):
+                continue
+            smooth = ndimage.uniform_filter1d(prof, int(1.0 / step))
+            # the disc (tissue, bridging bone or a PEEK cage) just past the known endplate's
+            # own cortex; then the first cortex rising well out of it
+            i4 = min(i1 + int(4.0 / step), len(s) - 1)
+            i_min = i1 + int(np.argmin(smooth[i1:i4]))
+            level = float(smooth[i_min])
+            rise = level + max(40.0, 0.4 * (float(smooth[i_min:].max()) - level))
+            above = np.nonzero(smooth[i_min:] >= rise)[0]
+            if above.size == 0:
+                continue
+            pk = i_min + int(above[0])
+            while pk + 1 < len(smooth) and smooth[pk + 1] >= smooth[pk]:
+                pk += 1
+            peak = float(prof[pk])
+            if peak < level + 30.0:
+                continue
+            thr = 0.5 * (level + peak)
+            up = np.nonzero(prof[i_min:pk + 1] >= thr)[0]
+            if up.size == 0 or i_min + int(up[0]) < 1:
+                continue
+            j = i_min + int(up[0])
+            a, b = prof[j - 1], prof[j]
+            e = (j - 1 + (thr - a) / (b - a)) * step if b != a else j * step
+            if e >= MIN_DISC_MM:  # a disc is never thinner
+                pts.append(base + e * n)
+    if len(pts) < 6:
+        return None
+    pts = np.array(pts)
+    c, nrm, k = fit_plane(pts, -n, max_residual_mm=tol_mm, lr=lr)
+    if k < 6 or k < 0.4 * len(pts):
+        return None
+    return c, nrm
+
+
+def _fit_from_superior(volume: Volume, plane, half_height_mm: float, fallback: dict | None) -> dict:
+    """A body (the sacrum) placed under a given superior endplate: axis along its normal,
+    centre a half height below it, outline read 3 mm under the endplate."""
+    c, n = plane
+    si, lr, ap = _orthonormal_frame(n)
+    top = np.asarray(c) - 3.0 * si
+    inside = float(np.median(sample_lps(volume, top - 6.0 * si + np.random.default_rng(0).normal(0, 3, (300, 3)))))
+    semi_lr, semi_ap, shift = body_outline(volume, top, si, lr, ap, inside, heights_mm=(-1.0, 0.0, 1.0))
+    if not (np.isfinite(semi_lr) and np.isfinite(semi_ap)):
+        semi_lr, semi_ap = fallback["semi"] if fallback is not None else (22.0, 16.0)
+        shift = np.zeros(3)
+    centre = np.asarray(c) - half_height_mm * si + shift
+    return dict(centre=centre, si=si, lr=lr, ap=ap, semi=(semi_lr, semi_ap), superior=(c, n),
+                inferior=None, inside_hu=inside, half_height=half_height_mm)
+
+
+def _lateral_bone_below_top(volume: Volume, fit: dict, bone_threshold_hu: float) -> float:
+    """:func:`lateral_bone_fraction` 12 mm under a fitted body's superior endplate, in the
+    endplate's own frame (the alae run from just under S1's superior endplate downwards)."""
+    sup_c, sup_n = fit["superior"]
+    si, lr, ap = _orthonormal_frame(sup_n)
+    return lateral_bone_fraction(volume, np.asarray(sup_c) - 12.0 * si, si, lr, ap,
+                                 fit["semi"][0], fit["semi"][1], bone_threshold_hu)
+
+
 def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
              metal_threshold_hu: float = 2200.0, iterations: int = 3,
              superior_only: bool = False) -> dict | None:
@@ -729,6 +819,7 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
                                     min_cos=0.9 if superior_only else 0.8)
                 if k >= 6 and k >= 0.4 * len(pts) and n @ (direction * si) > 0.7:
                     planes[name] = (c, n)
+                    support = k
                     spans[name] = plane_spans(pts, c, n, lr, ap, tol_mm)
                     # reaches measured from the body axis, not from the inliers' mean
                     rel_c = centre + ((c - centre) @ si) * si
@@ -745,11 +836,16 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
                     planes[name] = (c, borrow_tilt(n, planes[other][1], lr, ap, fix_lr, fix_ap))
         sup, inf = planes.get("superior"), planes.get("inferior")
         if superior_only and sup is not None:
+            # keep the best-supported round: re-aiming the rays along a poorer plane
+            # only drifts further
+            if best is not None and support <= best["support"]:
+                break
             si, lr, ap = _orthonormal_frame(sup[1])
             t_s = ((sup[0] - centre) @ sup[1]) / (si @ sup[1])
             centre = centre + (t_s - half_h) * si
             best = dict(centre=centre, si=si, lr=lr, ap=ap, semi=(semi_lr, semi_ap),
-                        superior=sup, inferior=None, inside_hu=inside, half_height=half_h)
+                        superior=sup, inferior=None, inside_hu=inside, half_height=half_h,
+                        support=support)
             continue
         if sup is None or inf is None:
             if best is None:
@@ -863,6 +959,7 @@ def find_vertebrae(volume: Volume, config: Config):
     notes += more
 
     fitted = []
+    tol_mm = max(1.5, 0.7 * float(volume.spacing_mm.max()))
     for i_r, r in enumerate(rough):
         f = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
                      config.metal_threshold_hu)
@@ -877,24 +974,34 @@ def find_vertebrae(volume: Volume, config: Config):
                 centre0 = np.asarray(r["disc_above"]) - (r["half"] + 4.0) * axis0
             fs = fit_body(volume, centre0, axis0, r["disc_above"], centre0 - (r["half"] + 4.0) * axis0,
                           config.metal_threshold_hu, superior_only=True)
+            if fitted and fitted[-1]["inferior"] is not None:
+                # S1's superior endplate seen from the disc: the first cortex below the
+                # body above (screws and streaks inside S1 never get in the way)
+                up = fitted[-1]
+                plane = endplate_across_disc(volume, *up["inferior"], up["semi"], tol_mm,
+                                             config.metal_threshold_hu)
+                facing = -np.asarray(up["inferior"][1])
+
+                def wedge_deg(fit):
+                    return float(np.degrees(np.arccos(np.clip(np.asarray(fit["superior"][1]) @ facing, -1, 1))))
+
+                if plane is not None:
+                    fa = _fit_from_superior(volume, plane, r["half"], fs)
+                    # the lumbosacral disc is a wedge of a few degrees: of the two fits keep
+                    # the one closer to facing the body above, the one from the disc if both fit
+                    if fs is None or fs["superior"] is None or wedge_deg(fa) <= max(MAX_WEDGE_DEG, wedge_deg(fs)):
+                        fs = fa
             if fs is not None and fs["superior"] is not None:
-                sup_c, sup_n = fs["superior"]
-                si_s, lr_s, ap_s = _orthonormal_frame(sup_n)
-                lat = lateral_bone_fraction(volume, np.asarray(sup_c) - 12.0 * si_s, si_s, lr_s, ap_s,
-                                            fs["semi"][0], fs["semi"][1], config.bone_threshold_hu)
+                lat = max(_lateral_bone_below_top(volume, g, config.bone_threshold_hu)
+                          for g in (fs, f) if g is not None and g["superior"] is not None)
                 if lat >= SACRUM_LATERAL_BONE or f is None or f["superior"] is None:
-                    f = fs
+                    f = fs  # the sacrum (or nothing better): its superior-only fit
         if f is None or f["superior"] is None or not _plane_in_volume(volume, *f["superior"], f["semi"]):
             notes.append("a vertebra cut by the edge of the volume was left out")
             continue
         if f["inferior"] is not None and not _plane_in_volume(volume, *f["inferior"], f["semi"]):
             f["inferior"] = None
-        # the alae run from just under S1's superior endplate downwards, in its own frame
-        sup_c, sup_n = f["superior"]
-        si_s, lr_s, ap_s = _orthonormal_frame(sup_n)
-        f["lateral_bone"] = lateral_bone_fraction(volume, np.asarray(sup_c) - 12.0 * si_s, si_s, lr_s,
-                                                  ap_s, f["semi"][0], f["semi"][1],
-                                                  config.bone_threshold_hu)
+        f["lateral_bone"] = _lateral_bone_below_top(volume, f, config.bone_threshold_hu)
         fitted.append(f)
         _log.debug("body centre %s axis %s semi %s lateral bone %.3f endplates %s/%s",
                    np.round(f["centre"], 1), np.round(f["si"], 2), np.round(f["semi"], 1),
