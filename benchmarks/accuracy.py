@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     print(f"fusionct measurement accuracy vs phantom truth ({geom} geometry, streaks + blooming on, "
           f"seeds {args.seeds})")
     hdr = ("| spacing | noise HU | screws | halo_mean MAE mm | coverage MAE | loosening right "
-           "(coverage off its cut) | "
+           "(coverage off its cut) | double halo right | "
            "endplates | subsidence MAE (max) mm | grade right | levels | bridging MAE (max) | fusion right |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
@@ -187,7 +187,8 @@ def main(argv=None) -> int:
             s = tot.summary()
             print(f"| {sp} | {nz:g} | {s['screws']} | {s['halo_mean_mae_mm']:.3f} | {s['halo_cov_mae']:.3f} | "
                   f"{s['loosening_right']:.0%} of {s['loosening_n']} "
-                  f"({s['loosening_off_cut_right']:.0%} of {s['loosening_off_cut_n']}) | {s['endplates']} | "
+                  f"({s['loosening_off_cut_right']:.0%} of {s['loosening_off_cut_n']}) | "
+                  f"{s['double_halo_right']:.0%} | {s['endplates']} | "
                   f"{s['subsidence_mae_mm']:.2f} ({s['subsidence_max_mm']:.2f}) | "
                   f"{s['grade_right']:.0%} of {s['grade_n']} | {s['levels']} | "
                   f"{s['bridging_mae']:.3f} ({s['bridging_max']:.3f}) | "
