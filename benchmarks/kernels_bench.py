@@ -386,6 +386,32 @@ def bench_kernels(volume, truth, repeats: int = 5, scale: float = 1.0,
     return results
 
 
+def call_overhead(n_points: int = 1000, calls: int = 200) -> dict:
+    """Per-call time of a small parallel kernel call (``sample_points`` on ``n_points``).
+
+    The pipeline makes hundreds of small kernel calls per study; each parallel call wakes
+    numba's worker threads. On a busy machine OpenMP's default active waiting makes some of
+    those wake-ups cost milliseconds, which the median and the 90th percentile show.
+    """
+    import os
+
+    import numba
+
+    from kernels.sampling import sample_points
+
+    hu = np.zeros((64, 64, 64), np.float32)
+    pts = np.random.default_rng(0).uniform(1.0, 60.0, (n_points, 3))
+    sample_points(hu, pts)
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        sample_points(hu, pts)
+        ts.append(time.perf_counter() - t0)
+    return {"median_s": float(np.median(ts)), "p90_s": float(np.percentile(ts, 90)),
+            "layer": numba.threading_layer(), "threads": numba.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+
+
 def float64_copy_time(volume, repeats: int = 3) -> float:
     """Median seconds of ``np.asarray(hu, np.float64)``: the references start with this copy of
     the whole volume (``map_coordinates`` on float64), so it is part of their time."""

@@ -90,8 +90,8 @@ def _say(msg: str) -> None:
 def run_all(plan: Plan) -> dict:
     """Run every part of ``plan``; returns rows, summary line, machine and raw figures."""
     from benchmarks.bandwidth import bandwidth_rows, copy_bandwidth
-    from benchmarks.kernels_bench import (bench_kernels, compile_fresh, float64_copy_time,
-                                          kernel_rows, record_pipeline_calls)
+    from benchmarks.kernels_bench import (bench_kernels, call_overhead, compile_fresh,
+                                          float64_copy_time, kernel_rows, record_pipeline_calls)
     from benchmarks.loading_bench import bench_loading, loading_rows
     from benchmarks.standard import cached_study_dicom, cached_study_volume
     from benchmarks.study_bench import (bench_screw_scaling, bench_study, bench_voxel_scaling,
@@ -133,6 +133,12 @@ def run_all(plan: Plan) -> dict:
     rows.append(Row("kernel", "float64 copy of the volume (inside each reference)", ref_s=t64,
                     note=f"{volume.hu.nbytes / 2 ** 20:.0f} MB float32 -> float64; the references "
                          "convert before map_coordinates, so this is part of every reference time"))
+    ovh = call_overhead()
+    raw["call_overhead"] = ovh
+    rows.append(Row("kernel", "one small parallel kernel call (1000 samples)", ovh["median_s"],
+                    note=(f"90th percentile {ovh['p90_s'] * 1e6:.0f} us; numba threading layer "
+                          f"{ovh['layer']}, {ovh['threads']} threads, OMP_WAIT_POLICY "
+                          f"{ovh['omp_wait_policy']}")))
     if plan.compile_fresh:
         _say("numba compile from an empty cache")
         comp = compile_fresh()
@@ -160,7 +166,7 @@ def run_all(plan: Plan) -> dict:
         _say(f"whole study, Prefect flow ({plan.study_repeats} runs after a warm-up)")
         prefect = bench_study(folder, "prefect", plan.study_repeats, plan.study_warmup)
     raw["study_plain"], raw["study_prefect"] = plain, prefect
-    rows += study_rows(plain, prefect, label, plan.check_targets)
+    rows += study_rows(plain, prefect, label, plan.check_targets, truth)
 
     screws = voxels = None
     known = {str(folder): plain} if plain.get("ok") else {}  # the standard study is a point of both
@@ -222,7 +228,7 @@ def results_markdown(res: dict) -> str:
         "",
         "Ratios are reference time / our time (above 1: ours is faster), medians after a "
         "warm-up; numba compile time is listed separately. Whole-study figures come from fresh "
-        "processes (peak memory = `ru_maxrss`).",
+        "processes (peak memory = the process's VmHWM, its resident high-water mark).",
         "",
         res["table"],
         "",

@@ -1,8 +1,8 @@
 """Whole-study time and peak memory, with and without Prefect, and scaling (items 3 and 4).
 
 Each measurement runs in a fresh interpreter (``python -m benchmarks.study_bench child``),
-so peak memory is that process's own high-water mark (``resource.getrusage`` ``ru_maxrss``;
-tracemalloc would miss NumPy's and numba's buffers) and nothing is shared between runs:
+so peak memory is that process's own high-water mark of resident memory (tracemalloc would
+miss NumPy's and numba's buffers) and nothing is shared between runs:
 every child gets an empty ``FUSIONCT_CACHE_DIR`` (no cached volume, no cached Prefect
 results) and an empty output folder. What the child reports:
 
@@ -14,7 +14,9 @@ results) and an empty output folder. What the child reports:
   :func:`flows.cli.run_analysis` (the ``fusionct analyze`` path);
 * per-step seconds for plain runs (load, detect, measure, write), taken by timing the
   functions ``analyze_study`` calls, so the steps are not re-implemented here;
-* ``maxrss_mb``: the child's peak resident memory (MiB) over its whole life.
+* ``maxrss_mb``: the child's peak resident memory (MiB) over its whole life (``VmHWM``,
+  the high-water mark of ``ru_maxrss`` without the parent's share that Linux carries over
+  through ``execve``).
 
 The parent also times the whole child (``wall_s``: interpreter start to exit). The first
 child of a series is a warm-up (it fills numba's on-disk cache and Prefect's database) and
@@ -43,6 +45,19 @@ TARGET_PEAK_MB = 1.5 * 1024
 
 # ------------------------------------------------------------------------------ child side
 def _maxrss_mb() -> float:
+    """This process's peak resident memory (MiB).
+
+    Linux's ``ru_maxrss`` survives ``execve``: a child forked from a big parent reports the
+    parent's peak. ``VmHWM`` in ``/proc/self/status`` belongs to the current address space
+    only, so it is read first; ``ru_maxrss`` is the fallback elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
@@ -197,9 +212,21 @@ def bench_study(input_path: str | Path, mode: str = "plain", repeats: int = 5,
     return out
 
 
-def study_rows(plain: dict, prefect: dict | None, label: str, check_targets: bool = True) -> list:
-    """Rows for the whole-study figures (targets: <= 10 s after start-up, <= 1.5 GB)."""
+def study_rows(plain: dict, prefect: dict | None, label: str, check_targets: bool = True,
+               truth: dict | None = None) -> list:
+    """Rows for the whole-study figures (targets: <= 10 s after start-up, <= 1.5 GB).
+
+    With the phantom's ``truth`` the notes say how many screws, cages and levels the
+    analysis found against how many the study has (a fast run that misses hardware is not
+    a fast run of the same work).
+    """
     from benchmarks.common import Row
+
+    def found(r):
+        if truth is None:
+            return f"{r['n_screws']} screws, {r['n_cages']} cages, {r['n_levels']} levels"
+        return (f"found {r['n_screws']}/{len(truth['screws'])} screws, "
+                f"{r['n_cages']}/{len(truth['cages'])} cages, {r['n_levels']}/{len(truth['levels'])} levels")
 
     rows = []
     if not plain.get("ok"):
@@ -211,8 +238,7 @@ def study_rows(plain: dict, prefect: dict | None, label: str, check_targets: boo
                           f"{v:.2f}" for k, v in plain.get("steps_s", {}).items())
         rows.append(Row(
             "study", f"{label}: whole study, no Prefect (after start-up)", plain["analyze_s"],
-            note=(f"{plain['n_screws']} screws, {plain['n_cages']} cages, {plain['n_levels']} levels; "
-                  f"steps s: {steps}; start-up (imports) {plain['import_s']:.2f} s; "
+            note=(f"{found(plain)}; steps s: {steps}; start-up (imports) {plain['import_s']:.2f} s; "
                   f"process wall {plain['wall_s']:.2f} s; "
                   + (f"first run {plain['warmup']['wall_s']:.1f} s wall; "
                      if math.isfinite(plain['warmup'].get('wall_s', float('nan'))) else "")
@@ -220,7 +246,7 @@ def study_rows(plain: dict, prefect: dict | None, label: str, check_targets: boo
             target=f"<= {TARGET_ANALYZE_S:g} s" if check_targets else "",
             met=bool(plain["analyze_s"] <= TARGET_ANALYZE_S) if check_targets else None))
         rows.append(Row(
-            "study", f"{label}: peak memory, no Prefect (ru_maxrss)",
+            "study", f"{label}: peak memory, no Prefect (VmHWM)",
             note=f"{plain['maxrss_mb']:.0f} MiB median, {plain['maxrss_mb_max']:.0f} MiB worst of {plain['n_ok']}",
             target="<= 1.5 GiB" if check_targets else "",
             met=bool(plain["maxrss_mb_max"] <= TARGET_PEAK_MB) if check_targets else None))
@@ -231,14 +257,14 @@ def study_rows(plain: dict, prefect: dict | None, label: str, check_targets: boo
         else:
             rows.append(Row(
                 "study", f"{label}: whole study, Prefect flow (after start-up)", prefect["analyze_s"],
-                note=(f"Prefect start-up {prefect['prefect_startup_s']:.2f} s + imports "
+                note=(f"{found(prefect)}; Prefect start-up {prefect['prefect_startup_s']:.2f} s + imports "
                       f"{prefect['import_s']:.2f} s; with start-up "
                       f"{prefect['analyze_s'] + prefect['prefect_startup_s'] + prefect['import_s']:.2f} s; "
                       f"process wall {prefect['wall_s']:.2f} s; median of {prefect['n_ok']}"),
                 target=f"<= {TARGET_ANALYZE_S:g} s" if check_targets else "",
                 met=bool(prefect["analyze_s"] <= TARGET_ANALYZE_S) if check_targets else None))
             rows.append(Row(
-                "study", f"{label}: peak memory, Prefect flow (ru_maxrss)",
+                "study", f"{label}: peak memory, Prefect flow (VmHWM)",
                 note=(f"{prefect['maxrss_mb']:.0f} MiB median in the flow's process "
                       "(Prefect's temporary API server is a separate process, not counted)"),
                 target="<= 1.5 GiB" if check_targets else "",
@@ -334,8 +360,9 @@ def scaling_rows(screws: dict | None, voxels: dict | None) -> list:
             if p["ok"]:
                 m = p.get("steps_s", {}).get("measure_study")
                 rows.append(Row("scaling", name, p["analyze_s"],
-                                note=f"{p['n_cages']} cages; measure step {m:.2f} s; "
-                                     f"peak {p['maxrss_mb']:.0f} MiB" if m is not None else ""))
+                                note=(f"found {p['n_screws']}/{p['screws_truth']} screws, {p['n_cages']} cages; "
+                                      + (f"measure step {m:.2f} s; " if m is not None else "")
+                                      + f"peak {p['maxrss_mb']:.0f} MiB")))
             else:
                 rows.append(Row("scaling", name, note=f"FAILED: {p.get('error')}"))
         if "fit" in screws:
