@@ -531,11 +531,15 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, tail: MetalTail, config: Conf
 
 
 def _screw_bone_level(rays: ScrewRays, prof: np.ndarray, tail: MetalTail, config: Config) -> float:
-    """The bone level around one screw: its halo-free rays' far level, else the study's."""
+    """The bone level around one screw: the far level of its halo-free rays when they are a
+    good part of the screw (a quarter of its rays), kept within a third of the study's
+    level; else the study's. (A screw with a full halo has no halo-free rays of its own, and
+    the few rays that read none there are often the ones that met a cortex.)"""
     _, (w, st, _, _, _) = _analyse(prof, rays, tail, tail.bone_hu, config)
     nohalo = (st != 2) & (w < HALO_NOHALO_MM)
-    if nohalo.sum() >= HALO_MIN_REFERENCE_RAYS:
-        return float(np.median(_far_level(prof[nohalo], rays.d_mm)))
+    if nohalo.sum() >= max(HALO_MIN_REFERENCE_RAYS, 0.25 * len(w)):
+        level = float(np.median(_far_level(prof[nohalo], rays.d_mm)))
+        return float(np.clip(level, 0.75 * tail.bone_hu, 1.33 * tail.bone_hu))
     return tail.bone_hu
 
 
