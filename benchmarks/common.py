@@ -58,6 +58,23 @@ def time_call(fn, repeats: int = 5, warmup: bool = True) -> Timing:
     return Timing(statistics.median(runs), first, runs)
 
 
+def time_budgeted(fn, repeats: int = 5, budget_s: float = 60.0, first_s: float | None = None) -> Timing:
+    """Like :func:`time_call` without warm-up, but stops adding runs once ``budget_s`` is spent
+    (at least one run; ``first_s``, a run already timed elsewhere, counts as the first).
+
+    For slow references replayed over hundreds of calls on a large volume, where five runs
+    would take many minutes; ``len(runs_s)`` says how many runs the median is of.
+    """
+    runs = [] if first_s is None else [first_s]
+    spent = sum(runs)
+    while len(runs) < max(1, repeats) and (not runs or spent + runs[-1] <= budget_s):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+        spent += runs[-1]
+    return Timing(statistics.median(runs), float("nan"), runs)
+
+
 @dataclass
 class Row:
     """One line of the benchmark table.

@@ -53,15 +53,21 @@ class Plan:
     scaling_warmup: bool = True
     kernel_scale: float = 1.0
     record: bool = True
+    env_variants: tuple = (("OMP_WAIT_POLICY", "PASSIVE"),)
+    variant_repeats: int = 3
     check_targets: bool = True
     extra: dict = field(default_factory=dict)
 
 
 def full_plan() -> Plan:
-    """The issue's sizes: 512 x 512 x 400 at 0.5 mm; scaling over 4..10 screws and 13..105 Mvoxel."""
-    return Plan("full", STANDARD, repeats=7, study_repeats=5, screw_scaling=STANDARD,
+    """The issue's sizes: 512 x 512 x 400 at 0.5 mm; scaling over 4..10 screws and 13..105 Mvoxel.
+
+    Scaling points other than the standard study are medians of 2 runs without a warm-up
+    (numba's cache is warm by then), to keep the whole run near half an hour.
+    """
+    return Plan("full", STANDARD, repeats=5, study_repeats=5, screw_scaling=STANDARD,
                 voxel_sizes=(StudySize(256, 200, 1.0, 1.0), StudySize(362, 283, 0.7072, 0.7072),
-                             STANDARD))
+                             STANDARD), scaling_repeats=2, scaling_warmup=False)
 
 
 def quick_plan() -> Plan:
@@ -80,7 +86,7 @@ def tiny_plan() -> Plan:
     return Plan("tiny", t, repeats=2, study_repeats=1, study_warmup=False, prefect=False,
                 compile_fresh=False, copy_mb=32, screw_scaling=t, screw_levels=(1, 4),
                 voxel_sizes=(StudySize(140, 124, 0.9143, 1.5), t), scaling_repeats=1,
-                scaling_warmup=False, kernel_scale=0.05, check_targets=False)
+                scaling_warmup=False, kernel_scale=0.05, check_targets=False, env_variants=())
 
 
 def _say(msg: str) -> None:
@@ -167,6 +173,16 @@ def run_all(plan: Plan) -> dict:
         prefect = bench_study(folder, "prefect", plan.study_repeats, plan.study_warmup)
     raw["study_plain"], raw["study_prefect"] = plain, prefect
     rows += study_rows(plain, prefect, label, plan.check_targets, truth)
+    for var, val in plan.env_variants:
+        _say(f"whole study, no Prefect, with {var}={val}")
+        v = bench_study(folder, "plain", plan.variant_repeats, False, {var: val})
+        raw.setdefault("study_variants", {})[f"{var}={val}"] = v
+        if v.get("ok"):
+            rows.append(Row("study", f"{label}: whole study, no Prefect, {var}={val}", v["analyze_s"],
+                            note=(f"a setting to consider, not the shipped default: "
+                                  f"{plain['analyze_s'] / v['analyze_s']:.2f}x the shipped speed; "
+                                  f"peak {v['maxrss_mb_max']:.0f} MiB; median of {v['n_ok']}"
+                                  if plain.get("ok") else "")))
 
     screws = voxels = None
     known = {str(folder): plain} if plain.get("ok") else {}  # the standard study is a point of both

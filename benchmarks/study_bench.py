@@ -146,8 +146,12 @@ def _child_main(argv) -> int:
 
 
 # ----------------------------------------------------------------------------- parent side
-def run_child(input_path: str | Path, mode: str = "plain", timeout_s: float = 1800) -> dict:
-    """One fresh-process analysis of ``input_path``; returns the child's figures + ``wall_s``."""
+def run_child(input_path: str | Path, mode: str = "plain", timeout_s: float = 1800,
+              env_extra: dict | None = None) -> dict:
+    """One fresh-process analysis of ``input_path``; returns the child's figures + ``wall_s``.
+
+    ``env_extra`` adds environment variables for the child (to measure a setting's effect).
+    """
     from benchmarks.common import REPO, bench_root
 
     work = Path(tempfile.mkdtemp(prefix="run_", dir=bench_root()))
@@ -162,6 +166,7 @@ def run_child(input_path: str | Path, mode: str = "plain", timeout_s: float = 18
         # a loaded machine can take longer than Prefect's default 20 s to start its server;
         # the start-up is timed either way
         env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+        env.update(env_extra or {})
         result = work / "result.json"
         cmd = [sys.executable, "-m", "benchmarks.study_bench", "child", "--mode", mode,
                "--input", str(input_path), "--out", str(work / "out"), "--result", str(result)]
@@ -186,14 +191,16 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def bench_study(input_path: str | Path, mode: str = "plain", repeats: int = 5,
-                warmup: bool = True) -> dict:
+                warmup: bool = True, env_extra: dict | None = None) -> dict:
     """Warm-up child, then ``repeats`` children; medians of every figure (s, MiB).
 
     ``warmup=False`` skips the warm-up child (when an earlier series already filled numba's
     cache and Prefect's database).
     """
-    warm = run_child(input_path, mode) if warmup else {"ok": True, "wall_s": float("nan")}
-    runs = [run_child(input_path, mode) for _ in range(max(1, repeats))] if warm.get("ok") else []
+    warm = (run_child(input_path, mode, env_extra=env_extra) if warmup
+            else {"ok": True, "wall_s": float("nan")})
+    runs = ([run_child(input_path, mode, env_extra=env_extra) for _ in range(max(1, repeats))]
+            if warm.get("ok") else [])
     ok = [r for r in runs if r.get("ok")]
     out = {"mode": mode, "warmup": warm, "runs": runs, "ok": bool(ok),
            "n_ok": len(ok), "n_runs": len(runs)}
