@@ -34,7 +34,6 @@ from pydicom.uid import (JPEG2000Lossless, JPEGLSLossless, RLELossless, Explicit
 
 import flows.analyze  # noqa: F401  - Prefect configures its logging on import, as in a fresh `fusionct` process
 from flows.cli import main as cli_main
-from pipeline.errors import InputError
 from pipeline.loading import load_study
 from pipeline.loading_bench import write_ct_series
 
