@@ -30,7 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.common import REPO, Row, bench_root, machine_info, machine_line, render_table
+from benchmarks.common import (REPO, Row, bench_root, fmt_ratio, fmt_s, machine_info, machine_line,
+                               render_table)
 from benchmarks.standard import STANDARD, StudySize
 
 
@@ -229,6 +230,15 @@ def summary_line(kres, plain: dict, prefect: dict | None, rows, label: str) -> s
     return f"fusionct bench: {kpart}; {spart}{tpart}"
 
 
+def _measured(r: Row) -> str:
+    """The figure a target was judged on: the ratio, else the time, else the note's first part."""
+    if math.isfinite(r.ratio):
+        return fmt_ratio(r.ratio)
+    if math.isfinite(r.ours_s):
+        return fmt_s(r.ours_s)
+    return r.note.split(";")[0]
+
+
 def results_markdown(res: dict) -> str:
     """benchmarks/RESULTS.md: how it was run, the machine, the table and the summary."""
     m = res["machine"]
@@ -251,6 +261,11 @@ def results_markdown(res: dict) -> str:
         "```",
         res["summary"],
         "```",
+        "",
+        "## Targets (issue 6)",
+        "",
+        *[f"- {'met' if r.met else '**missed**'}: {r.name} ({r.target}; measured {_measured(r)})"
+          for r in res["rows"] if r.met is not None],
         "",
     ])
 
