@@ -40,8 +40,8 @@ def detect(volume: Volume, config: Config) -> Anatomy:
     rods = find_rods(volume, config, vertebrae, screws)
     other = unexplained_metal_mm3(volume, config, screws, cages, rods)
     if other > OTHER_METAL_NOTE_MM3:
-        notes.append(f"metal outside the spinal hardware ({other / 1000.0:.1f} cm3, e.g. a joint "
-                     "prosthesis) was not analysed")
+        notes.append(f"metal outside the identified screws, cages and rods ({other / 1000.0:.1f} cm3: "
+                     "e.g. a joint prosthesis, or hardware in a vertebra not analysed) was not analysed")
     if not vertebrae:
         notes.append("no vertebra found: nothing could be measured")
     return Anatomy(vertebrae=tuple(vertebrae), levels=tuple(levels), screws=tuple(screws),
