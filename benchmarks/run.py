@@ -90,8 +90,20 @@ def tiny_plan() -> Plan:
                 scaling_warmup=False, kernel_scale=0.05, check_targets=False, env_variants=())
 
 
+_T_START = time.perf_counter()
+
+
 def _say(msg: str) -> None:
-    print(f"fusionct bench: {msg}", file=sys.stderr, flush=True)
+    print(f"fusionct bench: [{time.perf_counter() - _T_START:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def _checkpoint(plan: Plan, raw: dict) -> None:
+    """Keep the figures so far in the bench folder (a crash late in a long run loses nothing)."""
+    try:
+        (bench_root() / f"results_{plan.name}.partial.json").write_text(
+            json.dumps(raw, default=str, indent=1))
+    except (OSError, TypeError, ValueError):
+        pass
 
 
 def run_all(plan: Plan) -> dict:
@@ -157,14 +169,21 @@ def run_all(plan: Plan) -> dict:
     rows += bandwidth_rows(kres, copy)
     del volume
 
+    _checkpoint(plan, raw)
+
     _say(f"loading the {label} series")
-    lres = bench_loading(folder, repeats=plan.repeats)
-    raw["loading"] = lres
-    lrows = loading_rows(lres, label)
+    try:
+        lres = bench_loading(folder, repeats=plan.repeats)
+        raw["loading"] = lres
+        lrows = loading_rows(lres, label)
+    except Exception as exc:  # noqa: BLE001 - one failed part must not lose the others
+        raw["loading_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        lrows = [Row("loading", f"{label} series", note=f"FAILED: {raw['loading_error']}")]
     if not plan.check_targets:
         for r in lrows:
             r.target, r.met = "", None
     rows += lrows
+    _checkpoint(plan, raw)
 
     _say(f"whole study, no Prefect ({plan.study_repeats} runs after a warm-up)")
     plain = bench_study(folder, "plain", plan.study_repeats, plan.study_warmup)
@@ -185,6 +204,7 @@ def run_all(plan: Plan) -> dict:
                                   f"peak {v['maxrss_mb_max']:.0f} MiB; median of {v['n_ok']}"
                                   if plain.get("ok") else "")))
 
+    _checkpoint(plan, raw)
     screws = voxels = None
     known = {str(folder): plain} if plain.get("ok") else {}  # the standard study is a point of both
     if plan.screw_scaling is not None:
