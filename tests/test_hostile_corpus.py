@@ -375,6 +375,18 @@ def missing_input(base):
     return base / "no such study", "no such study", ("no such file or folder",)
 
 
+def named_pipe_as_input(base):
+    p = base / "scan.nii.gz"
+    os.mkfifo(p)  # opening it for reading would block for ever
+    return p, "scan.nii.gz", ("not",)
+
+
+def dangling_symlink_as_input(base):
+    p = base / "study link"
+    p.symlink_to(base / "gone")
+    return p, "study link", ("no such file or folder",)
+
+
 def single_dicom_file_as_input(base):
     paths = series(base / "in")
     return paths[0], paths[0].name, ("must be NIfTI",)
@@ -478,7 +490,8 @@ CORPUS: dict[str, Case] = {f.__name__: f for f in (
     mixed_frames_of_reference, mixed_orientation, shear_beyond_any_gantry_tilt, single_slice, absurd_image_size,
     absurd_pixel_spacing, nan_rescale_slope, overflow_after_rescale, infinite_rescale_intercept,
     multi_frame_image, color_image, mr_series, pet_series, structured_report_only, localizer_only,
-    empty_folder, no_dicom_files, missing_input, single_dicom_file_as_input,
+    empty_folder, no_dicom_files, missing_input, named_pipe_as_input, dangling_symlink_as_input,
+    single_dicom_file_as_input,
     special_files_and_symlink_loop, non_utf8_file_name, unicode_and_spaces_in_paths,
     nifti_nan_affine, nifti_singular_affine, nifti_overflow_after_scl_slope, nifti_truncated,
     nifti_truncated_gzip_stream, nifti_not_nifti, nifti_four_d,
