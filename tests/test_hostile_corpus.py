@@ -378,7 +378,7 @@ def missing_input(base):
 def named_pipe_as_input(base):
     p = base / "scan.nii.gz"
     os.mkfifo(p)  # opening it for reading would block for ever
-    return p, "scan.nii.gz", ("not",)
+    return p, "scan.nii.gz", ("not a folder",)
 
 
 def dangling_symlink_as_input(base):
