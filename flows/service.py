@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from pipeline.atomic import copy_file_atomic, write_bytes_atomic
 
 log = logging.getLogger("fusionct.service")
 
@@ -82,27 +83,11 @@ def safe_name(uid: str) -> str:
 
 # ----------------------------------------------------------------------------- store
 def _write_atomic(path: Path, data: bytes | None = None, src: Path | None = None) -> Path:
-    """Write ``data`` (or copy ``src``) to ``path`` via a hidden temp file + ``os.replace``."""
+    """Write ``data`` (or copy ``src``) to ``path`` atomically, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if src is not None:
-                with open(src, "rb") as fin:
-                    shutil.copyfileobj(fin, fh, 1 << 20)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    if src is not None:
+        return copy_file_atomic(src, path, mode=0o640)
+    return write_bytes_atomic(path, data, mode=0o640)
 
 
 class StudyStore:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,26 @@ def fsync_dir(folder: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _write_via_temp(path: Path, fill, mode: int) -> Path:
+    """Create a temp file beside ``path``, let ``fill(fh)`` write it, fsync, rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int = 0o644) -> Path:
@@ -44,23 +65,16 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int = 0o644) -> P
     Path
         ``path``.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    return path
+    return _write_via_temp(Path(path), lambda fh: fh.write(data), mode)
+
+
+def copy_file_atomic(src: str | Path, path: str | Path, *, mode: int = 0o644) -> Path:
+    """Copy the file ``src`` to ``path`` atomically (same guarantees as ``write_bytes_atomic``)."""
+    def fill(fh):
+        with open(src, "rb") as fin:
+            shutil.copyfileobj(fin, fh, 1 << 20)
+
+    return _write_via_temp(Path(path), fill, mode)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
