@@ -426,7 +426,8 @@ def float64_copy_time(volume, repeats: int = 3) -> float:
     return time_call(lambda: np.asarray(hu, np.float64), repeats=repeats).median_s
 
 
-def kernel_rows(results: list[KernelResult], float64_copy_s: float | None = None) -> list[Row]:
+def kernel_rows(results: list[KernelResult], float64_copy_s: float | None = None,
+                variant: tuple[str, dict] | None = None) -> list[Row]:
     """Table rows for :func:`bench_kernels` (target: at least 20x the reference).
 
     With ``float64_copy_s`` the notes also give the ratio after taking out of the reference
@@ -446,6 +447,9 @@ def kernel_rows(results: list[KernelResult], float64_copy_s: float | None = None
             rest = r.reference_s - n_copy * float64_copy_s
             if rest > 0:
                 note += f"; {rest / r.kernel_s:.1f}x without the reference's {n_copy} volume copies"
+        if variant is not None and isinstance(variant[1].get(r.name), float):
+            tv = variant[1][r.name]
+            note += f"; with {variant[0]}: {tv * 1e3:.1f} ms = {r.reference_s / tv:.1f}x"
         if r.disagree > 0:
             note += f"; {100 * r.disagree:.2g} % of outputs differ from the reference"
         rows.append(Row("kernel", f"{r.module}.{r.name} vs {r.name}_reference", r.kernel_s,
@@ -486,3 +490,72 @@ print(json.dumps(out))
     if p.returncode != 0:
         return {}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ kernels under a setting
+def kernel_times_child(size_args: tuple, repeats: int, env_extra: dict, scale: float = 1.0,
+                       timeout_s: float = 1800) -> dict:
+    """Median kernel replay times (s) in a fresh interpreter with ``env_extra`` set.
+
+    Settings such as ``OMP_WAIT_POLICY`` are read once when the OpenMP runtime starts, so
+    they can only be compared in another process. The child records the same analysis and
+    replays only the kernels (the references' times from the main run stay valid).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from benchmarks.common import REPO
+
+    with tempfile.TemporaryDirectory(prefix="fusionct_kvar_") as d:
+        out = os.path.join(d, "times.json")
+        env = dict(os.environ, **env_extra)
+        cmd = [sys.executable, "-m", "benchmarks.kernels_bench", "--replay-kernels",
+               ",".join(str(x) for x in size_args), "--repeats", str(repeats), "--scale", str(scale),
+               "--out", out]
+        p = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True,
+                           timeout=timeout_s)
+        if p.returncode != 0 or not os.path.exists(out):
+            tail = (p.stderr or "").strip().splitlines()
+            return {"error": tail[-1][:300] if tail else f"exit {p.returncode}"}
+        with open(out) as fh:
+            return json.load(fh)
+
+
+def _replay_kernels_main(size_csv: str, repeats: int, scale: float, out: str) -> int:
+    import json
+
+    from benchmarks.standard import StudySize, cached_study_dicom, cached_study_volume
+
+    n, k, px, sl = size_csv.split(",")
+    size = StudySize(int(n), int(k), float(px), float(sl))
+    volume, truth = cached_study_volume(size)
+    recorded = record_pipeline_calls(cached_study_dicom(size), volume)
+    times = {}
+    for _module, name, fn, _ref in discover_kernels():
+        calls = recorded.get(name)
+        if not calls:
+            wl = build_workload(name, volume, truth, scale)
+            if wl is None or name == "blurred_box_integral":
+                continue
+            calls = [(wl[0], {})]
+        _replay(fn, calls)
+        times[name] = time_call(lambda: _replay(fn, calls), repeats=repeats, warmup=False).median_s
+    with open(out, "w") as fh:
+        json.dump(times, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--replay-kernels", required=True, help="n_inplane,n_slices,pixel_mm,slice_mm")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    sys.exit(_replay_kernels_main(a.replay_kernels, a.repeats, a.scale, a.out))

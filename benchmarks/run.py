@@ -110,7 +110,8 @@ def run_all(plan: Plan) -> dict:
     """Run every part of ``plan``; returns rows, summary line, machine and raw figures."""
     from benchmarks.bandwidth import bandwidth_rows, copy_bandwidth
     from benchmarks.kernels_bench import (bench_kernels, call_overhead, compile_fresh,
-                                          float64_copy_time, kernel_rows, record_pipeline_calls)
+                                          float64_copy_time, kernel_rows, kernel_times_child,
+                                          record_pipeline_calls)
     from benchmarks.loading_bench import bench_loading, loading_rows
     from benchmarks.standard import cached_study_dicom, cached_study_volume
     from benchmarks.study_bench import (bench_screw_scaling, bench_study, bench_voxel_scaling,
@@ -145,7 +146,16 @@ def run_all(plan: Plan) -> dict:
     raw["kernels"] = [asdict(k) for k in kres]
     t64 = float64_copy_time(volume, plan.repeats)
     raw["float64_copy_s"] = t64
-    rows: list[Row] = kernel_rows(kres, t64)
+    variant = None
+    for var, val in plan.env_variants:
+        _say(f"kernel replays in a fresh process with {var}={val}")
+        st = plan.study
+        vt = kernel_times_child((st.n_inplane, st.n_slices, st.pixel_mm, st.slice_mm),
+                                plan.repeats, {var: val}, plan.kernel_scale)
+        raw.setdefault("kernel_variants", {})[f"{var}={val}"] = vt
+        if "error" not in vt:
+            variant = (f"{var}={val}", vt)
+    rows: list[Row] = kernel_rows(kres, t64, variant)
     if "recording_error" in raw:
         rows.append(Row("kernel", "recording the pipeline's kernel calls FAILED",
                         note=raw["recording_error"] + "; synthetic workloads used"))
@@ -185,11 +195,11 @@ def run_all(plan: Plan) -> dict:
     rows += lrows
     _checkpoint(plan, raw)
 
-    _say(f"whole study, no Prefect ({plan.study_repeats} runs after a warm-up)")
+    _say(f"whole study, no Prefect ({plan.study_repeats} runs" + (" after a warm-up)" if plan.study_warmup else ")"))
     plain = bench_study(folder, "plain", plan.study_repeats, plan.study_warmup)
     prefect = None
     if plan.prefect:
-        _say(f"whole study, Prefect flow ({plan.study_repeats} runs after a warm-up)")
+        _say(f"whole study, Prefect flow ({plan.study_repeats} runs" + (" after a warm-up)" if plan.study_warmup else ")"))
         prefect = bench_study(folder, "prefect", plan.study_repeats, plan.study_warmup)
     raw["study_plain"], raw["study_prefect"] = plain, prefect
     rows += study_rows(plain, prefect, label, plan.check_targets, truth)

@@ -108,3 +108,16 @@ def test_standard_study_grid_is_padded_to_the_requested_size_without_moving_anat
     pad = truth["benchmark_padding_slices"]
     assert pad > 0
     assert abs(float(np.median(vol.hu[0])) - 40.0) < 30.0  # soft tissue fills the added slices
+
+
+@pytest.mark.slow
+def test_kernel_replay_under_another_setting_runs_in_a_fresh_process(tiny_run):
+    from benchmarks.kernels_bench import discover_kernels, kernel_times_child
+    from benchmarks.run import tiny_plan
+
+    st = tiny_plan().study
+    times = kernel_times_child((st.n_inplane, st.n_slices, st.pixel_mm, st.slice_mm), 1,
+                               {"OMP_WAIT_POLICY": "PASSIVE"}, 0.05)
+    assert "error" not in times, times.get("error")
+    assert set(times) <= {n for _, n, _, _ in discover_kernels()} and "sample_rays" in times
+    assert all(math.isfinite(t) and t > 0 for t in times.values())
