@@ -37,6 +37,8 @@ LINEAR_EDGE_LEVEL = 0.5      # half-maximum for an unclipped plateau
 SATURATION_MARGIN_HU = 100.0 # a plateau this close to the data maximum is clipped
 MIN_SHAFT_MM3 = 60.0         # metal in one pedicle/body below this is not a screw
 TULIP_WIDENING_MM = 1.2      # the head: the metal radius grows this much past the shaft's
+ROD_MIN_PIECE_MM = 12.0      # a rod piece (broken rod) at least this long along the spine
+MAX_SHAFT_GAP_MM = 4         # a shaft fracture gap up to this wide is crossed when tracing
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -168,6 +170,32 @@ def _station_areas(pts_t, pts_rho, t_grid, radius_mm, voxel_mm3):
     return h * voxel_mm3  # per 1 mm slab: mm3 / mm = mm2
 
 
+def _bridge_gaps(area: np.ndarray, shaft_area: float, max_gap_mm: int = MAX_SHAFT_GAP_MM,
+                 resume_mm: int = 4) -> np.ndarray:
+    """Cross-section areas (1 mm slabs, going away from the start) with short gaps filled:
+    a run of at most ``max_gap_mm`` slabs without metal followed by at least ``resume_mm``
+    slabs of shaft-sized metal (0.5 to 1.8 x ``shaft_area``) is a fracture across the shaft
+    (pipeline.fracture measures it), not the shaft's end."""
+    a = np.asarray(area, float).copy()
+    low = a < 0.3 * shaft_area
+    k = 0
+    while k < len(a):
+        if not low[k]:
+            k += 1
+            continue
+        run = k
+        while run < len(a) and low[run]:
+            run += 1
+        nxt = a[run:run + resume_mm]
+        if (run - k <= max_gap_mm and len(nxt) == resume_mm
+                and np.all((nxt > 0.5 * shaft_area) & (nxt < 1.8 * shaft_area))):
+            a[k:run] = shaft_area
+            k = run
+            continue
+        break
+    return a
+
+
 def trace_shaft(volume: Volume, metal_lps: np.ndarray, seed_points: np.ndarray, anterior,
                 data_max_hu: float) -> dict | None:
     """Follow one screw shaft from the metal seen inside its vertebra.
@@ -193,11 +221,11 @@ def trace_shaft(volume: Volume, metal_lps: np.ndarray, seed_points: np.ndarray, 
         shaft_area = float(np.median(area[max(i0 - 3, 0): i0 + 4]))
         if shaft_area <= 0:
             return None
-        # tip: forward until the metal stops
-        fwd = np.nonzero(area[i0:] < 0.3 * shaft_area)[0]
+        # tip: forward until the metal stops (a fractured shaft's gap is crossed)
+        fwd = np.nonzero(_bridge_gaps(area[i0:], shaft_area) < 0.3 * shaft_area)[0]
         t_tip = t_grid[i0 + fwd[0]] if fwd.size else t_grid[-1]
         # head: backward until the cross-section widens into the tulip (or metal stops)
-        back = area[: i0 + 1][::-1]
+        back = _bridge_gaps(area[: i0 + 1][::-1], shaft_area)
         wide = np.nonzero((back > 1.8 * shaft_area) | (back < 0.3 * shaft_area))[0]
         t_head = t_grid[i0 - wide[0]] if wide.size else t_grid[0]
         seg = (t > t_head + 2.0) & (t < t_tip - 2.0) & (rho < np.sqrt(shaft_area / np.pi) + 1.0)
@@ -284,10 +312,12 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
         ``id`` ``<vertebra>-<side>``; head (where the shaft meets its tulip), tip (anterior
         end of the metal) and true diameter, all in LPS mm.
     """
-    metal = metal_points(volume, config.metal_threshold_hu)
-    if len(metal) == 0 or not vertebrae:
+    kji_metal = np.argwhere(volume.hu > config.metal_threshold_hu)
+    if len(kji_metal) == 0 or not vertebrae:
         return []
+    metal = volume.kji_to_lps(kji_metal.astype(float))
     data_max = float(volume.hu.max())
+    voxel_mm3 = float(np.prod(volume.spacing_mm))
     screws = []
     for v in vertebrae:
         c, si, lr, ap, half_h = _vertebra_frame(v)
@@ -298,20 +328,31 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
         s_sup = (metal - np.asarray(v.superior_endplate.point_lps_mm)) @ np.asarray(v.superior_endplate.normal)
         s_inf = (metal - np.asarray(v.inferior_endplate.point_lps_mm)) @ np.asarray(v.inferior_endplate.normal)
         slab = (np.abs(h) <= max(half_h - 6.0, 5.0)) & (s_sup < -4.0) & (s_inf < -4.0)
-        inside = slab & (w >= -b - 2.0) & (w <= b + 6.0) & (np.abs(u) <= a + 6.0)
-        for side, sgn in (("left", 1.0), ("right", -1.0)):
-            sel = inside & (sgn * u > 1.0)
-            if sel.sum() * np.prod(volume.spacing_mm) < MIN_SHAFT_MM3:
+        inside = np.nonzero(slab & (w >= -b - 2.0) & (w <= b + 6.0) & (np.abs(u) <= a + 10.0))[0]
+        # each screw is its own connected piece of metal here; a medially breaching screw
+        # crosses the midline, so pieces are separated by connectivity, not by side, and
+        # the side is that of the screw's head
+        found: dict[str, tuple[float, dict]] = {}
+        for comp in _components(volume, kji_metal[inside]):
+            piece = inside[comp]
+            vol_mm3 = len(piece) * voxel_mm3
+            if vol_mm3 < MIN_SHAFT_MM3:
                 continue
-            tr = trace_shaft(volume, metal, metal[sel], -ap, data_max)
+            tr = trace_shaft(volume, metal, metal[piece], -ap, data_max)
             if tr is None:
                 continue
             length = float(np.linalg.norm(tr["tip"] - tr["head"]))
             if length < 15.0:
                 continue
-            screws.append(ScrewGeometry(id=f"{v.name}-{side}", head_lps_mm=tr["head"],
-                                        tip_lps_mm=tr["tip"], diameter_mm=2.0 * tr["radius"],
-                                        vertebra=v.name, side=side))
+            side = "left" if float((tr["head"] - c) @ lr) > 0 else "right"
+            if side not in found or found[side][0] < vol_mm3:
+                found[side] = (vol_mm3, tr)
+        for side in ("left", "right"):
+            if side in found:
+                tr = found[side][1]
+                screws.append(ScrewGeometry(id=f"{v.name}-{side}", head_lps_mm=tr["head"],
+                                            tip_lps_mm=tr["tip"], diameter_mm=2.0 * tr["radius"],
+                                            vertebra=v.name, side=side))
     return screws
 
 
@@ -595,13 +636,19 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         touched = np.nonzero(dh < 10.0)[0]
         if touched.size == 0:
             continue
-        c, d = _pca_line(p)
+        # the rod's direction from its metal away from the tulips (a piece of a broken rod
+        # holding one tulip is dominated by it)
+        tulips = heads[touched] - axes[touched] * 7.0
+        far = np.linalg.norm(p[:, None, :] - tulips[None, :, :], axis=2).min(1) > 9.0
+        if far.sum() < 20:
+            continue
+        c, d = _pca_line(p[far])
         if abs(d[2]) < 0.5:
             continue  # not along the spine: a cross-link or a cage
         if d[2] < 0:
             d = -d
         t = (p - c) @ d
-        if np.ptp(t) < 20.0:
+        if np.ptp(t) < ROD_MIN_PIECE_MM:
             continue
         # the centre line: the metal's mean in 5 mm steps (the tulips pull it a little
         # towards themselves where they hold the rod)
@@ -613,9 +660,13 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         line = np.array(line[::-1])  # top first
         if len(line) < 2:
             continue
-        # diameter midway between consecutive screw heads on this rod
-        th = np.sort((heads[touched] - axes[touched] * 7.0 - c) @ d)
+        # diameter midway between consecutive screw heads on this rod, or (one tulip: a
+        # piece of a broken rod) on its free part
+        th = np.sort((tulips - c) @ d)
         mids = 0.5 * (th[:-1] + th[1:]) if th.size >= 2 else np.array([])
+        if not mids.size:
+            tf = t[far]
+            mids = np.array([float(np.median(tf))])
         diam = None
         if mids.size:
             # stations on the rod's own centre: the metal centroid in a 2 mm slab there
@@ -628,7 +679,7 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
             r = true_radius_mm(volume, st, d, data_max, max_radius_mm=8.0)
             diam = None if r is None else 2.0 * r
         if diam is None:
-            diam = 2.0 * float(np.sqrt(len(p) * np.prod(volume.spacing_mm) / max(np.ptp(t), 1.0) / np.pi))
+            diam = 2.0 * float(np.sqrt(far.sum() * np.prod(volume.spacing_mm) / max(np.ptp(t[far]), 1.0) / np.pi))
         side = "left" if float(np.mean(p[:, 0])) > mid_x else "right"
         rods.append(Rod(id=f"rod-{side}", points_lps_mm=tuple(tuple(map(float, q)) for q in line),
                         diameter_mm=float(diam), side=side))
