@@ -663,10 +663,12 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         # diameter midway between consecutive screw heads on this rod, or (one tulip: a
         # piece of a broken rod) on its free part
         th = np.sort((tulips - c) @ d)
-        mids = 0.5 * (th[:-1] + th[1:]) if th.size >= 2 else np.array([])
+        # (three stations per interval: a gap of a broken rod often lies midway)
+        mids = (np.array([a + f * (b - a) for a, b in zip(th[:-1], th[1:]) for f in (0.3, 0.5, 0.7)])
+                if th.size >= 2 else np.array([]))
         if not mids.size:
-            tf = t[far]
-            mids = np.array([float(np.median(tf))])
+            free = far & (t > t.min() + 4.0) & (t < t.max() - 4.0)  # clear of the broken end
+            mids = np.percentile(t[free if free.sum() >= 20 else far], [30.0, 50.0, 70.0])
         diam = None
         if mids.size:
             # stations on the rod's own centre: the metal centroid in a 2 mm slab there
