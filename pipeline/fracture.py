@@ -130,6 +130,42 @@ def grid_key(volume: Volume, dirs_lps) -> np.ndarray:
     return np.column_stack([np.hypot(ext[:, 0], ext[:, 1]), ext[:, 2]])
 
 
+def recentre_stations(volume: Volume, hu: np.ndarray, stations_lps: np.ndarray, axes: np.ndarray,
+                      radius_mm: float, iterations: int = 2) -> np.ndarray:
+    """Stations moved onto the metal's own axis: per station, the half-maximum edge on
+    ``ESF_AZIMUTHS`` rays across the axis; the first Fourier term of edge radius against
+    azimuth is the station's offset from the true centre. A rod's centre line found as
+    the mean of its metal is pulled towards the tulips; edge responses read from it would
+    start inside or outside the true surface."""
+    ang = 2 * np.pi * np.arange(ESF_AZIMUTHS) / ESF_AZIMUTHS
+    rho = np.arange(0.0, radius_mm + 4.0 + 1e-9, 0.05)
+    out = np.array(stations_lps, float).copy()
+    for k, ax in enumerate(axes):
+        e1, e2 = _perp_frame(ax)
+        dirs = np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2
+        for _ in range(iterations):
+            prof = _sample(volume, hu, out[k][None, None, :] + rho[None, :, None] * dirs[:, None, :])
+            edges = []
+            for p in prof:
+                top = float(p[: max(3, int(0.5 * radius_mm / 0.05))].max())
+                level = 0.5 * (top + float(np.median(p[-20:])))
+                below = np.nonzero(p < level)[0]
+                edges.append(rho[below[0]] if below.size else np.nan)
+            edges = np.array(edges)
+            ok = np.isfinite(edges)
+            if ok.sum() < ESF_AZIMUTHS - 2:
+                break
+            # rays that run into a tulip or a neighbour read long: drop the longest quarter
+            ok &= edges <= np.nanpercentile(edges, 75) + 0.5
+            a = 2.0 * np.mean((edges * np.cos(ang))[ok])
+            b = 2.0 * np.mean((edges * np.sin(ang))[ok])
+            shift = a * e1 + b * e2
+            if np.linalg.norm(shift) > 0.5 * radius_mm:
+                break
+            out[k] = out[k] + shift
+    return out
+
+
 class EdgeLibrary:
     """Edge responses of the study's own metal, measured on the sides of its rods and
     shafts from their true radius outward, keyed by how each ray crosses the voxel grid.
@@ -325,10 +361,12 @@ def find_fractures(volume: Volume, anatomy: Anatomy, config: Config) -> list[Fra
     screws = [(sc.id, [np.asarray(sc.head_lps_mm), np.asarray(sc.tip_lps_mm)], sc.diameter_mm)
               for sc in anatomy.screws if sc.length_mm >= 5.0]
     library = EdgeLibrary(np.arange(ESF_RANGE_MM[0], ESF_RANGE_MM[1] + 1e-9, 0.05))
-    for _, pts, diam in rods + screws:
+    for k, (_, pts, diam) in enumerate(rods + screws):
         L = polyline_length_mm(pts)
         st = np.arange(0.15 * L, 0.85 * L + 1e-9, 2.0)
         st_pts, st_ax = polyline_points(pts, st)
+        if k < len(rods):  # a detected rod line runs off its axis near the tulips
+            st_pts = recentre_stations(volume, hu, st_pts, st_ax, 0.5 * diam)
         library.add(volume, hu, st_pts, st_ax, 0.5 * diam)
     found: list[FractureFinding] = []
     for kind, items in (("rod", rods), ("screw", screws)):
