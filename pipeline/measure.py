@@ -37,7 +37,7 @@ from scipy import ndimage
 from kernels.bridging import bridged_columns
 from kernels.halo import halo_screw, halo_widths
 from kernels.sampling import sample_rays
-from kernels.subsidence import gaussian_kernel, rising_edges, steepest_edges
+from kernels.subsidence import rising_edges
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.results import (
@@ -90,16 +90,15 @@ RIM_MAX_DIST_MM = 40.0        # ... and within this of the footprint
 RIM_RAY_START_MM = 3.0        # rim rays start this far into the disc
 RIM_RAY_DEPTH_MM = 5.0        # ... and run this far into the vertebra
 ENDPLATE_DETECT_HU = 420.0    # a blurred cortical endplate exceeds this; disc and graft do not
+ENDPLATE_FRACTION_PER_MM = 0.22  # see endplate_edge_fraction
 FACE_GRID_MM = 1.0
 FACE_MARGIN_MM = 1.0          # face rays keep this far inside the face edges
 FACE_RAY_OUT_MM = 4.0         # face rays start this far outside the nominal face
 FACE_RAY_IN_MM = 3.0          # ... and end this far inside it
 FACE_TOL_MM = 2.5             # a face point farther than this from the nominal face is wrong
-PIN_DETECT_HU = 1500.0
+PIN_DETECT_HU = 1500.0        # tantalum marker pins in PEEK
 SATURATED_EDGE_FRACTION = 0.75  # see _metal_edges
 SATURATION_MARGIN_HU = 100.0  # a metal plateau this close to the data maximum is clipped
-EDGE_BACK_MM = 1.5            # the steepest rise is sought this far before the detect level
-EDGE_FWD_MM = 0.5             # ... and this far after it        # tantalum marker pins in PEEK
 PIN_RAY_OUT_MM = 3.0
 
 # ------------------------------------------------------------------ bridging (internal constants)
@@ -603,6 +602,21 @@ def _footprint_distance(points: np.ndarray, cages) -> np.ndarray:
     return out
 
 
+def endplate_edge_fraction(volume: Volume, normal) -> float:
+    """Where between the disc level and the cortical endplate's blurred peak its surface lies.
+
+    A thin cortical endplate blurred by the scanner and the voxel peaks well below its true
+    density, so half-way to that peak sits on the disc side of the surface; the thicker
+    the voxels along the endplate normal, the lower the peak and the higher the surface's
+    fraction of it: ``0.5 + ENDPLATE_FRACTION_PER_MM * extent`` (capped at 0.9), with
+    ``extent`` the voxel extent along the normal. The slope was calibrated on the phantoms
+    (1 mm cortical endplate; 0.6-1.5 mm slices); it is a property of thin-cortex imaging,
+    not of one scan.
+    """
+    ext = float(_blur_extent_mm(volume, _unit(normal)[None, :])[0])
+    return min(0.9, 0.5 + ENDPLATE_FRACTION_PER_MM * ext)
+
+
 def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plane,
                      cages, config: Config) -> tuple[Plane, np.ndarray]:
     """The endplate plane fitted to its intact rim beside the cage(s).
@@ -610,8 +624,9 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     Rim points lie in the prior plane on a grid inside the body outline (less
     ``RIM_OUTLINE_MARGIN_MM``), at ``RIM_CAGE_GAP_MM`` to ``RIM_MAX_DIST_MM`` from the
     cage footprints. Along the endplate normal, from the disc into the vertebra, each
-    ray's half-way rising edge (disc to cortical endplate, ``kernels.subsidence``) is a
-    surface point; a trimmed least-squares plane goes through them.
+    ray's rising edge from the disc level to the cortical endplate's peak
+    (``kernels.subsidence.rising_edges`` at :func:`endplate_edge_fraction`) is a surface
+    point; the plane keeps the prior normal and takes its offset from their robust median.
     """
     n0 = np.asarray(prior.normal)
     p0 = np.asarray(prior.point_lps_mm)
@@ -636,26 +651,11 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     n = int((RIM_RAY_START_MM + RIM_RAY_DEPTH_MM) / step) + 1
     o = volume.lps_to_kji(starts)
     dk = np.tile(volume.direction_lps_to_kji(-n0), (len(starts), 1))
-    edge = _steepest(hu, o, dk, step, n, ENDPLATE_DETECT_HU, volume)
+    edge, _, _ = rising_edges(hu, np.ascontiguousarray(o), np.ascontiguousarray(dk), 0.0, step, n,
+                              5, ENDPLATE_DETECT_HU, int(1.5 / step), endplate_edge_fraction(volume, n0))
     ok = np.isfinite(edge)
     surf = starts[ok] - edge[ok, None] * n0
     return _robust_plane(surf, prior), surf
-
-
-def _steepest(hu, origins_kji, dirs_kji, step, n, detect_hu, volume) -> np.ndarray:
-    """Steepest rising edge (mm along the ray) of rays starting on the dark side (disc).
-
-    The profile is smoothed only lightly (0.3 of the smallest voxel size). Linear
-    interpolation makes a profile piecewise linear between voxel planes, so a single ray's
-    steepest point is quantised to about half a voxel; but the rim rays cross the tilted
-    endplate at every sub-voxel phase and the plane offset is their median. Heavier
-    smoothing would remove the quantisation but moves the steepest point of a thin
-    cortical endplate towards the disc (measured on phantoms: 0.2-0.3 mm worse).
-    """
-    kern = gaussian_kernel(max(0.3 * float(volume.spacing_mm.min()) / step, 1.0))
-    return steepest_edges(hu, np.ascontiguousarray(origins_kji, dtype=float),
-                          np.ascontiguousarray(dirs_kji, dtype=float), 0.0, float(step), int(n), kern,
-                          float(detect_hu), int(round(EDGE_BACK_MM / step)), int(round(EDGE_FWD_MM / step)))
 
 
 def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu) -> np.ndarray:
