@@ -52,6 +52,7 @@ MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10
 MIN_DISC_MM = 3.0              # the thinnest disc space the endplates across it leave
 MAX_WEDGE_DEG = 20.0           # a disc's endplates are this close to parallel (lordotic wedge)
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
+ENDPLATE_CORTEX_MM = 1.0       # cortical endplate thickness assumed for its blurred surface
 SACRUM_LATERAL_BONE = 0.11     # lateral bone fraction beside S1 (alae): phantoms >= 0.14, real
                                # CT 0.39; lumbar bodies: phantoms 0.0, real CT <= 0.07
 LUMBAR_NAMES_ABOVE_S1 = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8")
@@ -484,15 +485,45 @@ def body_outline(volume: Volume, centre, si, lr, ap, inside_hu: float, heights_m
     return semi_lr, semi_ap, shift
 
 
+def cortex_surface_level(blur_sigma_mm: float, cortex_mm: float = ENDPLATE_CORTEX_MM) -> float:
+    """Fraction of the way from the surround up to a blurred cortical layer's peak at which
+    the profile crosses the layer's outer surface.
+
+    A cortical endplate is a thin bright layer (about 1 mm); blurred by the scanner's
+    point-spread function (Gaussian ``blur_sigma_mm`` along the ray) its peak drops and
+    its flanks spread, so the half-way crossing between peak and disc lies *outside* the
+    true surface (0.2-0.5 mm at 1-1.5 mm slices, reading disc heights low). For a layer
+    of thickness ``T`` the peak excess is ``2 Phi(T / 2 sigma) - 1`` and the excess at the
+    outer surface ``Phi(T / sigma) - 1/2`` (in units of the layer's contrast); their
+    ratio is the level returned (1/2 for a sharp or thick layer).
+    """
+    from scipy.special import ndtr
+    if blur_sigma_mm <= 1e-6:
+        return 0.5
+    peak = 2.0 * ndtr(0.5 * cortex_mm / blur_sigma_mm) - 1.0
+    surface = ndtr(cortex_mm / blur_sigma_mm) - 0.5
+    return float(np.clip(surface / peak, 0.5, 0.95))
+
+
+def ray_blur_sigma_mm(volume: Volume, direction) -> float:
+    """Gaussian blur (mm) an edge crossed along ``direction`` shows: the slice sensitivity
+    / PSF (FWHM about one voxel extent along the ray, sigma = 0.42 x extent) and the
+    box of the voxel's own sampling (extent / sqrt(12)) added in quadrature."""
+    d = np.asarray(direction, float)
+    ext = float(np.linalg.norm((d @ volume.direction) * volume.spacing_mm))
+    return ext * float(np.sqrt(0.42 ** 2 + 1.0 / 12.0))
+
+
 def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm: float = 9.0,
-                     min_contrast_hu: float = 15.0) -> float | None:
+                     min_contrast_hu: float = 15.0, surface_level: float = 0.5) -> float | None:
     """Distance along one ray (mm) of the outer surface of an endplate.
 
     ``prof`` runs from inside the body outward, past the disc expected at ``disc_mm``.
     The cortical endplate is the brightest point from ``window_mm`` before the disc centre
     to 1 mm past it; the surround is the darkest 1 mm within 4 mm beyond it (disc tissue,
-    or bone where the level is bridged); the surface is the half-way crossing between the
-    two. Where no cortex stands out (thin endplates at coarse slices), the disc is the
+    or bone where the level is bridged); the surface is the crossing at ``surface_level``
+    of the way from the surround to the peak (:func:`cortex_surface_level`; 1/2 for a
+    sharp image). Where no cortex stands out (thin endplates at coarse slices), the disc is the
     darkest 2 mm stretch near ``disc_mm`` and the surface the last half-way crossing
     between the body's inside level and the disc before it. None when neither is found.
     """
@@ -526,7 +557,7 @@ def endplate_edge_mm(prof: np.ndarray, step_mm: float, disc_mm: float, window_mm
             surround = float(smooth[i_pk:k + 1].min())
             peak = float(prof[i_pk])
             if peak >= inside + 2 * min_contrast_hu and peak >= surround + 2 * min_contrast_hu:
-                thr = 0.5 * (peak + surround)
+                thr = surround + surface_level * (peak - surround)
                 below = np.nonzero(prof[i_pk:k + 1] < thr)[0]
                 if below.size:
                     j = i_pk + int(below[0]) - 1
@@ -562,6 +593,7 @@ def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direct
     the volume.
     """
     pts_out = []
+    level = cortex_surface_level(ray_blur_sigma_mm(volume, si))
     disc_mm = float(disc_mm)
     s = np.arange(0.0, disc_mm + window_mm + 2.0, step_mm)
     near = max(int((disc_mm - window_mm - 3.0) / step_mm), 0)  # screws sit nearer mid-height
@@ -581,7 +613,7 @@ def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direct
                 prof = prof[: int(np.argmin(ok))]  # the ray leaves the volume here
             if prof[near:].size and prof[near:].max() >= min(metal_threshold_hu, ENDPLATE_MAX_HU):
                 continue  # metal or its blooming near the endplate (a cage)
-            e = endplate_edge_mm(prof, step_mm, disc_mm, window_mm)
+            e = endplate_edge_mm(prof, step_mm, disc_mm, window_mm, surface_level=level)
             if e is None or e > (len(prof) - 1) * step_mm - 1.0:
                 continue
             pts_out.append(base + direction * e * si)
