@@ -628,6 +628,7 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
     data_max = float(volume.hu.max())
     mid_x = float(np.mean([v.center_lps_mm[0] for v in vertebrae])) if vertebrae else 0.0
     rods = []
+    single_tulip = []
     for comp in _components(volume, kji):
         p = pts[comp]
         if len(p) < 20:
@@ -666,7 +667,8 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         # (three stations per interval: a gap of a broken rod often lies midway)
         mids = (np.array([a + f * (b - a) for a, b in zip(th[:-1], th[1:]) for f in (0.3, 0.5, 0.7)])
                 if th.size >= 2 else np.array([]))
-        if not mids.size:
+        single = not mids.size  # one tulip: a piece of a broken rod
+        if single:
             free = far & (t > t.min() + 4.0) & (t < t.max() - 4.0)  # clear of the broken end
             mids = np.percentile(t[free if free.sum() >= 20 else far], [30.0, 50.0, 70.0])
         diam = None
@@ -683,8 +685,17 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         if diam is None:
             diam = 2.0 * float(np.sqrt(far.sum() * np.prod(volume.spacing_mm) / max(np.ptp(t[far]), 1.0) / np.pi))
         side = "left" if float(np.mean(p[:, 0])) > mid_x else "right"
+        single_tulip.append(single)
         rods.append(Rod(id=f"rod-{side}", points_lps_mm=tuple(tuple(map(float, q)) for q in line),
                         diameter_mm=float(diam), side=side))
+    # a short piece's diameter is read on little free rod: when it disagrees with the
+    # construct's other rods by more than 1 mm it takes their median (rods of one construct
+    # share a diameter)
+    full = [r.diameter_mm for r, one in zip(rods, single_tulip) if not one]
+    ref = float(np.median(full if full else [r.diameter_mm for r in rods])) if rods else 0.0
+    rods = [Rod(id=r.id, points_lps_mm=r.points_lps_mm, diameter_mm=ref, side=r.side)
+            if one and abs(r.diameter_mm - ref) > 1.0 else r
+            for r, one in zip(rods, single_tulip)]
     # one id per side; several pieces on a side keep a number
     seen: dict[str, int] = {}
     out = []
