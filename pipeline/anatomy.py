@@ -53,6 +53,8 @@ MIN_DISC_MM = 3.0              # the thinnest disc space the endplates across it
 MAX_WEDGE_DEG = 20.0           # a disc's endplates are this close to parallel (lordotic wedge)
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
 ENDPLATE_CORTEX_MM = 1.0       # cortical endplate thickness assumed for its blurred surface
+MAX_SURFACE_LEVEL = 0.9         # never read closer to the peak than this (noise)
+MAX_MODEL_SIGMA_MM = 0.8        # thicker blur (slices > ~1.6 mm): the model is not used
 SACRUM_LATERAL_BONE = 0.11     # lateral bone fraction beside S1 (alae): phantoms >= 0.14, real
                                # CT 0.39; lumbar bodies: phantoms 0.0, real CT <= 0.07
 LUMBAR_NAMES_ABOVE_S1 = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8")
@@ -495,14 +497,16 @@ def cortex_surface_level(blur_sigma_mm: float, cortex_mm: float = ENDPLATE_CORTE
     true surface (0.2-0.5 mm at 1-1.5 mm slices, reading disc heights low). For a layer
     of thickness ``T`` the peak excess is ``2 Phi(T / 2 sigma) - 1`` and the excess at the
     outer surface ``Phi(T / sigma) - 1/2`` (in units of the layer's contrast); their
-    ratio is the level returned (1/2 for a sharp or thick layer).
+    ratio is the level returned (1/2 for a sharp or thick layer). Validated on phantoms
+    up to 1.5 mm slices; beyond ``MAX_MODEL_SIGMA_MM`` (e.g. 3 mm slices, where the layer
+    is no longer resolved and the peak itself moves) the half-way level is kept.
     """
     from scipy.special import ndtr
-    if blur_sigma_mm <= 1e-6:
+    if blur_sigma_mm <= 1e-6 or blur_sigma_mm > MAX_MODEL_SIGMA_MM:
         return 0.5
     peak = 2.0 * ndtr(0.5 * cortex_mm / blur_sigma_mm) - 1.0
     surface = ndtr(cortex_mm / blur_sigma_mm) - 0.5
-    return float(np.clip(surface / peak, 0.5, 0.95))
+    return float(np.clip(surface / peak, 0.5, MAX_SURFACE_LEVEL))
 
 
 def ray_blur_sigma_mm(volume: Volume, direction) -> float:
