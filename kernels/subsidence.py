@@ -195,12 +195,16 @@ def steepest_edges(hu, origins_kji, directions_kji, s_start, s_step, n_steps, ke
                    detect_hu, n_back, n_fwd):
     """Steepest rising edge along each ray, fused with the sampling.
 
-    Where a blurred step rises fastest is its true position whatever the levels on either
-    side, which makes it the edge of choice next to metal (clipped at the top of the data
-    range and lifted by blooming, so half-way levels are off) and for a thin cortical
-    endplate (whose blurred peak is lower than its true density). Per ray: trilinear
-    profile, smoothed with ``kern`` (edges repeat the end samples), first smoothed sample
-    at or above ``detect_hu``, then the largest central difference within
+    Where a blurred step rises fastest is its position whatever the levels on either side.
+    Linear interpolation makes a profile piecewise linear between voxel planes, so the
+    profile should be smoothed over ~0.6 voxel along the ray (``kern``) or the steepest
+    point snaps to the middle of a voxel interval. Not used by ``pipeline.measure`` at
+    present: next to clipped, blooming metal the steepest point moves outward with the
+    bloom, and on a thin cortical endplate it moves towards the disc; the pipeline reads
+    both with level crossings (``rising_edges``) instead.
+
+    Per ray: trilinear profile, smoothed with ``kern`` (edges repeat the end samples), first
+    smoothed sample at or above ``detect_hu``, then the largest central difference within
     ``n_back`` samples before to ``n_fwd`` after it, refined by a parabola through the
     neighbouring differences. Returns the edge's ray parameter (mm), NaN where none.
     """
