@@ -2,7 +2,7 @@
 
 CONTRACT.md, "Cage subsidence": depth is measured along the endplate normal from the
 endplate's own surface beside the cage (its intact rim) to the cage's deepest point. Both
-surfaces are found the same way, as the *half-way crossing* of a blurred step: each ray
+surfaces are found the same way, as a *level crossing* of a blurred step: each ray
 starts on the dark side (disc space, or bone beyond a cage face) and runs towards the
 bright structure (endplate cortex, titanium, marker pin). Per ray:
 
@@ -15,7 +15,9 @@ bright structure (endplate cortex, titanium, marker pin). Per ray:
    interpolation between it and its successor, in the ray's parameter unit (mm).
 
 For a step blurred by a symmetric point-spread function the half-way crossing sits on the
-true surface, which is why it is used for both the endplate and the cage.
+true surface. Where the bright side's level is not its true one (metal clipped at the top
+of the data range and lifted by blooming; a thin cortex whose blurred peak is below its
+density) the pipeline passes another ``fraction`` (see ``pipeline.measure``).
 """
 from __future__ import annotations
 
