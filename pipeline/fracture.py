@@ -360,7 +360,11 @@ def find_fractures(volume: Volume, anatomy: Anatomy, config: Config) -> list[Fra
             if len(r[1]) >= 2 and polyline_length_mm(r[1]) >= 5.0]
     screws = [(sc.id, [np.asarray(sc.head_lps_mm), np.asarray(sc.tip_lps_mm)], sc.diameter_mm)
               for sc in anatomy.screws if sc.length_mm >= 5.0]
-    library = EdgeLibrary(np.arange(ESF_RANGE_MM[0], ESF_RANGE_MM[1] + 1e-9, 0.05))
+    # edge responses: rods read with those of all the hardware; shafts with the shafts'
+    # own when there are screws (a detected rod's line and diameter are less exact than a
+    # shaft's, and a shaft gap's width follows its edge response closely)
+    x_mm = np.arange(ESF_RANGE_MM[0], ESF_RANGE_MM[1] + 1e-9, 0.05)
+    library, shaft_library = EdgeLibrary(x_mm), EdgeLibrary(x_mm)
     for k, (_, pts, diam) in enumerate(rods + screws):
         L = polyline_length_mm(pts)
         st = np.arange(0.15 * L, 0.85 * L + 1e-9, 2.0)
@@ -368,9 +372,11 @@ def find_fractures(volume: Volume, anatomy: Anatomy, config: Config) -> list[Fra
         if k < len(rods):  # a detected rod line runs off its axis near the tulips
             st_pts = recentre_stations(volume, hu, st_pts, st_ax, 0.5 * diam)
         library.add(volume, hu, st_pts, st_ax, 0.5 * diam)
+        if k >= len(rods):
+            shaft_library.add(volume, hu, st_pts, st_ax, 0.5 * diam)
     found: list[FractureFinding] = []
-    for kind, items in (("rod", rods), ("screw", screws)):
+    for kind, items, lib in (("rod", rods, library), ("screw", screws, shaft_library)):
         for hid, pts, diam in items:
-            found += hardware_fractures(volume, hu, pts, 0.5 * diam, kind, hid, library,
+            found += hardware_fractures(volume, hu, pts, 0.5 * diam, kind, hid, lib,
                                         start_id=len(found) + 1)
     return found

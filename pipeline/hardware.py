@@ -688,13 +688,12 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         single_tulip.append(single)
         rods.append(Rod(id=f"rod-{side}", points_lps_mm=tuple(tuple(map(float, q)) for q in line),
                         diameter_mm=float(diam), side=side))
-    # a short piece's diameter is read on little free rod: when it disagrees with the
-    # construct's other rods by more than 1 mm it takes their median (rods of one construct
-    # share a diameter)
+    # a piece of a broken rod holding one tulip has little free rod to read its diameter
+    # on (0.3-0.5 mm off): it takes the median of the construct's whole rods (rods of one
+    # construct share a diameter), or of all pieces when every rod is broken
     full = [r.diameter_mm for r, one in zip(rods, single_tulip) if not one]
     ref = float(np.median(full if full else [r.diameter_mm for r in rods])) if rods else 0.0
-    rods = [Rod(id=r.id, points_lps_mm=r.points_lps_mm, diameter_mm=ref, side=r.side)
-            if one and abs(r.diameter_mm - ref) > 1.0 else r
+    rods = [Rod(id=r.id, points_lps_mm=r.points_lps_mm, diameter_mm=ref, side=r.side) if one else r
             for r, one in zip(rods, single_tulip)]
     # one id per side; several pieces on a side keep a number
     seen: dict[str, int] = {}
