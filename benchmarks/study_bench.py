@@ -323,6 +323,7 @@ def bench_screw_scaling(size, repeats: int = 3, level_counts=(1, 2, 3, 4), warmu
     out = {"points": points, "size": size.label()}
     if len(ok) >= 2:
         out["fit"] = linear_fit([p["screws_truth"] for p in ok], [p["analyze_s"] for p in ok])
+        out["exponent"] = power_fit([p["screws_truth"] for p in ok], [p["analyze_s"] for p in ok])
         meas = [p for p in ok if (p.get("steps_s") or {}).get("measure_study") is not None]
         if len(meas) >= 2:
             out["measure_fit"] = linear_fit([p["screws_truth"] for p in meas],
@@ -350,9 +351,8 @@ def bench_voxel_scaling(sizes, repeats: int = 3, warmup: bool = True, known: dic
     return out
 
 
-#: growth counts as linear when a straight line leaves no residual above this share of the mean
-LINEAR_RESIDUAL = 0.10
-#: and, against voxels, when the log-log exponent is at most this
+#: growth counts as linear (or better) when the log-log exponent of time against screws or
+#: voxels is at most this: a fixed cost plus a linear part gives an exponent below 1
 LINEAR_EXPONENT = 1.15
 
 
@@ -378,10 +378,11 @@ def scaling_rows(screws: dict | None, voxels: dict | None) -> list:
             extra = (f"; measure step alone {mf['slope'] * 1e3:.0f} ms/screw, R^2 {mf['r2']:.3f}"
                      if mf else "")
             rows.append(Row("scaling", "growth with screws (whole study)",
-                            note=(f"{f['intercept']:.2f} s + {f['slope'] * 1e3:.0f} ms/screw, "
-                                  f"R^2 {f['r2']:.3f}, largest residual {100 * f['max_rel_residual']:.1f} %"
-                                  + extra),
-                            target="linear", met=bool(f["max_rel_residual"] <= LINEAR_RESIDUAL)))
+                            note=(f"time ~ screws^{screws['exponent']:.2f}; "
+                                  f"{f['intercept']:.2f} s + {f['slope'] * 1e3:.0f} ms/screw, "
+                                  f"R^2 {f['r2']:.3f}" + extra),
+                            target=f"exponent <= {LINEAR_EXPONENT:g}",
+                            met=bool(screws["exponent"] <= LINEAR_EXPONENT)))
     if voxels is not None:
         for p in voxels["points"]:
             name = f"scaling: {p['size']} at {p['pixel_mm']:.2g} mm ({p['voxels'] / 1e6:.0f} Mvoxel)"
