@@ -834,8 +834,10 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
     tol_mm = max(1.5, 0.7 * float(volume.spacing_mm.max()))  # endplates are concave
     best = None
     for _ in range(iterations):
-        ball = rng.normal(0.0, 3.0, (300, 3))
-        inside = float(np.median(sample_lps(volume, centre + ball)))
+        ball = sample_lps(volume, centre + rng.normal(0.0, 3.0, (300, 3)))
+        # a screw crossing the body's middle (a medial breach) is not its inside level
+        bone = ball[ball < ENDPLATE_MAX_HU]
+        inside = float(np.median(bone if bone.size >= 60 else ball))
         hs = tuple(f * half_h for f in (-0.8, -0.55, 0.55, 0.8))
         semi_lr, semi_ap, shift = body_outline(volume, centre, si, lr, ap, inside, hs)
         centre = centre + shift
