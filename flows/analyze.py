@@ -152,12 +152,19 @@ def detect_task(ref: VolumeRef, config: Config) -> Anatomy:
     return detect_step(ref, config)
 
 
+@task(name="metal-tail", cache_policy=_cached(measure_key), **CACHED)
+def metal_tail_task(ref: VolumeRef, anatomy: Anatomy, config: Config):
+    from pipeline.measure import study_metal_tail
+
+    return study_metal_tail(ref.open(), anatomy, config)
+
+
 @task(name="measure-screw", task_run_name="measure-screw-{screw.id}",
       cache_policy=_cached(measure_key), **CACHED)
-def measure_screw_task(ref: VolumeRef, screw, config: Config):
+def measure_screw_task(ref: VolumeRef, screw, config: Config, tail=None):
     from pipeline.measure import measure_screw
 
-    return measure_screw(ref.open(), screw, config)
+    return measure_screw(ref.open(), screw, config, tail=tail)
 
 
 @task(name="measure-cage", task_run_name="measure-cage-{cage.id}",
@@ -219,7 +226,9 @@ def _load_detect_measure(input_path: str, config: Config, progress, label: str =
         anatomy = detect_task(ref, config)
     with progress.step(f"{label}measure", f"{len(anatomy.screws)} screws, {len(anatomy.cages)} cages, "
                                           f"{len(anatomy.levels)} levels"):
-        screws = measure_screw_task.map(unmapped(ref), anatomy.screws, unmapped(config))
+        # the blooming tail is the study's, estimated once from every screw's halo-free rays
+        tail = metal_tail_task(ref, anatomy, config)
+        screws = measure_screw_task.map(unmapped(ref), anatomy.screws, unmapped(config), unmapped(tail))
         cages = measure_cage_task.map(unmapped(ref), anatomy.cages, unmapped(anatomy), unmapped(config))
         levels = measure_level_task.map(unmapped(ref), anatomy.levels, unmapped(anatomy), unmapped(config))
         screws, ev_s = _unzip(screws.result())

@@ -915,6 +915,25 @@ def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
 
 
 # =============================================================================== study
+def _study_screw_profiles(volume: Volume, anatomy: Anatomy, config: Config, hu: np.ndarray):
+    """Rays and sampled profiles of every measurable screw of the study."""
+    valid = [s for s in anatomy.screws if s.diameter_mm > 0 and s.length_mm > 0]
+    rays_list = [screw_rays(volume, s, config) for s in valid]
+    return rays_list, [screw_profiles(volume, r, hu) for r in rays_list]
+
+
+def study_metal_tail(volume: Volume, anatomy: Anatomy, config: Config) -> MetalTail | None:
+    """The study's metal tail, estimated once from every screw's halo-free rays.
+
+    For callers that measure screws one at a time (the flow's mapped tasks): pass it as
+    ``measure_screw(..., tail=)`` to get exactly what ``measure_study`` gives. A tail from a
+    single screw is poorer (fewer halo-free rays), so a whole halo can be under-read.
+    None when the study has no measurable screw.
+    """
+    rays_list, profiles = _study_screw_profiles(volume, anatomy, config, _hu(volume))
+    return estimate_metal_tail(volume, rays_list, profiles, config) if rays_list else None
+
+
 def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
     """Every screw, cage and level of a study.
 
@@ -929,10 +948,8 @@ def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
     hu = _hu(volume)
     evidence: dict = {}
     screws_out = []
-    valid = [s for s in anatomy.screws if s.diameter_mm > 0 and s.length_mm > 0]
-    if valid:
-        rays_list = [screw_rays(volume, s, config) for s in valid]
-        profiles = [screw_profiles(volume, r, hu) for r in rays_list]
+    rays_list, profiles = _study_screw_profiles(volume, anatomy, config, hu)
+    if rays_list:
         tail = estimate_metal_tail(volume, rays_list, profiles, config)
         for rays, prof in zip(rays_list, profiles):
             bone = _screw_bone_level(rays, prof, tail, config)
@@ -953,4 +970,4 @@ def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
 
 
 __all__ = ["MetalTail", "estimate_metal_tail", "fit_endplate_rim", "measure_cage", "measure_level",
-           "measure_screw", "measure_study", "screw_profiles", "screw_rays"]
+           "measure_screw", "measure_study", "screw_profiles", "screw_rays", "study_metal_tail"]
