@@ -811,7 +811,7 @@ def _lateral_bone_below_top(volume: Volume, fit: dict, bone_threshold_hu: float)
 
 def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
              metal_threshold_hu: float = 2200.0, iterations: int = 3,
-             superior_only: bool = False) -> dict | None:
+             superior_only: bool = False, ignore_metal: bool = False) -> dict | None:
     """Refine one body from a rough centre and axis.
 
     Each round: the outline in the mid plane (centres the body in LR and AP), then both
@@ -824,7 +824,9 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
     ``half_height`` and ``inside_hu``; None when no outline is found. With
     ``superior_only`` (the top of the sacrum: nothing below S1's superior endplate is an
     endplate) the axis follows the superior endplate's normal and the centre sits a typical
-    half height below it.
+    half height below it. With ``ignore_metal`` the body's inside level is read without
+    the metal around its centre (a screw crossing the middle of the body, e.g. a medial
+    breach; used when the plain fit finds no outline).
     """
     centre = np.asarray(centre0, float)
     si, lr, ap = _orthonormal_frame(axis0)
@@ -835,9 +837,8 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
     best = None
     for _ in range(iterations):
         ball = sample_lps(volume, centre + rng.normal(0.0, 3.0, (300, 3)))
-        # a screw crossing the body's middle (a medial breach) is not its inside level
         bone = ball[ball < ENDPLATE_MAX_HU]
-        inside = float(np.median(bone if bone.size >= 60 else ball))
+        inside = float(np.median(bone if ignore_metal and bone.size >= 60 else ball))
         hs = tuple(f * half_h for f in (-0.8, -0.55, 0.55, 0.8))
         semi_lr, semi_ap, shift = body_outline(volume, centre, si, lr, ap, inside, hs)
         centre = centre + shift
@@ -1001,6 +1002,9 @@ def find_vertebrae(volume: Volume, config: Config):
     for i_r, r in enumerate(rough):
         f = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
                      config.metal_threshold_hu)
+        if f is None:  # perhaps a screw across the body's middle lit its inside level
+            f = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
+                         config.metal_threshold_hu, ignore_metal=True)
         if i_r == len(rough) - 1 and discs and r["station"] > discs[-1]:
             # below the last disc: perhaps the sacrum; its fit must not look for an inferior
             # endplate (there is none) nor let one tilt its axis. The column curve bends
