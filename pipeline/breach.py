@@ -53,7 +53,9 @@ PEDICLE_RADIUS_RANGE_MM = (2.5, 14.0)
 MIN_INLIERS = 20
 MIN_ARC_DEG = 100.0             # inliers must cover at least this arc of the outline
 PEDICLE_FRACTION_NO_VERTEBRA = 0.45
-BODY_MARGIN_MM = 1.0            # stop this far before the shaft enters the body outline
+BODY_MARGIN_MM = 2.5            # stop this far before the shaft enters the body outline
+                                # (the pedicle widens into the body over ~1.5 mm; a detected
+                                # outline is within ~1 mm of the true one)
 
 
 def _unit(v) -> np.ndarray:
@@ -312,10 +314,14 @@ def measure_breach(volume: Volume, screw: ScrewGeometry, vertebra: Vertebra | No
         return 0.0, "A", None
     vals = np.array([b for _, b, _ in rows])
     if len(vals) >= 3:
-        med = np.array([np.median(vals[max(0, i - 1):i + 2]) for i in range(len(vals))])
+        # full 3-station windows only: at the segment's ends a 2-station window is a mean,
+        # and one odd end station (the pedicle widening into the body) would grade the screw
+        med = np.array([np.median(vals[i - 1:i + 2]) for i in range(1, len(vals) - 1)])
+        k = 1 + int(np.argmax(med))
+        med = np.concatenate([[-np.inf], med, [-np.inf]])
     else:
         med = vals
-    k = int(np.argmax(med))
+        k = int(np.argmax(med))
     breach = float(max(0.0, med[k]))
     grade = gertzbein_robbins_grade(breach)
     if grade == "A":
