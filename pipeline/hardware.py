@@ -296,7 +296,11 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
 
     Metal is looked for only inside each vertebra's body and pedicles (between the
     endplates, away from the disc spaces where cages sit), so metal elsewhere is never a
-    screw. Sides follow the vertebra's LR axis: left is patient left (+x in LPS).
+    screw. Each connected piece of that metal is traced as one shaft (a breaching screw
+    lies partly outside the pedicle and a medially breaching one crosses the midline, so
+    pieces are not split by side); its side is that of its head along the vertebra's LR
+    axis (left is patient left, +x in LPS); a gap across a fractured shaft is crossed
+    (:func:`_bridge_gaps`) so the screw keeps its true tip.
 
     Parameters
     ----------
