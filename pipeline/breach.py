@@ -34,6 +34,7 @@ import numpy as np
 
 from kernels.sampling import sample_points
 from pipeline.config import Config
+from pipeline.fracture import _perp_frame, _unit  # one shaft frame for both integrity checks
 from pipeline.results import ScrewGeometry, Vertebra, gertzbein_robbins_grade
 from pipeline.volume import Volume
 
@@ -56,19 +57,6 @@ PEDICLE_FRACTION_NO_VERTEBRA = 0.45
 BODY_MARGIN_MM = 2.5            # stop this far before the shaft enters the body outline
                                 # (the pedicle widens into the body over ~1.5 mm; a detected
                                 # outline is within ~1 mm of the true one)
-
-
-def _unit(v) -> np.ndarray:
-    v = np.asarray(v, float)
-    return v / np.linalg.norm(v)
-
-
-def _perp_frame(axis) -> tuple[np.ndarray, np.ndarray]:
-    """Two unit vectors perpendicular to ``axis``: the first towards LPS superior (+z)."""
-    ax = _unit(axis)
-    ref = np.array([0.0, 0.0, 1.0]) if abs(ax[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
-    e1 = _unit(ref - (ref @ ax) * ax)
-    return e1, np.cross(ax, e1)
 
 
 def pedicle_segment_mm(screw: ScrewGeometry, vertebra: Vertebra | None) -> tuple[float, float]:
