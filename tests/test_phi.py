@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from _net import listening_addresses  # noqa: E402  (tests/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,26 +200,6 @@ def test_no_identifier_in_the_flow_cache(analyzed):
         assert not leaks_bytes(p.read_bytes()), f"{p.relative_to(cache)}: {leaks_bytes(p.read_bytes())}"
 
 
-def _listening_addresses(port: int) -> set[str]:
-    """Local addresses with a TCP socket in LISTEN state on ``port`` (from /proc/net/tcp{,6})."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            addr, p = local.split(":")
-            if int(p, 16) == port and state == "0A":
-                if len(addr) == 8:
-                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
-                else:
-                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
-                    found.add(socket.inet_ntop(socket.AF_INET6, raw))
-    return found
-
-
 def test_review_page_listens_on_loopback_only_and_shows_no_identifier(analyzed):
     if not Path("/proc/net/tcp").exists():
         pytest.skip("no /proc/net/tcp to read listening sockets from")
@@ -228,10 +209,10 @@ def test_review_page_listens_on_loopback_only_and_shows_no_identifier(analyzed):
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while not _listening_addresses(port) and time.monotonic() < deadline:
+        while not listening_addresses(port) and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
             time.sleep(0.2)
-        assert _listening_addresses(port) == {"127.0.0.1"}
+        assert listening_addresses(port) == {"127.0.0.1"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
             page = r.read().decode("utf-8", "replace")
         assert "<html" in page.lower()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _net import listening_addresses  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.slow
 
@@ -43,26 +44,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def listening(port: int) -> set[str]:
-    """IPv4/IPv6 local addresses listening on ``port`` (from /proc/net/tcp{,6})."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            local, state = row.split()[1], row.split()[3]
-            addr, p = local.split(":")
-            if int(p, 16) == port and state == "0A":
-                if len(addr) == 8:
-                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
-                else:
-                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
-                    found.add(socket.inet_ntop(socket.AF_INET6, raw))
-    return found
 
 
 def five_specs():
@@ -117,7 +98,7 @@ def test_five_studies_sent_at_once_are_all_analyzed_and_none_mixed_up(studies, p
             time.sleep(0.2)
         assert "serving" in log_path.read_text(), log_path.read_text()[-3000:]
         if Path("/proc/net/tcp").exists():
-            assert listening(port) == {"127.0.0.1"}, listening(port)
+            assert listening_addresses(port) == {"127.0.0.1"}, listening_addresses(port)
 
         # five storescu processes at once, one study each
         t_send = time.monotonic()
