@@ -393,32 +393,7 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
             merged.append([p, sc, sc])
     pos = [int(round(m[0])) for m in merged]
     scores = [m[1] for m in merged]
-    return drop_weak_end_discs(select_periodic(pos, scores, MIN_DISC_SPACING_MM / spacing_mm),
-                               dict(zip(pos, scores)))
-
-
-END_DISC_MIN_SCORE_FRACTION = 0.3
-
-
-def drop_weak_end_discs(selected: list[int], score_of: dict) -> list[int]:
-    """Drop a first or last disc whose evidence is far weaker than the column's discs.
-
-    Inside the column a dip within a body competes with the real discs on either side and
-    loses (:func:`select_periodic`); at the ends of the column nothing competes with it, and a
-    streak-darkened slab through the end vertebra's screws, flanked by its own endplate,
-    would split that vertebra in two (seen at 0.5 mm: a 0.48 dip among discs scoring
-    1.65-4.64). Such an end candidate below ``END_DISC_MIN_SCORE_FRACTION`` of the median
-    score is not a disc.
-    """
-    if len(selected) < 3:
-        return selected
-    floor = END_DISC_MIN_SCORE_FRACTION * float(np.median([score_of[p] for p in selected]))
-    out = list(selected)
-    while len(out) >= 3 and score_of[out[0]] < floor:
-        out.pop(0)
-    while len(out) >= 3 and score_of[out[-1]] < floor:
-        out.pop()
-    return out
+    return select_periodic(pos, scores, MIN_DISC_SPACING_MM / spacing_mm)
 
 
 def select_periodic(positions, scores, min_gap) -> list[int]:
