@@ -193,14 +193,6 @@ def build_workload(name: str, volume, truth, scale: float = 1.0):
         args = (hu, s, e, n_samples, 5, 200.0)
         n = len(s) * n_samples
         return args, f"{len(s)} columns x {n_samples}", _trilinear_bytes(n, 0.0, len(s) * 9 + s.nbytes + e.nbytes)
-    if name == "steepest_edges":
-        from kernels.subsidence import gaussian_kernel
-
-        o, d = endplate_rays(volume, truth, grid)
-        n_steps = 120
-        args = (hu, o, d, 0.0, 0.1, n_steps, gaussian_kernel(2.0), 600.0, 15, 5)
-        n = len(o) * n_steps
-        return args, f"{len(o)} rays x {n_steps}", _trilinear_bytes(n, 0.0, len(o) * 8 + o.nbytes + d.nbytes)
     if name == "blurred_box_integral":
         rng = np.random.default_rng(0)
         n = max(int(2000 * min(scale, 1.0)), 20)
@@ -313,7 +305,7 @@ def _replay(fn, calls):
 
 def _samples_in(name: str, args) -> int:
     """Trilinear samples one recorded call takes (for the bandwidth figure), 0 if none."""
-    if name in ("sample_rays", "rising_edges", "steepest_edges"):
+    if name in ("sample_rays", "rising_edges"):
         return int(args[1].shape[0]) * int(args[5])
     if name == "sample_points":
         return int(np.asarray(args[1]).shape[0])

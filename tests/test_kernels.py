@@ -133,11 +133,6 @@ from kernels.halo import (  # noqa: E402
     halo_widths,
     halo_widths_reference,
 )
-from kernels.subsidence import (  # noqa: E402
-    gaussian_kernel,
-    steepest_edges,
-    steepest_edges_reference,
-)
 
 D_START, STEP = -0.5, 0.1
 D = D_START + STEP * np.arange(70)
@@ -216,27 +211,6 @@ def test_halo_kernel_matches_reference_on_random_and_synthetic_profiles():
         np.testing.assert_array_equal(got[1], ref[1])
         for a, b in zip(got, ref):
             np.testing.assert_allclose(a, b, atol=1e-5, equal_nan=True)
-
-
-def test_steepest_edge_matches_reference_and_finds_a_blurred_step():
-    hu = _blurred_slab_volume(18.35, sigma_vox=0.9, low=200.0, high=2800.0)
-    o = np.array([[10.0, 3.3, 4.1], [9.0, 2.0, 5.0]])
-    d = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    kern = gaussian_kernel(7.0)  # 0.7 voxel: smooths away the kinks of linear interpolation
-    args = (hu, o, d, 0.0, 0.1, 150, kern, 2200.0, 15, 5)
-    got = steepest_edges(*args)
-    np.testing.assert_allclose(got, steepest_edges_reference(*args), atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(got, 18.35 - o[:, 0], atol=0.05)
-    vol = _random_volume((20, 20, 20))
-    rng = np.random.default_rng(3)
-    o2 = rng.random((200, 3)) * 19
-    d2 = rng.normal(size=(200, 3))
-    args2 = (vol, o2, d2, 0.0, 0.11, 90, gaussian_kernel(1.0), 300.0, 12, 4)
-    a, b = steepest_edges(*args2), steepest_edges_reference(*args2)
-    # on white noise two central differences can tie to 1e-12, the size of the difference
-    # between the two interpolations; such a near-tie may resolve either way
-    same = np.isclose(a, b, atol=1e-6, equal_nan=True)
-    assert same.mean() >= 0.99 and np.isnan(a).sum() == np.isnan(b).sum()
 
 
 def test_fused_screw_halo_kernel_matches_reference_on_a_synthetic_screw():
