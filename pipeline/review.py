@@ -238,41 +238,37 @@ def corrected_result(doc: dict, decisions: list[dict]):
     crit = _criteria_of(doc)
     by_key = {(d["kind"], d["id"]): d for d in decisions}
     rejected = False
-    screws, cages, levels = [], [], []
-    for s in result.screws:
-        d = by_key.get(("screw", s.id))
-        if d and d["decision"] == "rejected":
-            rejected = True
-            continue
-        if d and d["decision"] == "corrected":
-            v = d["corrected_value"]
-            cls = d["corrected_class"] or derive_class("screw", v, d["original_class"], crit)
-            s = replace(s, halo_max_mm=v, halo_mean_mm=min(s.halo_mean_mm, v), loosening=(cls == "true"))
-        screws.append(s)
-    for c in result.cages:
-        d = by_key.get(("cage", c.id))
-        if d and d["decision"] == "rejected":
-            rejected = True
-            continue
-        if d and d["decision"] == "corrected":
-            v = d["corrected_value"]
-            cls = d["corrected_class"] or derive_class("cage", v, d["original_class"], crit)
-            if c.subsidence_superior_mm >= c.subsidence_inferior_mm:
-                c = replace(c, subsidence_superior_mm=v, subsidence_inferior_mm=min(c.subsidence_inferior_mm, v))
-            else:
-                c = replace(c, subsidence_inferior_mm=v, subsidence_superior_mm=min(c.subsidence_superior_mm, v))
-            c = replace(c, subsidence_grade=cls)
-        cages.append(c)
-    for lv in result.levels:
-        d = by_key.get(("level", lv.level))
-        if d and d["decision"] == "rejected":
-            rejected = True
-            continue
-        if d and d["decision"] == "corrected":
-            v = d["corrected_value"]
-            cls = d["corrected_class"] or derive_class("level", v, d["original_class"], crit)
-            lv = replace(lv, bridging_fraction=v, fusion=cls)
-        levels.append(lv)
+
+    def decided(kind: str, items, key, correct):
+        """Items kept after ``kind`` decisions: rejected dropped, corrected rebuilt."""
+        nonlocal rejected
+        kept = []
+        for item in items:
+            d = by_key.get((kind, key(item)))
+            if d and d["decision"] == "rejected":
+                rejected = True
+                continue
+            if d and d["decision"] == "corrected":
+                v = d["corrected_value"]
+                cls = d["corrected_class"] or derive_class(kind, v, d["original_class"], crit)
+                item = correct(item, v, cls)
+            kept.append(item)
+        return kept
+
+    def correct_screw(s, v, cls):
+        return replace(s, halo_max_mm=v, halo_mean_mm=min(s.halo_mean_mm, v), loosening=(cls == "true"))
+
+    def correct_cage(c, v, cls):
+        if c.subsidence_superior_mm >= c.subsidence_inferior_mm:
+            c = replace(c, subsidence_superior_mm=v, subsidence_inferior_mm=min(c.subsidence_inferior_mm, v))
+        else:
+            c = replace(c, subsidence_inferior_mm=v, subsidence_superior_mm=min(c.subsidence_superior_mm, v))
+        return replace(c, subsidence_grade=cls)
+
+    screws = decided("screw", result.screws, lambda s: s.id, correct_screw)
+    cages = decided("cage", result.cages, lambda c: c.id, correct_cage)
+    levels = decided("level", result.levels, lambda lv: lv.level,
+                     lambda lv, v, cls: replace(lv, bridging_fraction=v, fusion=cls))
     return replace(result, screws=tuple(screws), cages=tuple(cages), levels=tuple(levels),
                    status="confirmed"), rejected
 
