@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _proc import intake_finished, stop, wait_until  # noqa: E402  (tests/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -43,15 +44,6 @@ def pg_bin() -> Path | None:
             return Path(cand)
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
-
-
-def wait_until(predicate, timeout_s: float, step_s: float = 0.25) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +122,7 @@ def prefect_server(postgres, tmp_path_factory):
         client_env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
         yield {"api_url": api_url, "env": client_env, "home": home}
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop(proc, 30, group=True)
         log.close()
 
 
@@ -185,12 +172,7 @@ def served(prefect_server, small_study, tmp_path_factory):
         assert proc.poll() is None, log_path.read_text()[-3000:]
         yield {"env": env, "log": log_path}
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop(proc, 30, group=True)
 
 
 def flow_runs(dsn: str) -> list[tuple]:
@@ -249,13 +231,7 @@ def test_fusionct_serve_hands_a_received_study_to_the_served_deployment(served, 
         assert sent.returncode == 0, sent.stderr[-2000:]
         status_path = out / ".intake" / uid / "status.json"
 
-        def finished():
-            try:
-                return json.loads(status_path.read_text())["state"] in ("done", "failed")
-            except (OSError, ValueError, KeyError):
-                return False
-
-        assert wait_until(finished, 600, 0.5), log_path.read_text()[-3000:]
+        assert wait_until(lambda: intake_finished(status_path), 600, 0.5), log_path.read_text()[-3000:]
         status = json.loads(status_path.read_text())
         assert status["state"] == "done", status
         assert (out / uid / "measurements.json").exists()
@@ -263,9 +239,4 @@ def test_fusionct_serve_hands_a_received_study_to_the_served_deployment(served, 
         assert [(state, dep) for state, dep, _, _ in runs] == [("COMPLETED", "analyze")]
         assert runs[0][3]["outdir"] == str(out / uid)
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop(proc, 60, group=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from _net import listening_addresses  # noqa: E402  (tests/ is on sys.path under pytest)
+from _proc import stop  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -147,9 +148,4 @@ def test_five_studies_sent_at_once_are_all_analyzed_and_none_mixed_up(studies, p
         print(f"\nload test: 5 studies ({sum(len(f) for _, _, f in studies)} instances) sent in {sent_s:.1f} s by "
               f"5 concurrent storescu; all analyzed {all_done_s:.1f} s after sending started")
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        stop(serve, 120)

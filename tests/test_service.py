@@ -22,6 +22,7 @@ from hypothesis import given, settings, strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from _proc import intake_finished, stop, wait_until  # noqa: E402
 from flows.service import CompletionTracker, IntakeService, StudyStore, safe_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,12 +103,7 @@ class Recorder:
 
 
 def wait_for(predicate, timeout_s: float, step_s: float = 0.05) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return predicate()
+    return wait_until(predicate, timeout_s, step_s)
 
 
 # ----------------------------------------------------------------------------- names
@@ -351,10 +347,7 @@ def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(
         status_path = out / ".intake" / study_uid / "status.json"
 
         def finished():
-            try:
-                return json.loads(status_path.read_text())["state"] in ("done", "failed")
-            except (OSError, ValueError, KeyError):
-                return False
+            return intake_finished(status_path)
 
         assert wait_for(finished, 300, 0.5), log_path.read_text()[-3000:]
         result = out / study_uid / "measurements.json"
@@ -379,9 +372,4 @@ def test_storescu_sends_a_study_to_fusionct_serve_and_measurements_json_appears(
         print(f"re-sent, served from cache: {second['seconds_from_last_instance']:.1f} s "
               f"(analysis {second['seconds_analysis']:.1f} s)")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 60)
