@@ -51,53 +51,44 @@ def test_original_axial_beats_thinner_derived_reformat(tmp_path):
     assert "'MPR': reformat/derived" in reason
 
 
-def test_axial_beats_sagittal_original(tmp_path):
-    series(tmp_path, "ax", n=5, thickness=1.0, kernel="B60f", description="Axial")
-    series(tmp_path, "sag", n=6, thickness=0.5, kernel="B60f", description="Sagittal",
-           row_dir=(0, 1, 0), col_dir=(0, 0, -1))
+# (series written: sub-folder, slices, thickness mm, other write_ct_series arguments) ->
+# the description of the series chosen and what the reason must say of the other one
+PAIRS = {
+    "axial beats a sagittal original": (
+        [("ax", 5, 1.0, dict(kernel="B60f", description="Axial")),
+         ("sag", 6, 0.5, dict(kernel="B60f", description="Sagittal", row_dir=(0, 1, 0), col_dir=(0, 0, -1)))],
+        "Axial", "'Sagittal': not axial"),
+    "bone kernel beats a slightly thinner soft kernel": (
+        [("soft", 5, 0.75, dict(kernel="B30f", description="Soft 0.75")),
+         ("bone", 5, 1.0, dict(kernel="Br64", description="Bone 1.0"))],
+        "Bone 1.0", "soft kernel (B30f)"),
+    "thin soft series beats a thick bone series": (
+        [("soft", 5, 1.0, dict(kernel="STANDARD", description="Std 1.0")),
+         ("bone", 5, 3.0, dict(kernel="BONE", description="Bone 3.0"))],
+        "Std 1.0", "'Bone 3.0': thicker slices (3 mm)"),
+    "thinnest wins without recognised kernels": (
+        [("x", 5, 1.0, dict(kernel="XYZ", description="One")),
+         ("y", 5, 0.8, dict(kernel="XYZ", description="Two"))],
+        "Two", "thinnest slices"),
+    "more slices break a tie": (
+        [("short", 3, 1.0, dict(kernel="B70f", description="Short")),
+         ("long", 6, 1.0, dict(kernel="B70f", description="Long"))],
+        "Long", "'Short': fewer images (3)"),
+    "a non-CT series is passed over": (
+        [("pet", 5, 0.5, dict(modality="PT", description="PET")),
+         ("ct", 5, 2.0, dict(kernel="B30f", description="CT 2.0"))],
+        "CT 2.0", "'PET': PT, not CT"),
+}
+
+
+@pytest.mark.parametrize("case", list(PAIRS))
+def test_series_choice_between_two(tmp_path, case):
+    written, winner, said = PAIRS[case]
+    for sub, n, thickness, kw in written:
+        series(tmp_path, sub, n=n, thickness=thickness, **kw)
     chosen, reason = pick(tmp_path)
-    assert chosen.description == "Axial"
-    assert "'Sagittal': not axial" in reason
-
-
-def test_bone_kernel_beats_slightly_thinner_soft_kernel(tmp_path):
-    series(tmp_path, "soft", n=5, thickness=0.75, kernel="B30f", description="Soft 0.75")
-    series(tmp_path, "bone", n=5, thickness=1.0, kernel="Br64", description="Bone 1.0")
-    chosen, reason = pick(tmp_path)
-    assert chosen.description == "Bone 1.0"
-    assert "soft kernel (B30f)" in reason
-
-
-def test_thin_soft_series_beats_thick_bone_series(tmp_path):
-    series(tmp_path, "soft", n=5, thickness=1.0, kernel="STANDARD", description="Std 1.0")
-    series(tmp_path, "bone", n=5, thickness=3.0, kernel="BONE", description="Bone 3.0")
-    chosen, reason = pick(tmp_path)
-    assert chosen.description == "Std 1.0"
-    assert "'Bone 3.0': thicker slices (3 mm)" in reason
-
-
-def test_thinnest_wins_without_recognised_kernels(tmp_path):
-    series(tmp_path, "x", n=5, thickness=1.0, kernel="XYZ", description="One")
-    series(tmp_path, "y", n=5, thickness=0.8, kernel="XYZ", description="Two")
-    chosen, reason = pick(tmp_path)
-    assert chosen.description == "Two"
-    assert "thinnest slices" in reason
-
-
-def test_more_slices_break_a_tie(tmp_path):
-    series(tmp_path, "short", n=3, thickness=1.0, kernel="B70f", description="Short")
-    series(tmp_path, "long", n=6, thickness=1.0, kernel="B70f", description="Long")
-    chosen, reason = pick(tmp_path)
-    assert chosen.description == "Long"
-    assert "'Short': fewer images (3)" in reason
-
-
-def test_non_ct_series_is_passed_over(tmp_path):
-    series(tmp_path, "pet", n=5, thickness=0.5, modality="PT", description="PET")
-    series(tmp_path, "ct", n=5, thickness=2.0, kernel="B30f", description="CT 2.0")
-    chosen, reason = pick(tmp_path)
-    assert chosen.description == "CT 2.0"
-    assert "'PET': PT, not CT" in reason
+    assert chosen.description == winner
+    assert said in reason
 
 
 def test_non_dicom_files_are_skipped_and_counted(tmp_path):
