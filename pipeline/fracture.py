@@ -136,32 +136,46 @@ def recentre_stations(volume: Volume, hu: np.ndarray, stations_lps: np.ndarray, 
     ``ESF_AZIMUTHS`` rays across the axis; the first Fourier term of edge radius against
     azimuth is the station's offset from the true centre. A rod's centre line found as
     the mean of its metal is pulled towards the tulips; edge responses read from it would
-    start inside or outside the true surface."""
+    start inside or outside the true surface. (All stations are sampled in one call per
+    iteration: per-call overhead, not arithmetic, dominated when they were read one by one.)"""
     ang = 2 * np.pi * np.arange(ESF_AZIMUTHS) / ESF_AZIMUTHS
     rho = np.arange(0.0, radius_mm + 4.0 + 1e-9, 0.05)
     out = np.array(stations_lps, float).copy()
-    for k, ax in enumerate(axes):
-        e1, e2 = _perp_frame(ax)
-        dirs = np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2
-        for _ in range(iterations):
-            prof = _sample(volume, hu, out[k][None, None, :] + rho[None, :, None] * dirs[:, None, :])
-            edges = []
-            for p in prof:
-                top = float(p[: max(3, int(0.5 * radius_mm / 0.05))].max())
-                level = 0.5 * (top + float(np.median(p[-20:])))
-                below = np.nonzero(p < level)[0]
-                edges.append(rho[below[0]] if below.size else np.nan)
-            edges = np.array(edges)
-            ok = np.isfinite(edges)
+    n = len(out)
+    if n == 0:
+        return out
+    frames = [_perp_frame(ax) for ax in axes]
+    e1 = np.array([f[0] for f in frames]).reshape(n, 3)
+    e2 = np.array([f[1] for f in frames]).reshape(n, 3)
+    dirs = (np.cos(ang)[None, :, None] * e1[:, None, :]
+            + np.sin(ang)[None, :, None] * e2[:, None, :])            # (n, az, 3)
+    n_top = max(3, int(0.5 * radius_mm / 0.05))
+    active = np.ones(n, bool)
+    for _ in range(iterations):
+        idx = np.nonzero(active)[0]
+        if idx.size == 0:
+            break
+        pts = out[idx, None, None, :] + rho[None, None, :, None] * dirs[idx, :, None, :]
+        prof = _sample(volume, hu, pts)                                # (m, az, rho)
+        top = prof[:, :, :n_top].max(axis=2)
+        level = 0.5 * (top + np.median(prof[:, :, -20:], axis=2))
+        below = prof < level[:, :, None]
+        has = below.any(axis=2)
+        edges = np.where(has, rho[np.argmax(below, axis=2)], np.nan)  # (m, az)
+        for q, k in enumerate(idx):
+            e = edges[q]
+            ok = np.isfinite(e)
             if ok.sum() < ESF_AZIMUTHS - 2:
-                break
+                active[k] = False
+                continue
             # rays that run into a tulip or a neighbour read long: drop the longest quarter
-            ok &= edges <= np.nanpercentile(edges, 75) + 0.5
-            a = 2.0 * np.mean((edges * np.cos(ang))[ok])
-            b = 2.0 * np.mean((edges * np.sin(ang))[ok])
-            shift = a * e1 + b * e2
+            ok &= e <= np.nanpercentile(e, 75) + 0.5
+            a = 2.0 * np.mean((e * np.cos(ang))[ok])
+            b = 2.0 * np.mean((e * np.sin(ang))[ok])
+            shift = a * e1[k] + b * e2[k]
             if np.linalg.norm(shift) > 0.5 * radius_mm:
-                break
+                active[k] = False
+                continue
             out[k] = out[k] + shift
     return out
 
@@ -187,14 +201,20 @@ class EdgeLibrary:
         ang = 2 * np.pi * np.arange(ESF_AZIMUTHS) / ESF_AZIMUTHS
         rho = np.arange(ESF_RANGE_MM[0], BACKGROUND_MM[1] + 1e-9, STEP_MM)
         far = (rho >= BACKGROUND_MM[0]) & (rho <= BACKGROUND_MM[1])
-        for c, ax in zip(stations_lps, axes):
+        if len(stations_lps) == 0:
+            return
+        dirs = []
+        for ax in axes:
             e1, e2 = _perp_frame(ax)
-            dirs = np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2
-            pts = c[None, None, :] + (radius_mm + rho)[None, :, None] * dirs[:, None, :]
-            prof = _sample(volume, hu, pts)                       # (az, rho)
-            self._keys.append(grid_key(volume, dirs))
-            self._curves.append(np.array([np.interp(self.x_mm, rho, p) for p in prof]))
-            self._bg.append(np.median(prof[:, far], axis=1))
+            dirs.append(np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2)
+        dirs = np.array(dirs)                                          # (n, az, 3)
+        pts = (np.asarray(stations_lps, float)[:, None, None, :]
+               + (radius_mm + rho)[None, None, :, None] * dirs[:, :, None, :])
+        prof = _sample(volume, hu, pts)                                # (n, az, rho)
+        for d, pr in zip(dirs, prof):
+            self._keys.append(grid_key(volume, d))
+            self._curves.append(np.array([np.interp(self.x_mm, rho, p) for p in pr]))
+            self._bg.append(np.median(pr[:, far], axis=1))
 
     @property
     def background_hu(self) -> float:
