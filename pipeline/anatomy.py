@@ -49,6 +49,12 @@ CORE_RADIUS_MM = 8.0           # in-plane half-thickness a vertebral body always
 MAX_HOLE_MM2 = 120.0           # holes filled in the mask (not the spinal canal, ~300 mm2)
 BODY_HEIGHT_RANGE_MM = (18.0, 45.0)  # a fitted body outside this is a failed fit
 MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
+CAGE_MIN_WIDTH_MM = 9.0        # interbody cages are wider (phantom 11, PLIF/TLIF 9-12 mm);
+                               # screw shafts, blooming included, are narrower (4.5-8.5 mm)
+MIN_END_BODY_MM = 12.0         # a disc has a body beyond it: where the column ends inside the
+                               # scan, no disc centre lies closer to that end (the shortest
+                               # body, 18 mm, plus half a disc; a slab darkened by streaks
+                               # inside the end vertebra does)
 MIN_DISC_MM = 3.0              # the thinnest disc space the endplates across it leave
 MAX_WEDGE_DEG = 20.0           # a disc's endplates are this close to parallel (lordotic wedge)
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
@@ -267,8 +273,9 @@ def column_profile(volume: Volume, curve: np.ndarray, metal_threshold_hu: float,
     ``high_hu`` (its 75th percentile away from metal: the cortical endplates stand out),
     ``non_trabecular`` (the fraction of samples far from the body level ``body_hu``: disc,
     PEEK cage, bridging bone and endplates, not the body's inside),
-    ``central_metal_fraction`` (metal in the central +-6 mm: a cage, not the screws, which
-    run beside it), ``valid`` (the whole cross-section is inside the volume) and the local
+    ``central_metal_fraction`` (cage-wide metal in the central +-6 mm, see
+    :func:`central_cage_metal_fraction`: a cage, not a screw, even one breached across the
+    midline), ``valid`` (the whole cross-section is inside the volume) and the local
     frames.
     """
     t, lr, ap = frames_along(curve)
@@ -298,12 +305,32 @@ def column_profile(volume: Volume, curve: np.ndarray, metal_threshold_hu: float,
     cpts5 = cross_section_points(curve, lr, ap, half_lr_mm=5.0, half_ap_mm=5.0, step_mm=1.0)
     c5 = sample_lps(volume, cpts5, cval_hu=-1000.0)
     other_c = np.mean(np.abs(c5 - body_hu) > band, axis=1)
-    cpts = cross_section_points(curve, lr, ap, half_lr_mm=6.0, half_ap_mm=6.0, step_mm=1.5)
-    cvals = sample_lps(volume, cpts, cval_hu=-1000.0)
-    metal = (cvals > metal_threshold_hu).mean(axis=1)
+    metal = central_cage_metal_fraction(volume, curve, lr, ap, metal_threshold_hu)
     return dict(low_hu=low, high_hu=high, non_trabecular=other, central_non_trabecular=other_c,
                 body_hu=body_hu,
                 central_metal_fraction=metal, valid=valid, tangent=t, lr=lr, ap=ap)
+
+
+def central_cage_metal_fraction(volume: Volume, curve: np.ndarray, lr: np.ndarray, ap: np.ndarray,
+                                metal_threshold_hu: float, half_mm: float = 6.0,
+                                min_width_mm: float = CAGE_MIN_WIDTH_MM, step_mm: float = 1.0) -> np.ndarray:
+    """Fraction of the central +-``half_mm`` of each cross-section covered by cage-wide metal.
+
+    Metal counts only where a disk ``min_width_mm`` across fits inside the metal of the
+    cross-section (a binary opening): an interbody cage is wider than that, a screw shaft
+    (4.5-8.5 mm, blooming included) is not, so a screw whose tip crosses the midline (a
+    medial breach, a convergent trajectory) never reads as a titanium cage filling a disc.
+    """
+    r_px = int(np.floor(0.5 * min_width_mm / step_mm))
+    half = half_mm + r_px * step_mm + 2.0 * step_mm
+    pts = cross_section_points(curve, lr, ap, half_lr_mm=half, half_ap_mm=half, step_mm=step_mm)
+    n_side = len(np.arange(-half, half + 1e-6, step_mm))
+    metal = (sample_lps(volume, pts, cval_hu=-1000.0) > metal_threshold_hu).reshape(len(curve), n_side, n_side)
+    yy, xx = np.mgrid[-r_px:r_px + 1, -r_px:r_px + 1]
+    disk = (xx**2 + yy**2) * step_mm**2 <= (0.5 * min_width_mm) ** 2
+    wide = ndimage.binary_opening(metal, structure=disk[None])
+    c = np.abs(np.arange(-half, half + 1e-6, step_mm)) <= half_mm + 1e-6
+    return wide[:, c][:, :, c].reshape(len(curve), -1).mean(axis=1)
 
 
 def _normalised_peaks(signal, valid, prominence, wlen):
@@ -331,7 +358,10 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
 
     A dark metal streak through a body makes a dip but has no endplate pair beside it;
     :func:`select_periodic` then keeps the best-scoring set of candidates at least
-    ``MIN_DISC_SPACING_MM`` apart.
+    ``MIN_DISC_SPACING_MM`` apart. Inside the column a false candidate competes with the
+    real discs on either side and loses; at an end of the column nothing competes with it,
+    so a candidate with less than ``MIN_END_BODY_MM`` of bone beyond it before the column
+    ends inside the scan (:func:`column_ends`) is not a disc: there is no body beyond it.
     """
     valid = prof["valid"]
     sig = 1.0 / spacing_mm
@@ -393,7 +423,32 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
             merged.append([p, sc, sc])
     pos = [int(round(m[0])) for m in merged]
     scores = [m[1] for m in merged]
-    return select_periodic(pos, scores, MIN_DISC_SPACING_MM / spacing_mm)
+    lo_end, hi_end = column_ends(low, valid, body, disc)
+    keep = [k for k, p in enumerate(pos)
+            if (p - lo_end) * spacing_mm >= MIN_END_BODY_MM and (hi_end - p) * spacing_mm >= MIN_END_BODY_MM]
+    if len(keep) < len(pos):
+        _log.debug("disc candidates with no body beyond them dropped: %s",
+                   [pos[k] for k in range(len(pos)) if k not in keep])
+    return select_periodic([pos[k] for k in keep], [scores[k] for k in keep], MIN_DISC_SPACING_MM / spacing_mm)
+
+
+def column_ends(low_hu: np.ndarray, valid: np.ndarray, body_hu: float, disc_hu: float,
+                edge_margin: int = 3) -> tuple[float, float]:
+    """Stations where the bony column ends inside the volume (first, last), else +-inf.
+
+    Bone is where the low-quantile profile is above half-way from disc to body level. When
+    soft tissue follows it for more than ``edge_margin`` valid stations before the volume
+    ends, the column itself ends there (no vertebra beyond it in the scan); when bone
+    reaches the edge of the volume (a vertebra cut by the scan), the end is open (+-inf).
+    """
+    bone = valid & (low_hu >= 0.5 * (body_hu + disc_hu))
+    idx = np.flatnonzero(bone)
+    vidx = np.flatnonzero(valid)
+    if idx.size == 0:
+        return -np.inf, np.inf
+    first = float(idx[0]) if idx[0] - vidx[0] > edge_margin else -np.inf
+    last = float(idx[-1]) if vidx[-1] - idx[-1] > edge_margin else np.inf
+    return first, last
 
 
 def select_periodic(positions, scores, min_gap) -> list[int]:
