@@ -53,6 +53,18 @@ ESF_NEAREST = 48              # rays nearest in grid crossing that make one edge
 BACKGROUND_MM = (4.0, 6.0)    # surrounding tissue this far outside the surface
 MAX_GAP_MM = 15.0
 ROD_JOIN_MM = 12.0            # same-side rod pieces this close end to end are one rod
+SECTION_THRESHOLD_HU = 2000.0  # cross-section channel: metal above this (far above cortex)
+SECTION_MARGIN_MM = 2.5       # ... read this far beyond the radius
+SECTION_PITCH_MM = 0.25       # ... on a grid of this pitch
+SECTION_STEP_MM = 0.2         # ... every this far along the shaft
+SECTION_SPAN_MM = 3.0         # ... a dip comes back up on both sides within this span
+SECTION_DIP_REL = 0.105       # ... and is at least this fraction of the plateau deep
+SECTION_NOISE_K = 6.0         # ... and this many robust SDs of the top-hat
+JUNCTION_MM = 3.5             # ... within this of a screw's head (tulip bloom decaying)
+JUNCTION_DIP_REL = 0.16       # ... at least this deep
+TIP_REACH_MM = 3.0            # the tip's end response read this far either side of its face
+NEAREST = True
+MERGE_MM = 2.0                # a section dip this close to a centre-line dip is the same gap
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -306,19 +318,166 @@ def fit_gap(s_mm: np.ndarray, profile_hu: np.ndarray, s0_mm: float, esf_x_mm: np
     return float(ws[k - 1] + f * (ws[k] - ws[k - 1]))
 
 
+# ------------------------------------------------------------------- cross-section channel
+def section_offsets_mm(radius_mm: float, margin_mm: float = SECTION_MARGIN_MM,
+                       pitch_mm: float = SECTION_PITCH_MM) -> np.ndarray:
+    """In-plane offsets (n, 2) in mm of a square grid of ``pitch_mm`` filling a disc of
+    radius ``radius_mm + margin_mm``: the cross-section read at each station."""
+    R = radius_mm + margin_mm
+    g = np.arange(-R, R + 1e-9, pitch_mm)
+    u, v = np.meshgrid(g, g, indexing="ij")
+    keep = u ** 2 + v ** 2 <= R ** 2
+    return np.column_stack([u[keep], v[keep]])
+
+
+def section_samples(volume: Volume, hu: np.ndarray, points_lps_mm, s_mm: np.ndarray,
+                    offsets_mm: np.ndarray, nearest: bool = False) -> np.ndarray:
+    """HU (n_stations, n_offsets) on the planes perpendicular to the polyline at arc lengths
+    ``s_mm``, at the in-plane ``offsets_mm`` of :func:`section_offsets_mm`."""
+    c, tan = polyline_points(points_lps_mm, s_mm)
+    ref = np.where(np.abs(tan[:, 2:3]) < 0.9, [[0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0]])
+    e1 = np.cross(tan, ref)
+    e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+    e2 = np.cross(tan, e1)
+    pts = (c[:, None, :] + offsets_mm[None, :, 0:1] * e1[:, None, :]
+           + offsets_mm[None, :, 1:2] * e2[:, None, :])
+    if nearest:
+        kji = np.rint(volume.lps_to_kji(pts.reshape(-1, 3)))
+        return sample_points(hu, np.ascontiguousarray(kji)).reshape(pts.shape[:-1])
+    return _sample(volume, hu, pts)
+
+
+def section_metal_hu_mm2(samples_hu: np.ndarray, threshold_hu: float = SECTION_THRESHOLD_HU,
+                         pitch_mm: float = SECTION_PITCH_MM) -> np.ndarray:
+    """Per station, the cross-section integral of the HU above ``threshold_hu`` (HU mm^2).
+
+    Why: at a gap narrower than the blur the centre of a titanium shaft stays clipped at
+    3071 HU, but the metal that is missing still lowers the blurred metal's *skirt*: the
+    part of the cross-section above a high threshold narrows, so its integral dips even
+    where the centre line stays on the plateau. A threshold far above bone (cortex about
+    1000 HU) keeps bone, halo and the bone's own texture out of it."""
+    return np.clip(samples_hu - threshold_hu, 0.0, None).sum(axis=-1) * pitch_mm ** 2
+
+
+def section_dips(section: np.ndarray, s_mm: np.ndarray, length_mm: float,
+                 span_mm: float = SECTION_SPAN_MM, min_rel: float = SECTION_DIP_REL,
+                 noise_k: float = SECTION_NOISE_K, junction_mm: float = JUNCTION_MM,
+                 junction_rel: float = JUNCTION_DIP_REL) -> list[tuple[float, float]]:
+    """Dips of the cross-section integral: ``(centre s_mm, depth as a fraction of the
+    plateau)``.
+
+    The depth at each station is the black top-hat (grey closing over ``span_mm`` minus the
+    profile): a dip must come back up on both sides within ``span_mm`` (an end falls and
+    never returns; a tulip or a rod through it only adds metal). It must reach ``min_rel`` of
+    the plateau (the median over the hardware's length) and ``noise_k`` robust SDs of the
+    top-hat along the hardware, and lie inside the hardware. Within ``junction_mm`` of the
+    start (a screw's head) the tulip's blooming decays along the shaft and leaves a shallow
+    valley where the shaft enters bone: there a dip must reach ``junction_rel``."""
+    from scipy import ndimage
+
+    step = float(s_mm[1] - s_mm[0])
+    n = max(3, int(round(span_mm / step)) | 1)
+    inside = (s_mm >= 0.0) & (s_mm <= length_mm)
+    plateau = float(np.median(section[inside])) if inside.any() else 0.0
+    if plateau <= 0.0:
+        return []
+    rel = (ndimage.grey_closing(section, size=n, mode="nearest") - section) / plateau
+    core = inside & (s_mm > junction_mm) & (s_mm < length_mm - 1.0)
+    noise = 1.4826 * float(np.median(np.abs(rel[core] - np.median(rel[core])))) if core.any() else 0.0
+    thr = np.where(s_mm > junction_mm, min_rel, junction_rel)
+    thr = np.maximum(thr, noise_k * noise)
+    low = (rel > thr) & (s_mm > 0.0) & (s_mm < length_mm)
+    out = []
+    i = 0
+    while i < len(low):
+        if not low[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(low) and low[j]:
+            j += 1
+        w = rel[i:j]
+        out.append((float(np.sum(s_mm[i:j] * w) / np.sum(w)), float(w.max())))
+        i = j
+    return out
+
+
+def _rows_at(V: np.ndarray, x0_mm: float, dx_mm: float, d_mm: np.ndarray) -> np.ndarray:
+    """Rows of ``V`` (sampled at ``x0 + k dx``) linearly interpolated at ``d_mm``, clamped."""
+    f = np.clip((np.asarray(d_mm, float) - x0_mm) / dx_mm, 0.0, V.shape[0] - 1.0)
+    k0 = np.minimum(np.floor(f).astype(int), V.shape[0] - 2)
+    t = (f - k0)[..., None]
+    return V[k0] * (1.0 - t) + V[k0 + 1] * t
+
+
+def fit_section_gap(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm: float,
+                    s0_mm: float, max_width_mm: float = 3.0) -> float:
+    """Width (mm) of a gap seen only in the cross-section integral, from the shaft's own tip.
+
+    Blurring and blooming are linear, so a gap of width ``w`` at ``s0`` is the sum of two
+    ends facing each other: ``HU = min(cap, V(d1) + V(d2) - B)`` per cross-section pixel,
+    where ``V(x)`` is the cross-section at distance ``x`` beyond the shaft's tip (its one
+    clean flat end, read on the same shaft, so the same grid crossing; held beyond
+    ``TIP_REACH_MM``, where the blooming is spent), ``B`` the tissue just beyond the tip,
+    ``d1 = s - s0 + w/2``, ``d2 = s0 + w/2 - s``, and ``cap`` the scanner's clip (the tip's
+    own maximum). The width is the one whose modelled signed deficit of
+    :func:`section_metal_hu_mm2` (area below the plateau as a fraction of it, over a window
+    of ``max_width_mm / 2 + 1.5`` mm either side) equals the observed one, the observed
+    plateau being a straight line through the window's flanks.
+
+    Limits (measured on the phantoms): the tip face is taken where the hardware's tip says
+    (a tip placed 0.2 mm long reads the gap 0.4 mm wide); and because voxels are clipped
+    *before* they are interpolated, the sum of two interpolated clipped ends is not exactly
+    the interpolated clipped gap: at 0.8 x 0.8 x 1.5 mm this reads 0.8-1.2 mm gaps 0.4-0.5
+    mm wide (0.0-0.2 mm at 0.5 x 0.5 x 1.0 mm and finer; exact on unclipped data)."""
+    P = [np.asarray(p, float) for p in points_lps_mm]
+    L = polyline_length_mm(P)
+    offs = section_offsets_mm(radius_mm)
+    dx = STEP_MM
+    x = np.arange(-TIP_REACH_MM, TIP_REACH_MM + 1e-9, dx)
+    V = section_samples(volume, hu, P, L + x, offs, nearest=NEAREST)                     # (n_x, n_pix)
+    B = V[x >= TIP_REACH_MM - 0.5].mean(axis=0)   # just beyond the tip (not the far cortex)
+    half = 0.5 * max_width_mm + 1.5
+    s = s0_mm + np.arange(-half - 1.0, half + 1.0 + 1e-9, dx)
+    obs = section_metal_hu_mm2(section_samples(volume, hu, P, s, offs, nearest=NEAREST))
+    # the observed plateau: a straight line through the flanks just outside the window
+    # (the integral drifts along a shaft with the grid crossing and the bone around it)
+    win = np.abs(s - s0_mm) <= half
+    left, right = s < s0_mm - half, s > s0_mm + half
+    base = np.interp(s, [float(np.mean(s[left])), float(np.mean(s[right]))],
+                     [float(np.median(obs[left])), float(np.median(obs[right]))])
+    if np.any(base[win] <= 0.0):
+        return 0.0
+    deficit_obs = float(np.sum(1.0 - obs[win] / base[win]) * dx)
+    cap = float(V.max())
+    plateau_mod = float(section_metal_hu_mm2(np.minimum(cap, V[0] + V[-1] - B)))
+    sw = s[win]
+    ws = np.arange(-1.5, max_width_mm + 1e-9, 0.02)
+    deficit_mod = np.empty(len(ws))
+    for k, w in enumerate(ws):
+        m = np.minimum(cap, _rows_at(V, x[0], dx, sw - s0_mm + 0.5 * w)
+                       + _rows_at(V, x[0], dx, s0_mm + 0.5 * w - sw) - B)
+        deficit_mod[k] = np.sum(1.0 - section_metal_hu_mm2(m) / plateau_mod) * dx
+    deficit_mod = np.maximum.accumulate(deficit_mod)   # signed deficit: monotone in w
+    return max(0.0, float(np.interp(deficit_obs, deficit_mod, ws)))
+
+
 # ---------------------------------------------------------------------------- per piece
 def hardware_fractures(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm: float,
                        kind: str, hardware_id: str, library: EdgeLibrary,
-                       start_id: int = 1) -> list[FractureFinding]:
+                       start_id: int = 1, section: bool = False) -> list[FractureFinding]:
     """Gaps along one rod polyline or screw shaft (points in order, LPS mm), measured with
-    the study's edge responses ``library``."""
+    the study's edge responses ``library``. With ``section`` (screw shafts), dips of the
+    cross-section integral (:func:`section_dips`) are gaps too where the centre line shows
+    none: a gap narrower than the blur leaves the centre clipped; it is then sized from the
+    shaft's own tip (:func:`fit_section_gap`)."""
     length = polyline_length_mm(points_lps_mm)
     s = np.arange(-END_PAD_MM, length + END_PAD_MM + 1e-9, STEP_MM)
     prof = centreline_profile(volume, hu, points_lps_mm, radius_mm, s)
     C, noise = plateau_level(prof)
     thr = max(DIP_MIN_HU, DIP_NOISE_K * noise)
     dips = find_dips(prof, C, thr, STEP_MM)
-    out = []
+    out, at_s = [], []
     for i, j in dips:
         w_idx = max(int(round(3.0 / STEP_MM)), (j - i))
         lo, hi = max(0, i - w_idx), min(len(s), j + w_idx)
@@ -330,6 +489,19 @@ def hardware_fractures(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm:
         pos, _ = polyline_points(points_lps_mm, np.array([s_guess]))
         out.append(FractureFinding(id=f"fracture-{start_id + len(out)}", kind=kind,
                                    hardware_id=hardware_id, position_lps_mm=pos[0], gap_mm=w))
+        at_s.append(s_guess)
+    if section:
+        s2 = np.arange(-END_PAD_MM, length + END_PAD_MM + 1e-9, SECTION_STEP_MM)
+        sec = section_metal_hu_mm2(section_samples(volume, hu, points_lps_mm, s2,
+                                                   section_offsets_mm(radius_mm)))
+        for s0, _depth in section_dips(sec, s2, length):
+            if any(abs(s0 - a) <= MERGE_MM for a in at_s):
+                continue
+            w = fit_section_gap(volume, hu, points_lps_mm, radius_mm, s0)
+            pos, _ = polyline_points(points_lps_mm, np.array([s0]))
+            out.append(FractureFinding(id=f"fracture-{start_id + len(out)}", kind=kind,
+                                       hardware_id=hardware_id, position_lps_mm=pos[0], gap_mm=w))
+            at_s.append(s0)
     return out
 
 
@@ -398,5 +570,5 @@ def find_fractures(volume: Volume, anatomy: Anatomy, config: Config) -> list[Fra
     for kind, items, lib in (("rod", rods, library), ("screw", screws, shaft_library)):
         for hid, pts, diam in items:
             found += hardware_fractures(volume, hu, pts, 0.5 * diam, kind, hid, lib,
-                                        start_id=len(found) + 1)
+                                        start_id=len(found) + 1, section=kind == "screw")
     return found

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config
-from pipeline.fracture import find_fractures, find_dips, plateau_level
+from pipeline.fracture import (centreline_profile, find_dips, find_fractures, plateau_level,
+                                polyline_length_mm, section_dips, section_metal_hu_mm2,
+                                section_offsets_mm, section_samples)
 from sample_data.phantom import PhantomSpec, make_phantom, truth_anatomy
 
 SPACINGS = {"fine": (0.35, 0.35, 0.6), "standard": (0.5, 0.5, 1.0), "coarse": (0.8, 0.8, 1.5)}
@@ -26,7 +28,8 @@ FRACTURE_SETS = {
           {"L4-left": (0.5, 1.5), "L5-right": (0.6, 1.2)}),
     "b": ({"rod-left": (0.6, 3.0), "rod-right": (0.55, 1.2)},
           {"L4-right": (0.45, 2.0), "L5-left": (0.35, 2.5)}),
-    # shaft gaps below a voxel: clipping at 3071 HU hides them at standard/coarse spacing
+    # shaft gaps below a voxel: clipping at 3071 HU keeps the centre line on the plateau at
+    # standard/coarse spacing; only the cross-section integral shows them
     "thin": ({}, {"L4-right": (0.45, 0.8), "L5-right": (0.6, 1.0)}),
 }
 LOCATION_TOL_MM = 2.0
@@ -55,11 +58,12 @@ def _planted(truth):
     return out
 
 
-def _check_found(spacing, which):
+def _check_found(spacing, which, kinds=("rod", "screw")):
     vol, truth = _phantom(spacing, which)
-    found = find_fractures(vol, truth_anatomy(truth), Config())
+    found = [f for f in find_fractures(vol, truth_anatomy(truth), Config()) if f.kind in kinds]
     planted = _planted(truth)
     assert len(planted) == sum(len(x) for x in FRACTURE_SETS[which])
+    planted = [p for p in planted if p[0] in kinds]
     # every planted fracture found once, on the right hardware, located and sized
     for kind, hid, centre, gap in planted:
         hits = [f for f in found if f.hardware_id == hid]
@@ -72,15 +76,22 @@ def _check_found(spacing, which):
     assert len(found) == len(planted), found
 
 
-_MISSED = pytest.mark.xfail(strict=True, reason="the 1.2 mm L5-right shaft gap at "
-                            "coarse spacing stays on the clipped plateau: missed (see report)")
+_ROD_SHORT = pytest.mark.xfail(strict=True, reason="rod-right's 2.0 mm gap at coarse spacing "
+                               "is found and located but its centre-line width reads 1.3 mm "
+                               "(tolerance 0.6); the set's shaft gaps pass (test below)")
 
 
 @pytest.mark.parametrize("spacing,which", [("standard", "a"), ("standard", "b"),
-                                           pytest.param("coarse", "a", marks=_MISSED),
+                                           pytest.param("coarse", "a", marks=_ROD_SHORT),
                                            ("coarse", "b")])
 def test_planted_rod_and_shaft_fractures_found_located_and_sized(spacing, which):
     _check_found(spacing, which)
+
+
+def test_coarse_set_a_shaft_gaps_found_located_and_sized():
+    """The 1.2 mm L5-right shaft gap stays on the clipped centre-line plateau at 0.8 x 0.8 x
+    1.5 mm; the cross-section channel finds and sizes it (and L4-left's 1.5 mm)."""
+    _check_found("coarse", "a", kinds=("screw",))
 
 
 @pytest.mark.slow
@@ -94,17 +105,53 @@ def test_sub_millimetre_shaft_gaps_found_at_fine_spacing():
     _check_found("fine", "thin")
 
 
-@pytest.mark.xfail(strict=True, reason="a 0.8-1.0 mm shaft gap stays above the clipped "
-                   "plateau at 0.8 x 0.8 x 1.5 mm (blooming fills it): not detectable yet")
-def test_sub_millimetre_shaft_gaps_at_coarse_spacing():
-    _check_found("coarse", "thin")
+@pytest.mark.parametrize("spacing", ["standard", "coarse"])
+def test_sub_millimetre_shaft_gaps_found_at_standard_and_coarse_spacing(spacing):
+    """0.8 and 1.0 mm shaft gaps: the centre line stays clipped, the cross-section shows them."""
+    _check_found(spacing, "thin")
 
 
-@pytest.mark.parametrize("spacing,seed", [("standard", 5), ("standard", 11), ("coarse", 5),
-                                          ("coarse", 17), ("coarse", 23)])
+def test_clipped_shaft_gap_shows_in_the_cross_section_not_on_the_centre_line():
+    """The mechanism: at 0.8 x 0.8 x 1.5 mm the 1.0 mm gap's centre line never leaves the
+    clipped plateau, but the cross-section integral above 2000 HU dips there."""
+    vol, truth = _phantom("coarse", "thin")
+    hu = np.ascontiguousarray(vol.hu, dtype=np.float32)
+    sc = next(s for s in truth["screws"] if s["id"] == "L5-right")
+    pts = [np.asarray(sc["head_lps_mm"]), np.asarray(sc["tip_lps_mm"])]
+    L = polyline_length_mm(pts)
+    s_gap = sc["fracture"]["position"] * L
+    s = np.arange(-4.0, L + 4.0, 0.1)
+    prof = centreline_profile(vol, hu, pts, 0.5 * sc["diameter_mm"], s)
+    assert prof[np.abs(s - s_gap) < 0.5].min() >= 3071.0 - 12.0   # centre line: clipped
+    s2 = np.arange(-4.0, L + 4.0, 0.2)
+    sec = section_metal_hu_mm2(section_samples(vol, hu, pts, s2,
+                                               section_offsets_mm(0.5 * sc["diameter_mm"])))
+    dips = section_dips(sec, s2, L)
+    assert len(dips) == 1 and abs(dips[0][0] - s_gap) < 1.0, (dips, s_gap)
+
+
+def test_section_dip_needs_a_return_on_both_sides():
+    """An end (the integral falls to nothing), a tulip (adds metal) and a slow drift are not
+    gaps; a sharp dip of a tenth of the plateau is."""
+    step = 0.2
+    s = np.arange(-4.0, 44.0, step)
+    L = 40.0
+    base = np.where(s < 0, 90000.0, 36000.0) * (1.0 + 0.03 * np.sin(2 * np.pi * s / 15.0))
+    base = np.where(s > L, 36000.0 * np.clip(1.0 - (s - L) / 0.8, 0.0, 1.0), base)
+    assert section_dips(base, s, L) == []
+    dipped = base * (1.0 - 0.15 * np.exp(-0.5 * ((s - 20.0) / 0.5) ** 2))
+    dips = section_dips(dipped, s, L)
+    assert len(dips) == 1 and abs(dips[0][0] - 20.0) < 0.3
+
+
+NO_FALSE_SEEDS = (5, 11, 17, 23, 29, 31, 37, 41)
+
+
+@pytest.mark.parametrize("spacing,seed", [(sp, sd) for sp in ("standard", "coarse")
+                                          for sd in NO_FALSE_SEEDS])
 def test_no_false_fracture_on_intact_hardware(spacing, seed):
     """Rod ends, tulips, the rod through its tulips, screw tips and tulip/shaft junctions
-    must not read as gaps."""
+    must not read as gaps (8 seeds per spacing)."""
     vol, truth = _phantom(spacing, None, seed)
     assert find_fractures(vol, truth_anatomy(truth), Config()) == []
 
