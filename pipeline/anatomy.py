@@ -84,9 +84,43 @@ def lps_bounds(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     return c.min(0), c.max(0)
 
 
+def block_mean(volume: Volume, max_block_mm: float) -> Volume:
+    """The volume averaged over blocks of whole voxels at most ``max_block_mm`` on a side.
+
+    Each output voxel is the mean of ``f_i x f_j x f_k`` input voxels (trailing voxels that
+    do not fill a block are dropped); its centre is the block's centre, so the geometry stays
+    exact. A cheap first step before smoothing for a coarse search grid.
+    """
+    f = np.maximum(np.floor(max_block_mm / volume.spacing_mm + 1e-6), 1).astype(int)  # i, j, k
+    fi, fj, fk = (int(x) for x in f)
+    if fi == fj == fk == 1:
+        return volume
+    nk, nj, ni = volume.hu.shape
+    mk, mj, mi = max(nk // fk, 1), max(nj // fj, 1), max(ni // fi, 1)
+    fk, fj, fi = min(fk, nk), min(fj, nj), min(fi, ni)
+    hu = volume.hu[: mk * fk, : mj * fj, : mi * fi]
+    out = np.zeros((mk, mj, mi), np.float32)
+    for a in range(fk):  # sum the block's planes one at a time (no large temporaries)
+        plane = hu[a::fk]
+        acc = np.zeros((mk, mj * fj, mi), np.float32)
+        for c in range(fi):
+            acc += plane[:, :, c::fi]
+        for b in range(fj):
+            out += acc[:, b::fj]
+    out /= float(fi * fj * fk)
+    origin = volume.ijk_to_lps(np.array([(fi - 1) / 2.0, (fj - 1) / 2.0, (fk - 1) / 2.0]))
+    return Volume(out, origin, volume.spacing_mm * np.array([fi, fj, fk]), volume.direction)
+
+
 def resample_to_lps_grid(volume: Volume, step_mm: float = ANATOMY_STEP_MM,
                          sigma_mm: float = COLUMN_SIGMA_MM) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-smoothed HU on an LPS-aligned grid.
+
+    The CT is first averaged over blocks of voxels no larger than half the grid step
+    (:func:`block_mean`; a box of width ``b`` already blurs with variance ``b^2 / 12``, so
+    the Gaussian's sigma is reduced to keep the total blur ``sigma_mm``): at 0.5 mm the
+    smoothing then runs on 8 times fewer voxels. (Larger blocks move the column's
+    centreline enough to change body fits at the ends of the column.)
 
     Returns
     -------
@@ -94,17 +128,23 @@ def resample_to_lps_grid(volume: Volume, step_mm: float = ANATOMY_STEP_MM,
         ``origin_lps_mm + step_mm * (a, b, c)`` (x left, y posterior, z superior).
     origin_lps_mm : ndarray (3,)
     """
-    sig_vox = [max(sigma_mm / s, 0.0) for s in volume.spacing_mm[::-1]]
-    smooth = ndimage.gaussian_filter(volume.hu.astype(np.float32, copy=False), sig_vox, mode="nearest")
+    coarse = block_mean(volume, 0.5 * step_mm)
+    box_var = (coarse.spacing_mm**2 - volume.spacing_mm**2) / 12.0  # i, j, k
+    sig_mm = np.sqrt(np.maximum(sigma_mm**2 - box_var, 0.0))
+    sig_vox = [max(s / sp, 0.0) for s, sp in zip(sig_mm[::-1], coarse.spacing_mm[::-1])]
+    smooth = ndimage.gaussian_filter(coarse.hu.astype(np.float32, copy=False), sig_vox, mode="nearest")
     lo, hi = lps_bounds(volume)
     n = np.floor((hi - lo) / step_mm).astype(int) + 1
     axes = [lo[a] + step_mm * np.arange(n[a]) for a in range(3)]
     out = np.empty((n[2], n[1], n[0]), np.float32)
     xx, yy = np.meshgrid(axes[0], axes[1], indexing="xy")  # (ny, nx)
+    # the grid lies inside the original volume; beyond the last whole block the nearest
+    # block stands in
+    mode = "constant" if coarse is volume else "nearest"
     for c, z in enumerate(axes[2]):
         pts = np.stack([xx, yy, np.full_like(xx, z)], -1)
-        kji = volume.lps_to_kji(pts.reshape(-1, 3))
-        out[c] = ndimage.map_coordinates(smooth, kji.T, order=1, mode="constant",
+        kji = coarse.lps_to_kji(pts.reshape(-1, 3))
+        out[c] = ndimage.map_coordinates(smooth, kji.T, order=1, mode=mode,
                                          cval=-1000.0, prefilter=False).reshape(xx.shape)
     return out, lo
 

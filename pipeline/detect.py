@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pipeline.anatomy import find_vertebrae
 from pipeline.config import Config
-from pipeline.hardware import find_cages, find_rods, find_screws, unexplained_metal_mm3
+from pipeline.hardware import MetalVoxels, find_cages, find_rods, find_screws, unexplained_metal_mm3
 from pipeline.results import Anatomy
 from pipeline.volume import Volume
 
@@ -35,10 +35,11 @@ def detect(volume: Volume, config: Config) -> Anatomy:
     """
     vertebrae, levels, by_position, notes = find_vertebrae(volume, config)
     notes = list(notes)
-    screws = find_screws(volume, config, vertebrae)
-    cages = find_cages(volume, config, vertebrae, levels, screws)
-    rods = find_rods(volume, config, vertebrae, screws)
-    other = unexplained_metal_mm3(volume, config, screws, cages, rods)
+    metal = MetalVoxels(volume, config.metal_threshold_hu)  # found once, shared by the searches
+    screws = find_screws(volume, config, vertebrae, metal=metal)
+    cages = find_cages(volume, config, vertebrae, levels, screws, metal=metal)
+    rods = find_rods(volume, config, vertebrae, screws, metal=metal)
+    other = unexplained_metal_mm3(volume, config, screws, cages, rods, metal=metal)
     if other > OTHER_METAL_NOTE_MM3:
         notes.append(f"metal outside the identified screws, cages and rods ({other / 1000.0:.1f} cm3: "
                      "e.g. a joint prosthesis, or hardware in a vertebra not analysed) was not analysed")

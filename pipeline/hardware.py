@@ -50,6 +50,52 @@ def metal_points(volume: Volume, threshold_hu: float) -> np.ndarray:
     return volume.kji_to_lps(kji.astype(float))
 
 
+class MetalVoxels:
+    """The voxels above a metal threshold, found once and shared by the hardware searches.
+
+    ``kji`` (N, 3) int indices, ``lps`` (N, 3) positions (mm) and, built on first use, a
+    k-d tree over ``lps`` to pick the voxels near a line without scanning all of them.
+    """
+
+    def __init__(self, volume: Volume, threshold_hu: float):
+        self.threshold_hu = float(threshold_hu)
+        self.kji = np.argwhere(volume.hu > threshold_hu)
+        self.lps = volume.kji_to_lps(self.kji.astype(float)) if len(self.kji) else np.zeros((0, 3))
+        self._tree = None
+
+    def __len__(self) -> int:
+        return len(self.kji)
+
+    @property
+    def tree(self):
+        if self._tree is None:
+            from scipy.spatial import cKDTree
+
+            self._tree = cKDTree(self.lps)
+        return self._tree
+
+    def near_segment(self, a, b, radius_mm: float) -> np.ndarray:
+        """Indices of the voxels within ``radius_mm`` of the segment ``a``-``b`` (candidates
+        from balls along it; the exact distance test is the caller's)."""
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        if len(self.kji) == 0:
+            return np.zeros(0, int)
+        L = float(np.linalg.norm(b - a))
+        n = max(int(np.ceil(L / max(radius_mm, 0.5))), 1)
+        samples = a + np.linspace(0.0, 1.0, n + 1)[:, None] * (b - a)
+        reach = float(np.hypot(radius_mm, 0.5 * L / n)) + 1e-6
+        hits = self.tree.query_ball_point(samples, r=reach)
+        if not any(len(h) for h in hits):
+            return np.zeros(0, int)
+        return np.unique(np.concatenate([np.asarray(h, int) for h in hits]))
+
+
+def _metal(volume: Volume, config: Config, metal: MetalVoxels | None) -> MetalVoxels:
+    if metal is None or metal.threshold_hu != float(config.metal_threshold_hu):
+        return MetalVoxels(volume, config.metal_threshold_hu)
+    return metal
+
+
 def _perp_basis(axis) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(axis, float)
     a = a / np.linalg.norm(a)
@@ -90,6 +136,33 @@ def metal_edge_mm(profile_hu: np.ndarray, x_mm: np.ndarray, surround_hu: float,
     return float(x_mm[j - 1] + (a - level) / (a - b) * (x_mm[j] - x_mm[j - 1]))
 
 
+def metal_edges_mm(profiles_hu: np.ndarray, x_mm: np.ndarray, surround_hu, saturated) -> np.ndarray:
+    """:func:`metal_edge_mm` for many profiles at once (rows of ``profiles_hu``, one
+    ``surround_hu`` and ``saturated`` per row); NaN where it would return None."""
+    P = np.asarray(profiles_hu, float)
+    P = P.reshape(-1, P.shape[-1])
+    m, n = P.shape
+    out = np.full(m, np.nan)
+    if n < 3 or m == 0:
+        return out
+    x = np.asarray(x_mm, float)
+    sur = np.broadcast_to(np.asarray(surround_hu, float), (m,))
+    sat = np.broadcast_to(np.asarray(saturated, bool), (m,))
+    head = P[:, : max(3, n // 4)]
+    plateau = head.max(axis=1)
+    frac = np.where(sat, SATURATED_EDGE_LEVEL, LINEAR_EDGE_LEVEL)
+    level = sur + frac * (plateau - sur)
+    i_pk = np.argmax(head, axis=1)
+    below = (P < level[:, None]) & (np.arange(n)[None, :] >= i_pk[:, None])
+    ok = (plateau > sur + 200.0) & below.any(axis=1) & np.isfinite(sur)
+    j = np.argmax(below, axis=1)
+    rows = np.nonzero(ok)[0]
+    j = j[rows]
+    a, b = P[rows, j - 1], P[rows, j]
+    out[rows] = x[j - 1] + (a - level[rows]) / (a - b) * (x[j] - x[j - 1])
+    return out
+
+
 def radial_profiles(volume: Volume, centres, axis, radii_mm, n_azimuth: int = 24) -> np.ndarray:
     """HU on rays perpendicular to ``axis`` from each centre: shape (stations, azimuths, radii)."""
     e1, e2 = _perp_basis(axis)
@@ -127,20 +200,17 @@ def true_radius_mm(volume: Volume, centres, axis, data_max_hu: float, max_radius
     r = np.arange(0.0, max_radius_mm, step_mm)
     pts = (np.asarray(centres)[:, None, None, :]
            + r[None, None, :, None] * dirs[fine][None, :, None, :])
-    prof = sample_lps(volume, pts).reshape(-1, r.size)
-    out = []
-    for p in prof:
-        plateau = float(p[: int(0.5 / step_mm)].max())
-        sat = is_saturated(plateau, data_max_hu)
-        rough = metal_edge_mm(p, r, float(np.median(p[-int(1.0 / step_mm):])), saturated=False)
-        if rough is None:
-            continue
-        ring = p[(r >= rough + 1.5) & (r <= rough + 3.0)]
-        if ring.size == 0:
-            continue
-        e = metal_edge_mm(p, r, float(np.median(ring)), sat)
-        if e is not None:
-            out.append(e)
+    prof = sample_lps(volume, pts).reshape(-1, r.size).astype(float)
+    # all profiles at once (metal_edges_mm): the same reading as metal_edge_mm per profile
+    sat = is_saturated(prof[:, : int(0.5 / step_mm)].max(axis=1), data_max_hu)
+    rough = metal_edges_mm(prof, r, np.median(prof[:, -int(1.0 / step_mm):], axis=1), False)
+    ring = (r[None, :] >= rough[:, None] + 1.5) & (r[None, :] <= rough[:, None] + 3.0)
+    has_ring = ring.any(axis=1)
+    ring_hu = np.full(len(prof), np.nan)
+    for k in np.nonzero(has_ring)[0]:
+        ring_hu[k] = np.median(prof[k, ring[k]])
+    e = metal_edges_mm(prof, r, ring_hu, sat)
+    out = e[np.isfinite(e)]
     return float(np.median(out)) if len(out) >= max(3, prof.shape[0] // 4) else None
 
 
@@ -197,12 +267,13 @@ def _bridge_gaps(area: np.ndarray, shaft_area: float, max_gap_mm: int = MAX_SHAF
 
 
 def trace_shaft(volume: Volume, metal_lps: np.ndarray, seed_points: np.ndarray, anterior,
-                data_max_hu: float) -> dict | None:
+                data_max_hu: float, metal: MetalVoxels | None = None) -> dict | None:
     """Follow one screw shaft from the metal seen inside its vertebra.
 
     Returns head, tip (LPS mm), axis (head to tip), radius (mm) or None. See the module
     docstring for the definitions; ``anterior`` is the vertebra's anterior direction, used
-    only to orient the axis.
+    only to orient the axis. With ``metal`` (the same voxels as ``metal_lps``) only the
+    voxels near the line are visited (same result, far fewer points).
     """
     voxel_mm3 = float(np.prod(volume.spacing_mm))
     c, d = _pca_line(seed_points)
@@ -210,12 +281,17 @@ def trace_shaft(volume: Volume, metal_lps: np.ndarray, seed_points: np.ndarray, 
         d = -d
     t_grid = np.arange(-80.0, 60.0, 1.0)
     for _ in range(3):
-        rel = metal_lps - c
+        if metal is not None:
+            cand = metal.near_segment(c + (t_grid[0] - 1) * d, c + (t_grid[-1] + 1) * d, 10.0)
+            sub = metal_lps[cand]
+        else:
+            sub = metal_lps
+        rel = sub - c
         t = rel @ d
         rho = np.linalg.norm(rel - t[:, None] * d, axis=1)
         near = (rho < 10.0) & (t > t_grid[0] - 1) & (t < t_grid[-1] + 1)
         t, rho = t[near], rho[near]
-        pts = metal_lps[near]
+        pts = sub[near]
         area = _station_areas(t, rho, t_grid, 9.0, voxel_mm3)
         i0 = int(np.argmin(np.abs(t_grid)))
         shaft_area = float(np.median(area[max(i0 - 3, 0): i0 + 4]))
@@ -269,17 +345,11 @@ def _head_position(volume, c, d, t_rough, radius, data_max_hu, step_mm=0.5):
     by ``TULIP_WIDENING_MM`` (the start of the tulip), interpolated between stations."""
     ts = np.arange(t_rough + 6.0, t_rough - 6.0, -step_mm)
     r = np.arange(0.0, 9.0, 0.1)
-    prof = radial_profiles(volume, c + ts[:, None] * d, d, r, n_azimuth=12)
-    radii = []
-    for st in prof:
-        vals = []
-        for p in st:
-            ring = p[r >= 7.5]
-            sat = is_saturated(float(p[:5].max()), data_max_hu)
-            e = metal_edge_mm(p, r, float(np.median(ring)), sat)
-            vals.append(9.0 if e is None else e)
-        radii.append(float(np.median(vals)))
-    radii = np.array(radii)
+    prof = radial_profiles(volume, c + ts[:, None] * d, d, r, n_azimuth=12).astype(float)
+    flat = prof.reshape(-1, r.size)
+    e = metal_edges_mm(flat, r, np.median(flat[:, r >= 7.5], axis=1),
+                       is_saturated(flat[:, :5].max(axis=1), data_max_hu))
+    radii = np.median(np.where(np.isfinite(e), e, 9.0).reshape(prof.shape[:2]), axis=1)
     target = radius + TULIP_WIDENING_MM
     over = np.nonzero(radii > target)[0]
     if over.size == 0:
@@ -291,7 +361,8 @@ def _head_position(volume, c, d, t_rough, radius, data_max_hu, step_mm=0.5):
     return ts[k - 1] + (target - a) / (b - a) * (ts[k] - ts[k - 1])
 
 
-def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry]:
+def find_screws(volume: Volume, config: Config, vertebrae,
+                metal: MetalVoxels | None = None) -> list[ScrewGeometry]:
     """Pedicle screw shafts, one per vertebra and side at most (see module docstring).
 
     Metal is looked for only inside each vertebra's body and pedicles (between the
@@ -309,6 +380,8 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
         ``metal_threshold_hu`` selects the metal voxels the shafts are traced in.
     vertebrae : sequence of Vertebra
         From :func:`pipeline.anatomy.find_vertebrae`.
+    metal : MetalVoxels, optional
+        The volume's metal voxels at ``config.metal_threshold_hu``, when already found.
 
     Returns
     -------
@@ -316,10 +389,10 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
         ``id`` ``<vertebra>-<side>``; head (where the shaft meets its tulip), tip (anterior
         end of the metal) and true diameter, all in LPS mm.
     """
-    kji_metal = np.argwhere(volume.hu > config.metal_threshold_hu)
-    if len(kji_metal) == 0 or not vertebrae:
+    mv = _metal(volume, config, metal)
+    if len(mv) == 0 or not vertebrae:
         return []
-    metal = volume.kji_to_lps(kji_metal.astype(float))
+    kji_metal, metal = mv.kji, mv.lps
     data_max = float(volume.hu.max())
     voxel_mm3 = float(np.prod(volume.spacing_mm))
     screws = []
@@ -342,7 +415,7 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
             vol_mm3 = len(piece) * voxel_mm3
             if vol_mm3 < MIN_SHAFT_MM3:
                 continue
-            tr = trace_shaft(volume, metal, metal[piece], -ap, data_max)
+            tr = trace_shaft(volume, metal, metal[piece], -ap, data_max, metal=mv)
             if tr is None:
                 continue
             length = float(np.linalg.norm(tr["tip"] - tr["head"]))
@@ -358,6 +431,22 @@ def find_screws(volume: Volume, config: Config, vertebrae) -> list[ScrewGeometry
                                             tip_lps_mm=tr["tip"], diameter_mm=2.0 * tr["radius"],
                                             vertebra=v.name, side=side))
     return screws
+
+
+def near_shafts(metal: MetalVoxels, screws, margin_mm: float) -> np.ndarray:
+    """Mask of the metal voxels within the widest screw radius + ``margin_mm`` of any screw
+    shaft segment (head to tip): the same test as ``_shaft_distance_mm(...) <= radius``,
+    on the voxels near each shaft only."""
+    out = np.zeros(len(metal), bool)
+    if not screws or len(metal) == 0:
+        return out
+    radius = max(0.5 * s.diameter_mm for s in screws) + margin_mm
+    for s in screws:
+        h, t = np.asarray(s.head_lps_mm, float), np.asarray(s.tip_lps_mm, float)
+        cand = metal.near_segment(h, t, radius)
+        if cand.size:
+            out[cand] |= _shaft_distance_mm(metal.lps[cand], [s]) <= radius
+    return out
 
 
 def _shaft_distance_mm(points: np.ndarray, screws) -> np.ndarray:
@@ -489,7 +578,8 @@ def _rectangles(points_uv: np.ndarray, tol_mm: float = 1.5) -> list[tuple[int, .
     return [c[1] for c in best[2]]
 
 
-def find_cages(volume: Volume, config: Config, vertebrae, levels, screws=()) -> list[CageGeometry]:
+def find_cages(volume: Volume, config: Config, vertebrae, levels, screws=(),
+               metal: MetalVoxels | None = None) -> list[CageGeometry]:
     """Interbody cages in the disc spaces, each assigned to its level (module docstring).
 
     Titanium: a large metal component in the disc space, its box refined face by face.
@@ -507,6 +597,8 @@ def find_cages(volume: Volume, config: Config, vertebrae, levels, screws=()) -> 
         From :func:`pipeline.anatomy.find_vertebrae`.
     screws : sequence of ScrewGeometry, optional
         Their shafts are removed first (a screw near an endplate is not cage metal).
+    metal : MetalVoxels, optional
+        The volume's metal voxels at ``config.metal_threshold_hu``, when already found.
 
     Returns
     -------
@@ -515,12 +607,12 @@ def find_cages(volume: Volume, config: Config, vertebrae, levels, screws=()) -> 
     """
     if not levels:
         return []
-    kji_all = np.argwhere(volume.hu > config.metal_threshold_hu)
-    if kji_all.size == 0:
+    mv = _metal(volume, config, metal)
+    if len(mv) == 0:
         return []
-    pts_all = volume.kji_to_lps(kji_all.astype(float))
+    kji_all, pts_all = mv.kji, mv.lps
     if screws:
-        keep = _shaft_distance_mm(pts_all, screws) > max(0.5 * s.diameter_mm for s in screws) + 2.5
+        keep = ~near_shafts(mv, screws, 2.5)
         kji_all, pts_all = kji_all[keep], pts_all[keep]
     data_max = float(volume.hu.max())
     voxel = float(np.prod(volume.spacing_mm))
@@ -598,7 +690,8 @@ def _peek_box(volume: Volume, pins: np.ndarray, n, inset_mm: float, data_max_hu:
 
 
 # --------------------------------------------------------------------------------- rods
-def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
+def find_rods(volume: Volume, config: Config, vertebrae, screws,
+              metal: MetalVoxels | None = None) -> list[Rod]:
     """Connecting rods: metal joined to the screw heads (tulips) and running along the spine.
 
     The metal left after removing the screw shafts is grouped into connected pieces; a
@@ -614,6 +707,8 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
         Their mean LR position splits left from right.
     screws : sequence of ScrewGeometry
         Rods are the metal joined to these screws' heads.
+    metal : MetalVoxels, optional
+        The volume's metal voxels at ``config.metal_threshold_hu``, when already found.
 
     Returns
     -------
@@ -623,10 +718,9 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
     """
     if not screws:
         return []
-    kji = np.argwhere(volume.hu > config.metal_threshold_hu)
-    pts = volume.kji_to_lps(kji.astype(float))
-    keep = _shaft_distance_mm(pts, screws) > max(0.5 * s.diameter_mm for s in screws) + 1.5
-    kji, pts = kji[keep], pts[keep]
+    mv = _metal(volume, config, metal)
+    keep = ~near_shafts(mv, screws, 1.5)
+    kji, pts = mv.kji[keep], mv.lps[keep]
     heads = np.array([s.head_lps_mm for s in screws])
     axes = np.array([s.axis for s in screws])
     data_max = float(volume.hu.max())
@@ -710,30 +804,46 @@ def find_rods(volume: Volume, config: Config, vertebrae, screws) -> list[Rod]:
     return out
 
 
-def unexplained_metal_mm3(volume: Volume, config: Config, screws, cages, rods) -> float:
-    """Volume (mm3) of metal not within any found screw, cage or rod (e.g. a hip implant)."""
-    pts = metal_points(volume, config.metal_threshold_hu)
-    if len(pts) == 0:
+def unexplained_metal_mm3(volume: Volume, config: Config, screws, cages, rods,
+                          metal: MetalVoxels | None = None) -> float:
+    """Volume (mm3) of metal not within any found screw, cage or rod (e.g. a hip implant).
+
+    Explained: within the widest screw radius + 2 mm of a shaft, within 16 mm of a screw
+    head (tulip and rod seat), inside a cage box grown by 2 mm, within a rod's radius + 4 mm
+    of its centre line. Only the voxels near each object are tested (``MetalVoxels``).
+    """
+    mv = _metal(volume, config, metal)
+    if len(mv) == 0:
         return 0.0
+    pts = mv.lps
     left = np.ones(len(pts), bool)
     if screws:
-        left &= _shaft_distance_mm(pts, screws) > max(0.5 * s.diameter_mm for s in screws) + 2.0
-        heads = np.array([s.head_lps_mm for s in screws])
-        for h in heads:
-            left &= np.linalg.norm(pts - h, axis=1) > 16.0  # tulip and rod seat
+        left &= ~near_shafts(mv, screws, 2.0)
+        for s in screws:
+            h = np.asarray(s.head_lps_mm, float)
+            cand = np.asarray(mv.tree.query_ball_point(h, r=16.0 + 1e-6), int)
+            if cand.size:
+                left[cand[np.linalg.norm(pts[cand] - h, axis=1) <= 16.0]] = False
     for cg in cages:
-        rel = pts - np.asarray(cg.centroid_lps_mm)
-        loc = np.abs(rel @ np.asarray(cg.axes).T) <= np.asarray(cg.half_sizes_mm) + 2.0
-        left &= ~loc.all(1)
+        c = np.asarray(cg.centroid_lps_mm, float)
+        half = np.asarray(cg.half_sizes_mm, float) + 2.0
+        cand = np.asarray(mv.tree.query_ball_point(c, r=float(np.linalg.norm(half)) + 1e-6), int)
+        if cand.size:
+            loc = np.abs((pts[cand] - c) @ np.asarray(cg.axes).T) <= half
+            left[cand[loc.all(1)]] = False
     for r in rods:
         line = np.asarray(r.points_lps_mm)
+        radius = 0.5 * r.diameter_mm + 4.0
         for a, b in zip(line[:-1], line[1:]):
             ab = b - a
             L = float(np.linalg.norm(ab))
             if L <= 0:
                 continue
             ab /= L
-            rel = pts - a
+            cand = mv.near_segment(a, b, radius)
+            if cand.size == 0:
+                continue
+            rel = pts[cand] - a
             tt = np.clip(rel @ ab, 0.0, L)
-            left &= np.linalg.norm(rel - tt[:, None] * ab, axis=1) > 0.5 * r.diameter_mm + 4.0
+            left[cand[np.linalg.norm(rel - tt[:, None] * ab, axis=1) <= radius]] = False
     return float(left.sum() * np.prod(volume.spacing_mm))
