@@ -339,12 +339,15 @@ def section_samples(volume: Volume, hu: np.ndarray, points_lps_mm, s_mm: np.ndar
     e1 = np.cross(tan, ref)
     e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
     e2 = np.cross(tan, e1)
-    pts = (c[:, None, :] + offsets_mm[None, :, 0:1] * e1[:, None, :]
-           + offsets_mm[None, :, 1:2] * e2[:, None, :])
+    # built in array coordinates (an affine map): millions of points per study
+    c_kji = volume.lps_to_kji(c)
+    e1_kji, e2_kji = volume.direction_lps_to_kji(e1), volume.direction_lps_to_kji(e2)
+    kji = np.matmul(offsets_mm[None, :, :], np.stack([e1_kji, e2_kji], axis=1))
+    kji += c_kji[:, None, :]
     if nearest:
-        kji = np.rint(volume.lps_to_kji(pts.reshape(-1, 3)))
-        return sample_points(hu, np.ascontiguousarray(kji)).reshape(pts.shape[:-1])
-    return _sample(volume, hu, pts)
+        kji = np.rint(kji)
+    flat = np.ascontiguousarray(kji.reshape(-1, 3), dtype=np.float64)
+    return sample_points(hu, flat).reshape(kji.shape[:-1])
 
 
 def section_metal_hu_mm2(samples_hu: np.ndarray, threshold_hu: float = SECTION_THRESHOLD_HU,
