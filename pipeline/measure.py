@@ -715,11 +715,16 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
 
     Each pin (bright voxels inside the cage box) is followed along the cage axis from
     outside each face inward to its end (the metal-edge level of :func:`_metal_edges`).
-    Where both ends of a pin are found, the pin's measured centre is used and the face put
-    ``half_height`` from it: the pins run from ``peek_marker_inset_mm`` inside one face to
-    the same inset inside the other, and a thin, saturated pin reads longer than it is by
-    the same amount at both ends (blur along the slice axis), which the centre cancels.
-    With one end only, the face is that end plus ``peek_marker_inset_mm``.
+    The pins run from ``peek_marker_inset_mm`` inside one face to the same inset inside
+    the other. Where both ends of a pin are found, the face point is put the cage's half
+    height from the pin's measured centre: a thin saturated pin reads longer than it is by
+    about the same amount at both ends (blur along the slice axis), which the centre
+    cancels. The half height is the cage box's, unless the box is shorter than its own
+    pins: a pin reads at least as long as it is (blur and dense bone against an end only
+    lengthen it), so the shortest pin's measured half length plus the inset is a floor
+    for the half height. (A detected PEEK box is only as tall as the detector read the
+    pins: 0.6 mm short on the 0.6x0.6x1.2 mm demo study, which read its cages 0.5-0.6 mm
+    shallow.) With one end only, the face point is that end plus the inset.
     """
     c = np.asarray(cage.centroid_lps_mm)
     A = np.asarray(cage.axes)
@@ -741,7 +746,7 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
     lab, n_lab = ndimage.label(mask)
     step = min(0.05, 0.2 * float(volume.spacing_mm.min()))
     n = int((h[0] + PIN_RAY_OUT_MM) / step) + 1
-    faces = []
+    pins, one_end = [], []
     for k in range(1, n_lab + 1):
         m = lab == k
         if m.sum() < 2:
@@ -758,10 +763,14 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
             if np.isfinite(edge[0]):
                 ends[sg] = start - edge[0] * oo
         if len(ends) == 2:
-            mid = 0.5 * (ends[1.0] + ends[-1.0])
-            faces.append(mid + h[0] * o)
+            pins.append((0.5 * (ends[1.0] + ends[-1.0]), 0.5 * float(np.linalg.norm(ends[1.0] - ends[-1.0]))))
         elif sign in ends:
-            faces.append(ends[sign] + config.peek_marker_inset_mm * o)
+            one_end.append(ends[sign])
+    faces = []
+    if pins:
+        half = max(float(h[0]), min(hl for _, hl in pins) + config.peek_marker_inset_mm)
+        faces = [mid + half * o for mid, _ in pins]
+    faces += [e + config.peek_marker_inset_mm * o for e in one_end]
     return np.array(faces).reshape(-1, 3)
 
 
