@@ -70,8 +70,10 @@ LUMBAR_NAMES_ABOVE_S1 = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9"
 def sample_lps(volume: Volume, points_lps_mm, order: int = 1, cval_hu: float = -1000.0) -> np.ndarray:
     """HU at LPS points (..., 3) by spline interpolation of ``order`` (1 = trilinear)."""
     pts = np.asarray(points_lps_mm, float)
-    kji = volume.lps_to_kji(pts.reshape(-1, 3))
-    vals = ndimage.map_coordinates(volume.hu, kji.T, order=order, mode="constant",
+    # (k, j, i) rows directly (what map_coordinates takes): Volume.lps_to_kji, transposed
+    to_kji = np.linalg.inv(volume.index_to_lps_matrix)[::-1]
+    kji = to_kji @ (pts.reshape(-1, 3) - volume.origin_lps_mm).T
+    vals = ndimage.map_coordinates(volume.hu, kji, order=order, mode="constant",
                                    cval=cval_hu, prefilter=False)
     return vals.reshape(pts.shape[:-1])
 
@@ -698,24 +700,27 @@ def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direct
     near = max(int((disc_mm - window_mm - 3.0) / step_mm), 0)  # screws sit nearer mid-height
     bundle = np.array([[0, 0], [1.5, 0], [-1.5, 0], [0, 1.5], [0, -1.5]])
     offs = bundle[:, :1] * lr + bundle[:, 1:] * ap
-    for fu in np.linspace(-0.85, 0.85, 9):
-        for fw in np.linspace(-0.85, 0.85, 9):
-            if fu**2 + fw**2 > 0.85**2 + 1e-9:
-                continue
-            base = centre + fu * semi_lr * lr + fw * semi_ap * ap
-            line = base + direction * s[:, None] * si
-            prof = sample_lps(volume, line[None, :, :] + offs[:, None, :], cval_hu=np.nan).mean(0)
-            ok = np.isfinite(prof)
-            if not ok[0]:
-                continue
-            if not ok.all():
-                prof = prof[: int(np.argmin(ok))]  # the ray leaves the volume here
-            if prof[near:].size and prof[near:].max() >= min(metal_threshold_hu, ENDPLATE_MAX_HU):
-                continue  # metal or its blooming near the endplate (a cage)
-            e = endplate_edge_mm(prof, step_mm, disc_mm, window_mm, surface_level=level)
-            if e is None or e > (len(prof) - 1) * step_mm - 1.0:
-                continue
-            pts_out.append(base + direction * e * si)
+    bases = [centre + fu * semi_lr * lr + fw * semi_ap * ap
+             for fu in np.linspace(-0.85, 0.85, 9) for fw in np.linspace(-0.85, 0.85, 9)
+             if fu**2 + fw**2 <= 0.85**2 + 1e-9]
+    if not bases:
+        return np.zeros((0, 3))
+    bases = np.array(bases)
+    lines = bases[:, None, :] + direction * s[None, :, None] * np.asarray(si, float)
+    # all rays of all bundles in one sampling call: (ray, bundle member, station)
+    profs = sample_lps(volume, lines[:, None, :, :] + offs[None, :, None, :], cval_hu=np.nan).mean(1)
+    for base, prof in zip(bases, profs):
+        ok = np.isfinite(prof)
+        if not ok[0]:
+            continue
+        if not ok.all():
+            prof = prof[: int(np.argmin(ok))]  # the ray leaves the volume here
+        if prof[near:].size and prof[near:].max() >= min(metal_threshold_hu, ENDPLATE_MAX_HU):
+            continue  # metal or its blooming near the endplate (a cage)
+        e = endplate_edge_mm(prof, step_mm, disc_mm, window_mm, surface_level=level)
+        if e is None or e > (len(prof) - 1) * step_mm - 1.0:
+            continue
+        pts_out.append(base + direction * e * si)
     return np.array(pts_out).reshape(-1, 3)
 
 

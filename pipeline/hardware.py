@@ -59,7 +59,7 @@ class MetalVoxels:
 
     def __init__(self, volume: Volume, threshold_hu: float):
         self.threshold_hu = float(threshold_hu)
-        self.kji = np.argwhere(volume.hu > threshold_hu)
+        self.kji = _argwhere_cropped(volume.hu > threshold_hu)
         self.lps = volume.kji_to_lps(self.kji.astype(float)) if len(self.kji) else np.zeros((0, 3))
         self._tree = None
 
@@ -84,10 +84,25 @@ class MetalVoxels:
         n = max(int(np.ceil(L / max(radius_mm, 0.5))), 1)
         samples = a + np.linspace(0.0, 1.0, n + 1)[:, None] * (b - a)
         reach = float(np.hypot(radius_mm, 0.5 * L / n)) + 1e-6
-        hits = self.tree.query_ball_point(samples, r=reach)
+        hits = self.tree.query_ball_point(samples, r=reach, return_sorted=False)
         if not any(len(h) for h in hits):
             return np.zeros(0, int)
-        return np.unique(np.concatenate([np.asarray(h, int) for h in hits]))
+        mask = np.zeros(len(self.kji), bool)
+        for h in hits:
+            mask[h] = True
+        return np.flatnonzero(mask)
+
+
+def _argwhere_cropped(mask: np.ndarray) -> np.ndarray:
+    """``np.argwhere(mask)`` (same order), searched only in the mask's bounding box."""
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    if ks.size == 0:
+        return np.zeros((0, 3), np.intp)
+    sub = mask[ks[0]: ks[-1] + 1]
+    js = np.flatnonzero(sub.any(axis=(0, 2)))
+    i_s = np.flatnonzero(sub.any(axis=(0, 1)))
+    sub = sub[:, js[0]: js[-1] + 1, i_s[0]: i_s[-1] + 1]
+    return np.argwhere(sub) + np.array([ks[0], js[0], i_s[0]])
 
 
 def _metal(volume: Volume, config: Config, metal: MetalVoxels | None) -> MetalVoxels:
