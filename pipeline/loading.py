@@ -81,7 +81,7 @@ def is_nifti_path(path: str | Path) -> bool:
     return name.endswith(_NIFTI_SUFFIXES)
 
 
-def load_study(path: str | Path) -> Volume:
+def load_study(path: str | Path, allocate=None) -> Volume:
     """Load one study as a Volume in HU (float32, ``hu[k, j, i]``) with LPS geometry.
 
     Parameters
@@ -91,6 +91,10 @@ def load_study(path: str | Path) -> Volume:
         files beside them are skipped; with several series the one fit for bone/hardware
         analysis is picked by :func:`pipeline.series.select_series`), or one NIfTI file
         (``.nii``/``.nii.gz``).
+    allocate : callable, optional
+        ``allocate(shape) -> ndarray`` (float32, C order) the DICOM pixels are written
+        into, e.g. a memory-mapped cache file, so a 400 MB volume is not first built in
+        memory and then copied to disk; default ``numpy.empty``. NIfTI input ignores it.
 
     Returns
     -------
@@ -115,10 +119,10 @@ def load_study(path: str | Path) -> Volume:
 
             return load_nifti(p)
         raise InputError(p, "a single file must be NIfTI (.nii or .nii.gz); give DICOM input as the folder of the study")
-    return load_dicom_folder(p)
+    return load_dicom_folder(p, allocate=allocate)
 
 
-def load_dicom_folder(folder: str | Path) -> Volume:
+def load_dicom_folder(folder: str | Path, allocate=None) -> Volume:
     """Scan ``folder``, pick the bone/hardware series and load it (see :func:`load_study`)."""
     folder = Path(folder)
     series = scan_dicom_folder(folder)
@@ -142,7 +146,7 @@ def load_dicom_folder(folder: str | Path) -> Volume:
         f = _rel(series.corrupt_paths[0], folder)
         raise InputError(f, f"looks like DICOM but cannot be parsed (corrupt or truncated) and may belong to "
                             f"{chosen.label()}; remove or replace it")
-    vol = load_series(chosen, reason=reason, root=folder)
+    vol = load_series(chosen, reason=reason, root=folder, allocate=allocate)
     vol.meta["skipped_non_dicom_files"] = len(series.non_dicom_paths)
     return vol
 
@@ -362,7 +366,7 @@ def read_stored_pixels(h: SliceHeader, root: Path | None = None) -> np.ndarray:
 
 
 def read_series_hu(slices: list[SliceHeader], rows: int, columns: int, root: Path | None = None,
-                   max_workers: int | None = None) -> np.ndarray:
+                   max_workers: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Stack the slices' pixels as HU (stored * RescaleSlope + RescaleIntercept), float32.
 
     Parameters
@@ -374,12 +378,19 @@ def read_series_hu(slices: list[SliceHeader], rows: int, columns: int, root: Pat
         Input folder for naming files in messages.
     max_workers : int, optional
         Threads reading/decoding files (default: min(4, cpu count)).
+    out : ndarray, optional
+        float32 array of that shape to fill (e.g. a memory-mapped file); default a new one.
 
     Returns
     -------
     ndarray, shape (len(slices), rows, columns), float32
+        ``out`` when given.
     """
-    out = np.empty((len(slices), rows, columns), np.float32)
+    shape = (len(slices), rows, columns)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
 
     def one(k: int) -> None:
         h = slices[k]
@@ -401,7 +412,8 @@ def read_series_hu(slices: list[SliceHeader], rows: int, columns: int, root: Pat
     return out
 
 
-def correct_gantry_tilt(hu: np.ndarray, shift_ij_px: np.ndarray, fill_hu: float = -1024.0) -> np.ndarray:
+def correct_gantry_tilt(hu: np.ndarray, shift_ij_px: np.ndarray, fill_hu: float = -1024.0,
+                        out: np.ndarray | None = None) -> np.ndarray:
     """Resample a gantry-tilted (sheared) stack onto the orthogonal grid through slice 0.
 
     Slice ``k`` of a tilted series lies displaced in its own plane by ``shift_ij_px[k]``
@@ -418,6 +430,8 @@ def correct_gantry_tilt(hu: np.ndarray, shift_ij_px: np.ndarray, fill_hu: float 
         In-plane offsets (along i, along j) in pixels.
     fill_hu : float
         Value outside the acquired field of view.
+    out : ndarray (nk, nj, ni), float32, optional
+        Where to write the result (not ``hu`` itself); default a new array.
 
     Returns
     -------
@@ -425,19 +439,26 @@ def correct_gantry_tilt(hu: np.ndarray, shift_ij_px: np.ndarray, fill_hu: float 
     """
     from scipy import ndimage
 
-    out = np.empty_like(hu)
+    if out is None:
+        out = np.empty_like(hu)
     for k in range(hu.shape[0]):
         di, dj = shift_ij_px[k]
         ndimage.shift(hu[k], (dj, di), output=out[k], order=1, mode="constant", cval=fill_hu)
     return out
 
 
-def load_series(series: SeriesInfo, reason: str = "", root: Path | None = None) -> Volume:
-    """Load one scanned series as a Volume in HU (see :func:`load_study` for geometry)."""
+def load_series(series: SeriesInfo, reason: str = "", root: Path | None = None,
+                allocate=None) -> Volume:
+    """Load one scanned series as a Volume in HU (see :func:`load_study` for geometry;
+    ``allocate`` as there)."""
     slices, g = sort_slices(series, root)
-    hu = read_series_hu(slices, g["rows"], g["columns"], root)
-    if g["tilt_shift_ij_px"] is not None:
-        hu = correct_gantry_tilt(hu, g["tilt_shift_ij_px"])
+    shape = (len(slices), g["rows"], g["columns"])
+    tilted = g["tilt_shift_ij_px"] is not None
+    hu = read_series_hu(slices, g["rows"], g["columns"], root,
+                        out=allocate(shape) if allocate is not None and not tilted else None)
+    if tilted:
+        hu = correct_gantry_tilt(hu, g["tilt_shift_ij_px"],
+                                 out=allocate(shape) if allocate is not None else None)
         tilt_note = (f" Gantry tilt of {g['gantry_tilt_deg']:.2f} degrees: slices were shifted in-plane "
                      "(bilinear) onto an orthogonal grid; voxels outside the acquired field of view are air.")
         reason = (reason or f"Loaded {series.label()}.") + tilt_note
