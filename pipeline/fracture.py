@@ -23,6 +23,20 @@ back (:func:`centreline_profile`). Three things make this less simple than a thr
   parallel lines sampled across the rod's core (the profile is their median). A dip must
   come back to the plateau on both sides, be deeper than ``DIP_MIN_HU`` (and several
   plateau noise SDs) over at least ``DIP_MIN_LENGTH_MM``.
+* **Gaps narrower than the blur (screw shafts).** At 0.8 x 0.8 x 1.5 mm a shaft gap up to
+  about 1.2 mm (0.8 mm at 0.5 x 0.5 x 1.0 mm) leaves the centre line clipped at 3071 HU:
+  the metal on both sides, amplified and blurred, still saturates it. The missing metal
+  still lowers the blurred shaft's skirt, so the cross-section integral of the HU above
+  ``SECTION_THRESHOLD_HU`` (far above cortex) dips where the centre line does not
+  (:func:`section_metal_hu_mm2`). Its dips (:func:`section_dips`, a black top-hat that
+  must come back on both sides within ``SECTION_SPAN_MM``) are gaps too; their width is
+  read by superposing the shaft's own tip response twice (:func:`fit_section_gap`).
+  Measured on the phantoms: the integral of intact shafts wanders (grid crossing, bone
+  around the shaft) by up to 0.094 of its plateau at coarse spacing (0.06 at standard),
+  more where the tulip's bloom decays into the shaft (0.12, hence ``JUNCTION_*``); a
+  0.8 / 1.0 / 1.2 mm gap dips 0.12 / 0.15 / 0.19 at coarse spacing and 0.8 mm 0.17 at
+  standard. Rods keep the centre line only (their section channel is not sized yet: a
+  rod has no clean flat end to read the end response from).
 
 Tuned on the phantoms of :mod:`sample_data.phantom` at 0.35-0.8 mm in-plane / 0.6-1.5 mm
 slices (tests/test_fracture.py). Rod fracture is clinically common after long constructs
@@ -63,7 +77,7 @@ SECTION_NOISE_K = 6.0         # ... and this many robust SDs of the top-hat
 JUNCTION_MM = 3.5             # ... within this of a screw's head (tulip bloom decaying)
 JUNCTION_DIP_REL = 0.16       # ... at least this deep
 TIP_REACH_MM = 3.0            # the tip's end response read this far either side of its face
-NEAREST = True
+SECTION_FIT_NEAREST = True    # the width fit reads voxel values (the clip acts on voxels)
 MERGE_MM = 2.0                # a section dip this close to a centre-line dip is the same gap
 
 
@@ -386,7 +400,9 @@ def section_dips(section: np.ndarray, s_mm: np.ndarray, length_mm: float,
         return []
     rel = (ndimage.grey_closing(section, size=n, mode="nearest") - section) / plateau
     core = inside & (s_mm > junction_mm) & (s_mm < length_mm - 1.0)
-    noise = 1.4826 * float(np.median(np.abs(rel[core] - np.median(rel[core])))) if core.any() else 0.0
+    noise = 0.0
+    if core.any():
+        noise = 1.4826 * float(np.median(np.abs(rel[core] - np.median(rel[core]))))
     thr = np.where(s_mm > junction_mm, min_rel, junction_rel)
     thr = np.maximum(thr, noise_k * noise)
     low = (rel > thr) & (s_mm > 0.0) & (s_mm < length_mm)
@@ -428,21 +444,27 @@ def fit_section_gap(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm: fl
     of ``max_width_mm / 2 + 1.5`` mm either side) equals the observed one, the observed
     plateau being a straight line through the window's flanks.
 
+    Both the tip response and the observed dip are read as voxel values (nearest voxel,
+    ``SECTION_FIT_NEAREST``): the clip acts on voxels, so summing two *interpolated* clipped
+    ends overstates the metal at the faces and read 1.0 mm gaps 1.5 mm wide at 0.8 x 0.8 x
+    1.5 mm.
+
     Limits (measured on the phantoms): the tip face is taken where the hardware's tip says
-    (a tip placed 0.2 mm long reads the gap 0.4 mm wide); and because voxels are clipped
-    *before* they are interpolated, the sum of two interpolated clipped ends is not exactly
-    the interpolated clipped gap: at 0.8 x 0.8 x 1.5 mm this reads 0.8-1.2 mm gaps 0.4-0.5
-    mm wide (0.0-0.2 mm at 0.5 x 0.5 x 1.0 mm and finer; exact on unclipped data)."""
+    (a tip placed 0.2 mm short of the real one reads the gap 0.4 mm wider, and the
+    reverse); a real tip is conical, not flat. 0.8 / 1.0 / 1.2 mm shaft gaps at 0.8 x 0.8 x
+    1.5 mm read 0.85-1.29 / 0.93-1.40 / 1.06-1.44 mm; 0.8 mm at 0.5 x 0.5 x 1.0 mm reads
+    0.48-0.75 mm; on unclipped (extended-range) data the model is exact (0.89 for 0.8)."""
     P = [np.asarray(p, float) for p in points_lps_mm]
     L = polyline_length_mm(P)
     offs = section_offsets_mm(radius_mm)
     dx = STEP_MM
     x = np.arange(-TIP_REACH_MM, TIP_REACH_MM + 1e-9, dx)
-    V = section_samples(volume, hu, P, L + x, offs, nearest=NEAREST)                     # (n_x, n_pix)
+    V = section_samples(volume, hu, P, L + x, offs, nearest=SECTION_FIT_NEAREST)  # (n_x, n_pix)
     B = V[x >= TIP_REACH_MM - 0.5].mean(axis=0)   # just beyond the tip (not the far cortex)
     half = 0.5 * max_width_mm + 1.5
     s = s0_mm + np.arange(-half - 1.0, half + 1.0 + 1e-9, dx)
-    obs = section_metal_hu_mm2(section_samples(volume, hu, P, s, offs, nearest=NEAREST))
+    obs = section_metal_hu_mm2(section_samples(volume, hu, P, s, offs,
+                                               nearest=SECTION_FIT_NEAREST))
     # the observed plateau: a straight line through the flanks just outside the window
     # (the integral drifts along a shaft with the grid crossing and the bone around it)
     win = np.abs(s - s0_mm) <= half
@@ -472,8 +494,10 @@ def hardware_fractures(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm:
     """Gaps along one rod polyline or screw shaft (points in order, LPS mm), measured with
     the study's edge responses ``library``. With ``section`` (screw shafts), dips of the
     cross-section integral (:func:`section_dips`) are gaps too where the centre line shows
-    none: a gap narrower than the blur leaves the centre clipped; it is then sized from the
-    shaft's own tip (:func:`fit_section_gap`)."""
+    none (a gap narrower than the blur leaves the centre clipped), and every shaft gap is
+    sized from the shaft's own tip (:func:`fit_section_gap`: on the phantoms within 0.25 mm
+    for 1.5-3 mm gaps at all three spacings, where the centre-line fit read up to 0.43 mm
+    short)."""
     length = polyline_length_mm(points_lps_mm)
     s = np.arange(-END_PAD_MM, length + END_PAD_MM + 1e-9, STEP_MM)
     prof = centreline_profile(volume, hu, points_lps_mm, radius_mm, s)
@@ -489,6 +513,9 @@ def hardware_fractures(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm:
         E = library.response(volume, tan[0])
         B = float(E[-1])  # the response's own far level: the tissue its rays ended in
         w = fit_gap(s[lo:hi], prof[lo:hi], s_guess, library.x_mm, E, B, C)
+        if section:  # a shaft: its own tip's end response sizes the gap better (module doc)
+            w = fit_section_gap(volume, hu, points_lps_mm, radius_mm, s_guess,
+                                max_width_mm=max(3.0, 1.5 * w))
         pos, _ = polyline_points(points_lps_mm, np.array([s_guess]))
         out.append(FractureFinding(id=f"fracture-{start_id + len(out)}", kind=kind,
                                    hardware_id=hardware_id, position_lps_mm=pos[0], gap_mm=w))

@@ -111,6 +111,26 @@ def test_sub_millimetre_shaft_gaps_found_at_standard_and_coarse_spacing(spacing)
     _check_found(spacing, "thin")
 
 
+SHAFT_SIZE_TOL_MM = 0.3
+
+
+@pytest.mark.parametrize("spacing", ["standard", "coarse",
+                                     pytest.param("fine", marks=pytest.mark.slow)])
+def test_shaft_gaps_of_1_2_to_2_5_mm_sized_within_0_3_mm(spacing):
+    """Shaft gaps are sized from the shaft's own tip (two ends superposed), not from the
+    sides' edge response: tighter than the general tolerance (30 % for wide gaps)."""
+    sized = []
+    for which in ("a", "b"):
+        vol, truth = _phantom(spacing, which)
+        found = {f.hardware_id: f for f in find_fractures(vol, truth_anatomy(truth), Config())}
+        for kind, hid, _, gap in _planted(truth):
+            if kind == "screw":
+                assert hid in found, hid
+                sized.append((hid, gap, round(found[hid].gap_mm, 2)))
+    assert len(sized) == 4
+    assert all(abs(w - gap) <= SHAFT_SIZE_TOL_MM for _, gap, w in sized), sized
+
+
 def test_clipped_shaft_gap_shows_in_the_cross_section_not_on_the_centre_line():
     """The mechanism: at 0.8 x 0.8 x 1.5 mm the 1.0 mm gap's centre line never leaves the
     clipped plateau, but the cross-section integral above 2000 HU dips there."""
