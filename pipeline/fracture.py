@@ -94,6 +94,16 @@ def _perp_frame(axis) -> tuple[np.ndarray, np.ndarray]:
     return e1, np.cross(ax, e1)
 
 
+def _perp_frames(axes) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_perp_frame` for many axes at once: (n, 3) e1 and e2."""
+    ax = np.atleast_2d(np.asarray(axes, float))
+    ax = ax / np.linalg.norm(ax, axis=1, keepdims=True)
+    ref = np.where(np.abs(ax[:, 2:3]) < 0.9, [[0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0]])
+    e1 = ref - np.sum(ref * ax, axis=1, keepdims=True) * ax
+    e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+    return e1, np.cross(ax, e1)
+
+
 def voxel_extent_mm(volume: Volume, dirs_lps) -> np.ndarray:
     """Voxel extent (mm) along unit LPS directions, ``sqrt(sum((n_ijk * spacing)^2))``: how
     far the voxel grid (partial volume, PSF) smears an edge crossed along that direction."""
@@ -170,9 +180,7 @@ def recentre_stations(volume: Volume, hu: np.ndarray, stations_lps: np.ndarray, 
     n = len(out)
     if n == 0:
         return out
-    frames = [_perp_frame(ax) for ax in axes]
-    e1 = np.array([f[0] for f in frames]).reshape(n, 3)
-    e2 = np.array([f[1] for f in frames]).reshape(n, 3)
+    e1, e2 = _perp_frames(np.asarray(axes, float).reshape(n, 3))
     dirs = (np.cos(ang)[None, :, None] * e1[:, None, :]
             + np.sin(ang)[None, :, None] * e2[:, None, :])            # (n, az, 3)
     n_top = max(3, int(0.5 * radius_mm / 0.05))
@@ -229,11 +237,9 @@ class EdgeLibrary:
         far = (rho >= BACKGROUND_MM[0]) & (rho <= BACKGROUND_MM[1])
         if len(stations_lps) == 0:
             return
-        dirs = []
-        for ax in axes:
-            e1, e2 = _perp_frame(ax)
-            dirs.append(np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2)
-        dirs = np.array(dirs)                                          # (n, az, 3)
+        e1, e2 = _perp_frames(np.asarray(axes, float).reshape(-1, 3))
+        dirs = (np.cos(ang)[None, :, None] * e1[:, None, :]
+                + np.sin(ang)[None, :, None] * e2[:, None, :])          # (n, az, 3)
         pts = (np.asarray(stations_lps, float)[:, None, None, :]
                + (radius_mm + rho)[None, None, :, None] * dirs[:, :, None, :])
         prof = _sample(volume, hu, pts)                                # (n, az, rho)
