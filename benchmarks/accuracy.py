@@ -93,16 +93,24 @@ def _near_cut(x: float, cuts, margin: float) -> bool:
     return any(abs(x - c) < margin for c in cuts)
 
 
+def _matched(truth_items, measured, key: str, kind: str, e: Errors):
+    """(truth, measurement) pairs matched on ``key`` (the truth item's ``key`` entry and
+    the measurement's ``key`` attribute: ``id`` for screws and cages, ``level`` for
+    levels); a truth item without a measurement goes to ``e.missing`` as (kind, key)."""
+    by_key = {getattr(m, key): m for m in measured}
+    for t in truth_items:
+        m = by_key.get(t[key])
+        if m is None:
+            e.missing.append((kind, t[key]))
+        else:
+            yield t, m
+
+
 def compare(truth: dict, screws, cages, levels, config: Config | None = None) -> Errors:
     """Compare measurements with a phantom's truth dictionary, object by object (by id)."""
     crit = (config or Config()).criteria
     e = Errors()
-    by_id = {s.id: s for s in screws}
-    for ts in truth["screws"]:
-        m = by_id.get(ts["id"])
-        if m is None:
-            e.missing.append(("screw", ts["id"]))
-            continue
+    for ts, m in _matched(truth["screws"], screws, "id", "screw", e):
         e.halo_mean_err.append(abs(m.halo_mean_mm - ts["halo_mean_mm"]))
         e.halo_cov_err.append(abs(m.halo_coverage - ts["halo_coverage"]))
         w = ts["halo_width_mm"]
@@ -114,24 +122,14 @@ def compare(truth: dict, screws, cages, levels, config: Config | None = None) ->
         e.rows.append(("screw", ts["id"], (w, ts["halo_fraction"], ts["halo_mean_mm"], ts["halo_coverage"],
                                            ts["double_halo"]),
                        (m.halo_mean_mm, m.halo_coverage, m.halo_max_mm, m.double_halo, m.rays_excluded)))
-    by_id = {c.id: c for c in cages}
-    for tc in truth["cages"]:
-        m = by_id.get(tc["id"])
-        if m is None:
-            e.missing.append(("cage", tc["id"]))
-            continue
+    for tc, m in _matched(truth["cages"], cages, "id", "cage", e):
         e.sub_err.append(abs(m.subsidence_superior_mm - tc["subsidence_superior_mm"]))
         e.sub_err.append(abs(m.subsidence_inferior_mm - tc["subsidence_inferior_mm"]))
         if not _near_cut(tc["subsidence_mm"], crit.subsidence_grades_mm, 0.3):
             e.grade_ok.append(m.subsidence_grade == tc["subsidence_grade"])
         e.rows.append(("cage", tc["id"], (tc["material"], tc["subsidence_superior_mm"], tc["subsidence_inferior_mm"]),
                        (m.subsidence_superior_mm, m.subsidence_inferior_mm)))
-    by_name = {lv.level: lv for lv in levels}
-    for tl in truth["levels"]:
-        m = by_name.get(tl["level"])
-        if m is None:
-            e.missing.append(("level", tl["level"]))
-            continue
+    for tl, m in _matched(truth["levels"], levels, "level", "level", e):
         e.bridge_err.append(abs(m.bridging_fraction - tl["bridging_fraction"]))
         if not _near_cut(tl["bridging_fraction"], (crit.bridging_partial, crit.bridging_fused), 0.1):
             e.fusion_ok.append(m.fusion == tl["fusion"])

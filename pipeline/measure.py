@@ -58,7 +58,10 @@ from pipeline.volume import Volume
 
 # ------------------------------------------------------------------ halo (internal constants)
 HALO_D_START_MM = -0.5        # profiles start this far inside the true metal surface
-HALO_HEAD_MARGIN_MM = 1.0     # first station past the head (where the shaft leaves bone)
+HALO_HEAD_MARGIN_MM = 2.0     # first station past the head (where the shaft leaves bone): at
+                              # 1 mm the tulip behind the head lifts the profiles by 600-1000 HU
+                              # (0.8x0.8x1.5 mm), and the 5-station mean along the shaft carried
+                              # that into the next two stations, hiding a halo's first 3 mm
 HALO_TIP_MARGIN_MM = 1.5      # last station before the tip (the rounded end is not shaft side)
 HALO_FAR_MM = (2.4, 3.0)      # where a halo-free ray's bone level is read (tail nearly gone)
 HALO_TAIL_CLASSES = 6         # classes of ray direction (blur along the ray) for the tail
@@ -75,6 +78,8 @@ HALO_MIN_REFERENCE_RAYS = 30  # halo-free rays a direction class needs for its o
 LUCENT_DEFAULT_HU = 25.0      # fibrous tissue / fluid in a loosening track, when not measurable
 HALO_READABLE_DVIS_MM = 1.35  # a direction class reading no closer than this cannot tell
                               # a loosening-size halo from none (see _fill_unreadable)
+HALO_DIRECT_FRACTION = 0.3    # a ray reads its lucency directly when at d_vis it is within this
+                              # fraction of the lucent-to-bone step above the lucent level
 HALO_OUTLIER_MM = 1.0         # a ray this far from its neighbours' median is an artefact
 RIM_WINDOW_MM = (0.2, 0.8)    # sclerotic rim read just outside the lucency
 RIM_CLEAR_HU = 150.0          # "clearly denser than the surrounding bone"
@@ -416,7 +421,14 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
 def _readable_distance(Xs, blur, cls, n_cls, d, tail: MetalTail, sel_ok) -> np.ndarray:
     """Per class, the smallest distance from which on the halo-free rays' robust spread
     about their (interpolated) tail stays below ``HALO_TAIL_SPREAD_HU`` (up to the far
-    window)."""
+    window).
+
+    The spread is the upper semi-interquartile one, 1.4826 (Q75 - Q50) (the SD for normal
+    residuals). The rays taken as halo-free include halo rays the first pass could not
+    read and rays darkened by a streak; both only lower a profile, so the lower half of the
+    residuals says nothing about how reproducible the tail is. (A symmetric MAD counted
+    them: on a streak-heavy 0.8x0.8x1.5 mm study it put every direction class beyond the
+    readable distance.)"""
     out = np.empty(n_cls)
     upto = d < HALO_FAR_MM[0]
     resid = Xs - tail.tail_for(blur)
@@ -424,8 +436,8 @@ def _readable_distance(Xs, blur, cls, n_cls, d, tail: MetalTail, sel_ok) -> np.n
         sel = sel_ok & (cls == c)
         if sel.sum() < HALO_MIN_REFERENCE_RAYS:
             sel = sel_ok if sel_ok.sum() >= HALO_MIN_REFERENCE_RAYS else np.ones_like(sel_ok)
-        r = resid[sel]
-        spread = 1.4826 * np.median(np.abs(r - np.median(r, axis=0)), axis=0)
+        q50, q75 = np.percentile(resid[sel], [50, 75], axis=0)
+        spread = 1.4826 * (q75 - q50)
         bad = (spread > HALO_TAIL_SPREAD_HU) & upto
         idx = np.flatnonzero(bad)
         last_bad = d[idx[-1]] + (d[1] - d[0]) if idx.size else d[0]
@@ -453,12 +465,23 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     farther out than the loosening threshold (``d_vis`` of that direction class above
     ``HALO_READABLE_DVIS_MM``); a ray there that shows no lucency at ``d_vis`` has not
     shown that there is none. A lucency around a screw is contiguous, so such a ray takes
-    the width interpolated around the circumference (same station) from the nearest rays
-    that could read it: rays of readable classes, and any ray whose lucency reached past
-    ``d_vis`` (read directly).
+    its width around the circumference (same station) from the nearest rays that could
+    read it: rays of readable classes, and any ray whose lucency reached past ``d_vis``
+    and is clearly lucent there (read directly: within ``HALO_DIRECT_FRACTION`` of the
+    lucent-to-bone step above the lucent level. At ``d_vis`` the tail still varies by up
+    to ``HALO_TAIL_SPREAD_HU``, so the half-way level lies under two spreads below bone and
+    a streak or a noise dip reaches it; copied round the circumference, one such ray made
+    a halo-free screw read loose).
+
+    Each unreadable ray takes the width of the NEAREST such ray around the circumference
+    (the smaller of the two when they are equally near): where a partial halo's end lies
+    in an unreadable stretch, between a ray that read the halo and one that read none, the
+    end is as likely to be in either half, so the stretch is split in the middle. (Taking
+    the smaller of the two for every ray put every such end on the lucent side and read a
+    half-circumference halo's coverage under the 0.5 loosening cut.)
     """
     d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm)
-    direct = (st == 1) & (g_vis < 0.5 * (tail.lucent_hu + bone_hu))
+    direct = (st == 1) & (g_vis < tail.lucent_hu + HALO_DIRECT_FRACTION * (bone_hu - tail.lucent_hu))
     unreadable = (d_vis > HALO_READABLE_DVIS_MM) & ~direct & (st != 2)
     if not unreadable.any():
         return w
@@ -475,7 +498,13 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
         vals = np.tile(W[s, good], 3)
         for a in np.flatnonzero(U[s]):
             k = np.searchsorted(ext, a)
-            out[s, a] = min(vals[k - 1], vals[k])
+            d_left, d_right = a - ext[k - 1], ext[k] - a
+            if d_left < d_right:
+                out[s, a] = vals[k - 1]
+            elif d_right < d_left:
+                out[s, a] = vals[k]
+            else:
+                out[s, a] = min(vals[k - 1], vals[k])
     return out.ravel()
 
 
