@@ -315,9 +315,9 @@ def column_profile(volume: Volume, curve: np.ndarray, metal_threshold_hu: float,
     ``high_hu`` (its 75th percentile away from metal: the cortical endplates stand out),
     ``non_trabecular`` (the fraction of samples far from the body level ``body_hu``: disc,
     PEEK cage, bridging bone and endplates, not the body's inside),
-    ``central_metal_fraction`` (cage-wide metal in the central +-6 mm, see
-    :func:`central_cage_metal_fraction`: a cage, not a screw, even one breached across the
-    midline), ``valid`` (the whole cross-section is inside the volume) and the local
+    ``central_metal_fraction`` (metal in the central +-6 mm: a cage, or a screw breached
+    across the midline), ``central_cage_metal_fraction`` (only cage-wide metal there, see
+    :func:`central_cage_metal_fraction`: a cage, not a screw), ``valid`` (the whole cross-section is inside the volume) and the local
     frames.
     """
     t, lr, ap = frames_along(curve)
@@ -347,10 +347,13 @@ def column_profile(volume: Volume, curve: np.ndarray, metal_threshold_hu: float,
     cpts5 = cross_section_points(curve, lr, ap, half_lr_mm=5.0, half_ap_mm=5.0, step_mm=1.0)
     c5 = sample_lps(volume, cpts5, cval_hu=-1000.0)
     other_c = np.mean(np.abs(c5 - body_hu) > band, axis=1)
-    metal = central_cage_metal_fraction(volume, curve, lr, ap, metal_threshold_hu)
+    cpts = cross_section_points(curve, lr, ap, half_lr_mm=6.0, half_ap_mm=6.0, step_mm=1.5)
+    cvals = sample_lps(volume, cpts, cval_hu=-1000.0)
+    metal = (cvals > metal_threshold_hu).mean(axis=1)
+    cage_metal = central_cage_metal_fraction(volume, curve, lr, ap, metal_threshold_hu)
     return dict(low_hu=low, high_hu=high, non_trabecular=other, central_non_trabecular=other_c,
                 body_hu=body_hu,
-                central_metal_fraction=metal, valid=valid, tangent=t, lr=lr, ap=ap)
+                central_metal_fraction=metal, central_cage_metal_fraction=cage_metal, valid=valid, tangent=t, lr=lr, ap=ap)
 
 
 def central_cage_metal_fraction(volume: Volume, curve: np.ndarray, lr: np.ndarray, ap: np.ndarray,
@@ -396,7 +399,9 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
       endplates bounding a disc, still there when bone bridges it or a PEEK cage fills it);
     * a run of stations where at least 70 % of the central +-5 mm is far from the body level
       (disc, PEEK, bridging bone; scored by its prominence, 0.5 at least);
-    * metal filling the centre of the cross-section (a titanium cage; scored 2).
+    * metal filling the centre of the cross-section, cage-wide (a titanium cage; scored 2;
+      a screw breached across the midline is narrower, see
+      :func:`central_cage_metal_fraction`).
 
     A dark metal streak through a body makes a dip but has no endplate pair beside it;
     :func:`select_periodic` then keeps the best-scoring set of candidates at least
@@ -450,8 +455,12 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
         if 5.0 <= (b - a) * spacing_mm <= 16.0:
             cand.append(((a + b) // 2, min(min(pa, pb) / spread, 1.5)))
     mf = ndimage.gaussian_filter1d(prof["central_metal_fraction"], sig)
+    # a cage: where the centre's metal peaks and is cage-wide there (a screw across the
+    # midline is not; the peak's position comes from all the metal, as before)
+    cage = ndimage.gaussian_filter1d(prof.get("central_cage_metal_fraction", prof["central_metal_fraction"]), sig)
+    near = int(round(3 * sig))
     for p, _ in _normalised_peaks(mf, valid, 0.3, None):
-        if mf[p] >= 0.3:
+        if mf[p] >= 0.3 and cage[max(p - near, 0): p + near + 1].max() >= 0.3:
             cand.append((p, 2.0))
     _log.debug("disc evidence %s", [(p, round(sc, 2)) for p, sc in sorted(cand)])
     # merge evidence within 6 mm (one disc; bodies are far taller)
@@ -1022,7 +1031,8 @@ def _rough_bodies(prof: dict, discs: list[int], curve: np.ndarray) -> tuple[list
         for m in range(n_split):
             lo_ = a + (b - a) * m / n_split
             hi_ = a + (b - a) * (m + 1) / n_split
-            rough.append(dict(station=0.5 * (lo_ + hi_), half=0.5 * (hi_ - lo_) - 4.0))
+            rough.append(dict(station=0.5 * (lo_ + hi_), half=0.5 * (hi_ - lo_) - 4.0,
+                              between_discs=n_split == 1))
     n = len(curve)
     for r in rough:
         i = int(np.clip(round(r["station"]), 0, n - 1))
@@ -1105,6 +1115,18 @@ def find_vertebrae(volume: Volume, config: Config):
         if f is None:  # perhaps a screw across the body's middle lit its inside level
             f = fit_body(volume, r["centre"], r["axis"], r["disc_above"], r["disc_below"],
                          config.metal_threshold_hu, ignore_metal=True)
+        if (f is None or f["superior"] is None or f["inferior"] is None) and r.get("between_discs"):
+            # the column curve can wander off a body between its discs (its cores follow
+            # pedicles and screws there): start again from the middle of the chord joining
+            # the two disc centres, along it
+            chord = np.asarray(r["disc_above"], float) - np.asarray(r["disc_below"], float)
+            mid = 0.5 * (np.asarray(r["disc_above"], float) + np.asarray(r["disc_below"], float))
+            for ignore_metal in (False, True):
+                g = fit_body(volume, mid, chord, r["disc_above"], r["disc_below"], config.metal_threshold_hu,
+                             ignore_metal=ignore_metal)
+                if g is not None and g["superior"] is not None and g["inferior"] is not None:
+                    f = g
+                    break
         if i_r == len(rough) - 1 and discs and r["station"] > discs[-1]:
             # below the last disc: perhaps the sacrum; its fit must not look for an inferior
             # endplate (there is none) nor let one tilt its axis. The column curve bends
