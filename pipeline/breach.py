@@ -86,12 +86,30 @@ def station_profiles(volume: Volume, hu: np.ndarray, centre_lps, axis, radii_mm:
                      n_azimuths: int = N_AZIMUTHS):
     """HU on rays perpendicular to ``axis`` from ``centre_lps``: (azimuths, radii), with the
     ray directions (azimuths, 3) and the in-plane frame (e1, e2)."""
+    kji, dirs, frame = _station_rays_kji(volume, centre_lps, axis, radii_mm, n_azimuths)
+    return sample_points(hu, kji).reshape(n_azimuths, len(radii_mm)), dirs, frame
+
+
+def _station_rays_kji(volume: Volume, centre_lps, axis, radii_mm: np.ndarray,
+                      n_azimuths: int = N_AZIMUTHS):
+    """The (k, j, i) sample points of :func:`station_profiles` ((azimuths * radii, 3)), the
+    ray directions and the in-plane frame."""
     e1, e2 = _perp_frame(axis)
     ang = 2 * np.pi * np.arange(n_azimuths) / n_azimuths
     dirs = np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2
     pts = np.asarray(centre_lps)[None, None, :] + radii_mm[None, :, None] * dirs[:, None, :]
     kji = np.ascontiguousarray(volume.lps_to_kji(pts.reshape(-1, 3)), dtype=np.float64)
-    return sample_points(hu, kji).reshape(n_azimuths, len(radii_mm)), dirs, (e1, e2)
+    return kji, dirs, (e1, e2)
+
+
+def _median(x: np.ndarray) -> float:
+    """``float(np.median(x))`` of a short 1-D array, without NumPy's per-call overhead
+    (the same value: the middle element, or the mean of the middle two, NaN if any is)."""
+    v = sorted(x.tolist())
+    if v and v[-1] != v[-1] or any(e != e for e in v):
+        return float("nan")
+    m = len(v) // 2
+    return float(v[m]) if len(v) % 2 else float(np.float64(v[m - 1] + v[m]) / 2.0)
 
 
 def outer_cortex_points(profiles_hu: np.ndarray, radii_mm: np.ndarray, start_mm: float,
@@ -109,43 +127,45 @@ def outer_cortex_points(profiles_hu: np.ndarray, radii_mm: np.ndarray, start_mm:
     s_lo, s_hi = (int(round(x / step)) for x in SOFT_SIDE_MM)
     m_n = int(round(METAL_SIDE_MM / step))
     out_a, out_r = [], []
-    for a, p in enumerate(profiles_hu):
-        above = p >= soft_hu
-        idx = np.nonzero(above[1:] != above[:-1])[0]
-        for i in idx:
-            if radii_mm[i] < start_mm:
-                continue
-            if above[i]:   # falling: bone inside, soft tissue outward
-                soft = p[min(n, i + 1 + s_lo):min(n, i + 1 + s_hi)]
-                lo_b = max(0, i - m_n)
-                bone = p[lo_b:i + 1]
-                k_pk = lo_b + int(np.argmax(bone))
-                seg = np.arange(k_pk, i + 2)
-            else:          # rising: soft tissue inward, bone outward
-                soft = p[max(0, i - s_hi):max(0, i - s_lo + 1)]
-                hi_b = min(n, i + 1 + m_n)
-                bone = p[i + 1:hi_b]
-                k_pk = i + 1 + int(np.argmax(bone)) if bone.size else i + 1
-                seg = np.arange(i, k_pk + 1)
-            if soft.size < 3 or bone.size < 2:
-                continue
-            if k_pk in (seg[0], seg[-1]) and (above[i] and k_pk == lo_b or not above[i] and k_pk == hi_b - 1):
-                continue  # no ring: a monotone fall from the metal (blooming), not a cortex
-            soft_level = float(np.median(soft))
-            peak = float(bone.max())
-            if soft_level >= soft_hu or peak >= metal_hu or peak < soft_hu + CORTEX_MIN_CONTRAST_HU:
-                continue
-            level = min(soft_level + 0.5 * (CORTEX_HU - soft_level),
-                        soft_level + RING_FRACTION * (peak - soft_level))
-            q = p[seg]
-            hi_side = q >= level
-            j = np.nonzero(hi_side[1:] != hi_side[:-1])[0]
-            if j.size == 0:
-                continue
-            j = int(j[-1]) if above[i] else int(j[0])
-            f = (level - q[j]) / (q[j + 1] - q[j])
-            out_a.append(a)
-            out_r.append(radii_mm[seg[j]] + f * step)
+    # every ray's threshold crossings at once, in (azimuth, radius) order as ray by ray
+    above_all = profiles_hu >= soft_hu
+    cross_a, cross_i = np.nonzero(above_all[:, 1:] != above_all[:, :-1])
+    keep = radii_mm[cross_i] >= start_mm
+    for a, i in zip(cross_a[keep].tolist(), cross_i[keep].tolist()):
+        p = profiles_hu[a]
+        if above_all[a, i]:   # falling: bone inside, soft tissue outward
+            falling = True
+            soft = p[min(n, i + 1 + s_lo):min(n, i + 1 + s_hi)]
+            lo_b = max(0, i - m_n)
+            bone = p[lo_b:i + 1]
+            k_pk = lo_b + int(np.argmax(bone))
+            seg_lo, seg_hi = k_pk, i + 1
+        else:                 # rising: soft tissue inward, bone outward
+            falling = False
+            soft = p[max(0, i - s_hi):max(0, i - s_lo + 1)]
+            hi_b = min(n, i + 1 + m_n)
+            bone = p[i + 1:hi_b]
+            k_pk = i + 1 + int(np.argmax(bone)) if bone.size else i + 1
+            seg_lo, seg_hi = i, k_pk
+        if soft.size < 3 or bone.size < 2:
+            continue
+        if k_pk in (seg_lo, seg_hi) and (falling and k_pk == lo_b or not falling and k_pk == hi_b - 1):
+            continue  # no ring: a monotone fall from the metal (blooming), not a cortex
+        soft_level = _median(soft)
+        peak = float(bone.max())
+        if soft_level >= soft_hu or peak >= metal_hu or peak < soft_hu + CORTEX_MIN_CONTRAST_HU:
+            continue
+        level = min(soft_level + 0.5 * (CORTEX_HU - soft_level),
+                    soft_level + RING_FRACTION * (peak - soft_level))
+        q = p[seg_lo:seg_hi + 1]
+        hi_side = q >= level
+        j = np.nonzero(hi_side[1:] != hi_side[:-1])[0]
+        if j.size == 0:
+            continue
+        j = int(j[-1]) if falling else int(j[0])
+        f = (level - q[j]) / (q[j + 1] - q[j])
+        out_a.append(a)
+        out_r.append(radii_mm[seg_lo + j] + f * step)
     return np.array(out_a, int), np.array(out_r, float)
 
 
@@ -184,7 +204,10 @@ def fit_circle_ransac(xy: np.ndarray, tol_mm: float = RANSAC_TOL_MM,
     if not ok.any():
         return None
     cen, rad = cen[ok], rad[ok]
-    resid = np.abs(np.linalg.norm(xy[None, :, :] - cen[:, None, :], axis=2) - rad[:, None])
+    # |point - centre| as in np.linalg.norm(axis=2): sqrt(dx*dx + dy*dy), same rounding
+    dx = xy[None, :, 0] - cen[:, 0, None]
+    dy = xy[None, :, 1] - cen[:, 1, None]
+    resid = np.abs(np.sqrt(dx * dx + dy * dy) - rad[:, None])
     counts = (resid < tol_mm).sum(1)
     k = int(np.argmax(counts))
     inl = resid[k] < tol_mm
@@ -211,10 +234,27 @@ def station_points(volume: Volume, hu: np.ndarray, centre_lps, axis, radius_mm: 
     frame (:func:`_perp_frame`), mm from the shaft axis."""
     radii = np.arange(0.0, RAY_REACH_MM + 1e-9, RAY_STEP_MM)
     prof, _, _ = station_profiles(volume, hu, centre_lps, axis, radii)
+    return _profile_points(prof, radii, radius_mm, config)
+
+
+def _profile_points(prof: np.ndarray, radii: np.ndarray, radius_mm: float, config: Config) -> np.ndarray:
+    """:func:`station_points` from one station's profiles (azimuths, radii)."""
     az, rr = outer_cortex_points(prof, radii, radius_mm + 0.3, config.bone_threshold_hu,
                                  config.metal_threshold_hu)
     ang = 2 * np.pi * az / N_AZIMUTHS
     return np.column_stack([rr * np.cos(ang), rr * np.sin(ang)])
+
+
+def stations_points(volume: Volume, hu: np.ndarray, centres_lps, axis, radius_mm: float,
+                    config: Config) -> list[np.ndarray]:
+    """:func:`station_points` of several cross-sections along one shaft, with one sampling
+    call for all of them (the same samples: each point is sampled on its own)."""
+    radii = np.arange(0.0, RAY_REACH_MM + 1e-9, RAY_STEP_MM)
+    if len(centres_lps) == 0:
+        return []
+    kji = np.concatenate([_station_rays_kji(volume, c, axis, radii)[0] for c in centres_lps])
+    prof = sample_points(hu, kji).reshape(len(centres_lps), N_AZIMUTHS, len(radii))
+    return [_profile_points(p, radii, radius_mm, config) for p in prof]
 
 
 def outline_breach(xy: np.ndarray, axis, radius_mm: float):
@@ -290,7 +330,7 @@ def measure_breach(volume: Volume, screw: ScrewGeometry, vertebra: Vertebra | No
     ax = np.asarray(screw.axis)
     r = 0.5 * screw.diameter_mm
     ts = np.arange(t0 + 0.5 * STATION_STEP_MM, t1 + 1e-9, STATION_STEP_MM)
-    pts = [station_points(volume, hu, head + t * ax, ax, r, config) for t in ts]
+    pts = stations_points(volume, hu, [head + t * ax for t in ts], ax, r, config)
     rows = []
     for i, t in enumerate(ts):
         # pool the neighbouring cross-sections: the pedicle is a tube, locally parallel
