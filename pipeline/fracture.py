@@ -46,6 +46,7 @@ means pseudarthrosis.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from kernels.sampling import sample_points
 from pipeline.config import Config
@@ -396,8 +397,6 @@ def section_dips(section: np.ndarray, s_mm: np.ndarray, length_mm: float,
     top-hat along the hardware, and lie inside the hardware. Within ``junction_mm`` of the
     start (a screw's head) the tulip's blooming decays along the shaft and leaves a shallow
     valley where the shaft enters bone: there a dip must reach ``junction_rel``."""
-    from scipy import ndimage
-
     step = float(s_mm[1] - s_mm[0])
     n = max(3, int(round(span_mm / step)) | 1)
     inside = (s_mm >= 0.0) & (s_mm <= length_mm)
