@@ -51,6 +51,7 @@ BODY_HEIGHT_RANGE_MM = (18.0, 45.0)  # a fitted body outside this is a failed fi
 MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
 CAGE_MIN_WIDTH_MM = 9.0        # interbody cages are wider (phantom 11, PLIF/TLIF 9-12 mm);
                                # screw shafts, blooming included, are narrower (4.5-8.5 mm)
+SOFT_TISSUE_HU = 40.0          # muscle and fat-muscle mix around the column
 MIN_END_BODY_MM = 12.0         # a disc has a body beyond it: where the column ends inside the
                                # scan, no disc centre lies closer to that end (the shortest
                                # body, 18 mm, plus half a disc; a slab darkened by streaks
@@ -474,7 +475,7 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
             merged.append([p, sc, sc])
     pos = [int(round(m[0])) for m in merged]
     scores = [m[1] for m in merged]
-    lo_end, hi_end = column_ends(low, valid, body, disc)
+    lo_end, hi_end = column_ends(low, valid, body)
     keep = [k for k, p in enumerate(pos)
             if (p - lo_end) * spacing_mm >= MIN_END_BODY_MM and (hi_end - p) * spacing_mm >= MIN_END_BODY_MM]
     if len(keep) < len(pos):
@@ -483,16 +484,17 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     return select_periodic([pos[k] for k in keep], [scores[k] for k in keep], MIN_DISC_SPACING_MM / spacing_mm)
 
 
-def column_ends(low_hu: np.ndarray, valid: np.ndarray, body_hu: float, disc_hu: float,
+def column_ends(low_hu: np.ndarray, valid: np.ndarray, body_hu: float, soft_tissue_hu: float = SOFT_TISSUE_HU,
                 edge_margin: int = 3) -> tuple[float, float]:
     """Stations where the bony column ends inside the volume (first, last), else +-inf.
 
-    Bone is where the low-quantile profile is above half-way from disc to body level. When
+    Bone (or disc) is where the low-quantile profile is above half-way from soft tissue to
+    the body level (the 75th percentile of the profile: the discs are few). When
     soft tissue follows it for more than ``edge_margin`` valid stations before the volume
     ends, the column itself ends there (no vertebra beyond it in the scan); when bone
     reaches the edge of the volume (a vertebra cut by the scan), the end is open (+-inf).
     """
-    bone = valid & (low_hu >= 0.5 * (body_hu + disc_hu))
+    bone = valid & (low_hu >= 0.5 * (body_hu + soft_tissue_hu))
     idx = np.flatnonzero(bone)
     vidx = np.flatnonzero(valid)
     if idx.size == 0:

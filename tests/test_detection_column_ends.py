@@ -162,15 +162,16 @@ def test_column_ends_only_where_soft_tissue_follows_inside_the_volume():
     body, disc = 230.0, 80.0
     low = np.full(100, body)
     low[40:48] = disc
+    low[70:90] = 190.0  # a denser-than-usual stretch does not end the column
     valid = np.ones(100, bool)
     # bone to the volume's edge at both ends: open ends
-    assert column_ends(low, valid, body, disc) == (-np.inf, np.inf)
+    assert column_ends(low, valid, body, 40.0) == (-np.inf, np.inf)
     # soft tissue (40 HU) above station 20 inside the volume: the column ends at 20
     low2 = low.copy()
     low2[:20] = 40.0
-    first, last = column_ends(low2, valid, body, disc)
+    first, last = column_ends(low2, valid, body, 40.0)
     assert first == 20 and last == np.inf
     # the same soft tissue outside the volume (invalid stations): still open
     valid3 = valid.copy()
     valid3[:20] = False
-    assert column_ends(low2, valid3, body, disc)[0] == -np.inf
+    assert column_ends(low2, valid3, body, 40.0)[0] == -np.inf
