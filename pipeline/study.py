@@ -165,7 +165,16 @@ def load_step(input_path: str | Path, fingerprint: str | None = None) -> VolumeR
     tmp = _staging_npy(str(stem))
 
     def allocate(shape):
-        return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(shape))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(shape))
+        # reserve the disk blocks now: a full disk is then an OSError here, not a SIGBUS
+        # while the pixels are written into the mapping
+        if hasattr(os, "posix_fallocate"):
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        return out
 
     try:
         volume = load_study(input_path, allocate=allocate)

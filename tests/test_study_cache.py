@@ -78,3 +78,26 @@ def test_one_changed_byte_changes_the_fingerprint(tmp_path):
     data[-1] ^= 0x01
     victim.write_bytes(bytes(data))
     assert input_fingerprint(study) != before
+
+
+def test_full_disk_is_an_oserror_before_any_pixel_is_written(tmp_path, monkeypatch):
+    """The cache file's blocks are reserved before the pixels go into its memory map, so a
+    full disk is a plain OSError (retried by the flow, then one line) and nothing is left."""
+    import errno
+    import os
+
+    import pytest
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform")
+    monkeypatch.setenv("FUSIONCT_CACHE_DIR", str(tmp_path / "cache"))
+    study = _small_study(tmp_path / "study")
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError) as err:
+        load_step(study)
+    assert err.value.errno == errno.ENOSPC
+    assert list((tmp_path / "cache" / "volumes").glob("*")) == []
