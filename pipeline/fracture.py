@@ -288,7 +288,7 @@ def plateau_level(profile_hu: np.ndarray) -> tuple[float, float]:
     1.4826 x its MAD (zero on a clipped plateau)."""
     p = np.asarray(profile_hu, float)
     lo, hi = np.percentile(p, 5), p.max()
-    metal = p[p > lo + 0.5 * (hi - lo)]
+    metal = p[p >= lo + 0.5 * (hi - lo)]   # >=: a flat profile (outside the volume) is its own plateau
     C = float(np.median(metal))
     noise = 1.4826 * float(np.median(np.abs(metal - C)))
     return C, noise
