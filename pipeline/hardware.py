@@ -414,13 +414,18 @@ def find_screws(volume: Volume, config: Config, vertebrae,
     for v in vertebrae:
         c, si, lr, ap, half_h = _vertebra_frame(v)
         a, b = v.semi_axes_mm
-        rel = metal - c
+        # only the voxels within the box's circumscribed ball can be inside it (ascending
+        # indices, as a scan of all voxels would give them)
+        reach = float(np.sqrt((a + 10.0) ** 2 + (b + 6.0) ** 2 + max(half_h - 6.0, 5.0) ** 2)) + 1.0
+        near = np.sort(np.asarray(mv.tree.query_ball_point(c, r=reach), dtype=np.intp))
+        pts = metal[near]
+        rel = pts - c
         u, w, h = rel @ lr, rel @ ap, rel @ si
         # between the body's own endplates (and clear of them: cages sit beyond them)
-        s_sup = (metal - np.asarray(v.superior_endplate.point_lps_mm)) @ np.asarray(v.superior_endplate.normal)
-        s_inf = (metal - np.asarray(v.inferior_endplate.point_lps_mm)) @ np.asarray(v.inferior_endplate.normal)
+        s_sup = (pts - np.asarray(v.superior_endplate.point_lps_mm)) @ np.asarray(v.superior_endplate.normal)
+        s_inf = (pts - np.asarray(v.inferior_endplate.point_lps_mm)) @ np.asarray(v.inferior_endplate.normal)
         slab = (np.abs(h) <= max(half_h - 6.0, 5.0)) & (s_sup < -4.0) & (s_inf < -4.0)
-        inside = np.nonzero(slab & (w >= -b - 2.0) & (w <= b + 6.0) & (np.abs(u) <= a + 10.0))[0]
+        inside = near[np.nonzero(slab & (w >= -b - 2.0) & (w <= b + 6.0) & (np.abs(u) <= a + 10.0))[0]]
         # each screw is its own connected piece of metal here; a medially breaching screw
         # crosses the midline, so pieces are separated by connectivity, not by side, and
         # the side is that of the screw's head
