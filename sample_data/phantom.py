@@ -1214,6 +1214,7 @@ def _paint_screw(g: _Grid, hu, lab, s: dict, halo_only: bool):
     wd = np.where(r - rho < da, wr, wa)
     fr = s.get("fracture")
     if fr is not None:
+        # the two faces of the gap are painted like the tip (the nearer surface decides)
         dg = np.abs(t - fr["position"] * L) - 0.5 * fr["gap_mm"]
         wd = np.where(dg < d, wa, wd)
         d = np.minimum(d, dg)
@@ -1244,16 +1245,15 @@ def _paint_rod(g: _Grid, hu, lab, rod: dict):
         dist = np.sqrt(dx * dx + dy * dy + dz * dz)
         wr = (np.abs(dx) * g.spacing[0] + np.abs(dy) * g.spacing[1]
               + np.abs(dz) * g.spacing[2]) / np.maximum(dist, 1e-3)
-        d = r - dist
-        wd = np.maximum(wr, 0.5 * g.spacing.min())
+        a = _soft(r - dist, np.maximum(wr, 0.5 * g.spacing.min()))
         fr = rod.get("fracture")
         if fr is not None:
+            # the metal left in a voxel is the rod's coverage times the gap slab's complement
+            # (min() of the two distances kept the rod's rim voxels at the gap too full)
             fc, fd = np.asarray(fr["center_lps_mm"], np.float32), np.asarray(fr["direction"])
             dg = (np.abs((x - fc[0]) * fd[0] + (y - fc[1]) * fd[1] + (z - fc[2]) * fd[2])
                   - 0.5 * fr["gap_mm"])
-            wd = np.where(dg < d, np.float32(g.width(fd)), wd)
-            d = np.minimum(d, dg)
-        a = _soft(d, wd)
+            a = a * _soft(dg, np.float32(g.width(fd)))
         _composite(hu, lab, sl, a, HU["titanium"], LABELS["rod"])
 
 

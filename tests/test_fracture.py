@@ -111,11 +111,12 @@ def test_sub_millimetre_shaft_gaps_found_at_standard_and_coarse_spacing(spacing)
     _check_found(spacing, "thin")
 
 
-@pytest.mark.parametrize("spacing,which", [("standard", "rod_thin"), ("coarse", "rod_thin_coarse"),
+@pytest.mark.parametrize("spacing,which", [("standard", "rod_thin"), ("coarse", "rod_thin"),
+                                           ("coarse", "rod_thin_coarse"),
                                            pytest.param("fine", "rod_thin", marks=pytest.mark.slow)])
 def test_sub_millimetre_rod_gaps_found_located_and_sized(spacing, which):
-    """0.6 and 0.8 mm rod gaps (0.5 x 0.5 x 1.0 mm and 0.35 x 0.35 x 0.6 mm) and a 1.0 mm one
-    at 0.8 x 0.8 x 1.5 mm that the centre line alone missed."""
+    """0.6 and 0.8 mm rod gaps at all three spacings and a 1.0 mm one at 0.8 x 0.8 x 1.5 mm
+    that the centre line alone missed."""
     _check_found(spacing, which)
 
 
