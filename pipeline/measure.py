@@ -81,6 +81,15 @@ HALO_READABLE_DVIS_MM = 1.35  # a direction class reading no closer than this ca
 HALO_DIRECT_FRACTION = 0.3    # a ray reads its lucency directly when at d_vis it is within this
                               # fraction of the lucent-to-bone step above the lucent level
 HALO_OUTLIER_MM = 1.0         # a ray this far from its neighbours' median is an artefact
+ROD_STATION_STEP_MM = 1.0     # rod tail: stations along each rod segment
+ROD_END_MARGIN_MM = 3.0       # ... this far from the rod's two ends
+ROD_TULIP_CLEAR_MM = 12.0     # ... and this far from every screw's tulip (head to 13 mm behind)
+ROD_TULIP_DEPTH_MM = 13.0
+ROD_DIAMETER_TOL_MM = 0.2     # a rod this much thicker than the thinnest screw still bounds
+ROD_SOFT_HU = (-150.0, 150.0)  # a rod ray's far level must be soft tissue (not bone, not air)
+ROD_LUCENT_WINDOW_MM = (1.0, 1.5)  # a ray this far below the rods' tail here is not halo-free
+ROD_LUCENT_MARGIN_HU = 80.0
+ROD_FLOOR_FROM_MM = 1.0       # the rods' tail bounds the screws' from this distance on
 RIM_WINDOW_MM = (0.2, 0.8)    # sclerotic rim read just outside the lucency
 RIM_CLEAR_HU = 150.0          # "clearly denser than the surrounding bone"
 RIM_BEYOND_MM = (1.6, 2.4)    # bone beyond the rim must be ordinary (else a cortex, not a rim)
@@ -352,8 +361,103 @@ def _analyse(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float,
     return g, out
 
 
+def rod_tail_profiles(volume: Volume, rods, screws, d_mm: np.ndarray, config: Config,
+                      hu: np.ndarray | None = None):
+    """The metal's tail read around the rods, where no halo can exist.
+
+    Blooming and blur are additive (the metal's excess HU times the scanner's spread), so
+    the excess over the far level next to a titanium rod in soft tissue is the metal tail
+    without bone or lucency under it. Rays perpendicular to each rod segment, at stations
+    every ``ROD_STATION_STEP_MM`` kept ``ROD_TULIP_CLEAR_MM`` from every screw's tulip and
+    ``ROD_END_MARGIN_MM`` from the rod's ends, sampled at ``d_mm`` from the rod's true
+    surface; rays whose far level is not soft tissue (``ROD_SOFT_HU``) are dropped.
+
+    Returns
+    -------
+    (excess_hu, blur_mm) : (n_rays, len(d_mm)) excess over each ray's far level and the
+        voxel extent along each ray; None when no rod offers a usable station.
+    """
+    hu = _hu(volume) if hu is None else hu
+    d = np.asarray(d_mm, float)
+    tul = []
+    for sc in screws:
+        h, t = np.asarray(sc.head_lps_mm, float), np.asarray(sc.tip_lps_mm, float)
+        ax = _unit(t - h)
+        tul.append((h - ROD_TULIP_DEPTH_MM * ax, h))
+    n_az = config.halo_azimuths
+    ang = (np.arange(n_az) + 0.5) * (2 * np.pi / n_az)
+    out_x, out_b = [], []
+    for rod in rods:
+        pts = np.asarray(rod.points_lps_mm, float)
+        r = 0.5 * float(rod.diameter_mm)
+        if len(pts) < 2 or r <= 0:
+            continue
+        for p, q in zip(pts[:-1], pts[1:]):
+            L = float(np.linalg.norm(q - p))
+            if L < ROD_STATION_STEP_MM:
+                continue
+            ax = (q - p) / L
+            st = p + np.arange(0.5 * ROD_STATION_STEP_MM, L, ROD_STATION_STEP_MM)[:, None] * ax
+            ok = (np.linalg.norm(st - pts[0], axis=1) >= ROD_END_MARGIN_MM) & \
+                 (np.linalg.norm(st - pts[-1], axis=1) >= ROD_END_MARGIN_MM)
+            for a, b in tul:
+                ab = b - a
+                u = np.clip(((st - a) @ ab) / max(ab @ ab, 1e-9), 0.0, 1.0)
+                ok &= np.linalg.norm(st - (a + u[:, None] * ab), axis=1) >= ROD_TULIP_CLEAR_MM
+            st = st[ok]
+            if len(st) == 0:
+                continue
+            e1, e2 = _perp_frame(ax)
+            dirs = np.cos(ang)[:, None] * e1 + np.sin(ang)[:, None] * e2
+            origins = volume.lps_to_kji(np.repeat(st, n_az, axis=0))
+            dk = np.tile(volume.direction_lps_to_kji(dirs), (len(st), 1))
+            prof = sample_rays(hu, np.ascontiguousarray(origins), np.ascontiguousarray(dk),
+                               r + d[0], float(d[1] - d[0]), len(d))
+            far = _far_level(prof, d)
+            soft = (far >= ROD_SOFT_HU[0]) & (far <= ROD_SOFT_HU[1])
+            out_x.append(prof[soft] - far[soft, None])
+            out_b.append(np.tile(_blur_extent_mm(volume, dirs), len(st))[soft])
+    if not out_x or sum(len(x) for x in out_x) < HALO_MIN_REFERENCE_RAYS:
+        return None
+    return np.concatenate(out_x), np.concatenate(out_b)
+
+
+def _rod_floor(rod_tail, centres: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Per direction class, the rods' median tail over rod rays no more blurred than the
+    class: a lower bound of the screws' tail from ``ROD_FLOOR_FROM_MM`` on (a wider blur
+    and a thicker shaft only raise it there; ``_study_rod_tail`` keeps only rods no thicker
+    than the thinnest screw), so a tail estimate that absorbed halos (a study where every
+    screw has one) is lifted back to it. Closer to the surface the clipped metal plateau
+    makes a wider blur LOWER the tail (0.8x0.8x1.5 mm, halo-free study: the rods' tail is
+    160 HU above the in-plane screw rays' at 0.3 mm, 20 HU under it at 1.0 mm), so no bound
+    there. -inf where there is no bound."""
+    floor = np.full((len(centres), len(d)), -np.inf)
+    if rod_tail is None:
+        return floor
+    X, b = rod_tail
+    inside = (d >= ROD_FLOOR_FROM_MM) & (d < HALO_FAR_MM[0])
+    for c, bc in enumerate(centres):
+        sel = b <= bc + 1e-6
+        if sel.sum() >= HALO_MIN_REFERENCE_RAYS:
+            floor[c, inside] = np.median(X[sel][:, inside], axis=0)
+    return floor
+
+
+def _below_rod_tail(Xs: np.ndarray, rod_tail, d: np.ndarray) -> np.ndarray:
+    """Rays clearly lucent by the rods' measure: their station-smoothed excess over
+    ``ROD_LUCENT_WINDOW_MM`` lies more than ``ROD_LUCENT_MARGIN_HU`` below the rods' tail.
+    There the rods' tail is under every direction class's tail (farther than the blur
+    from the surface, where the clipped metal plateau no longer matters), so a halo-free
+    ray is not below it; such a ray is never taken as a halo-free reference."""
+    if rod_tail is None:
+        return np.zeros(len(Xs), bool)
+    win = (d >= ROD_LUCENT_WINDOW_MM[0]) & (d <= ROD_LUCENT_WINDOW_MM[1])
+    ref = float(np.median(rod_tail[0][:, win], axis=0).mean())
+    return Xs[:, win].mean(axis=1) < ref - ROD_LUCENT_MARGIN_HU
+
+
 def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: list[np.ndarray],
-                        config: Config, n_iter: int = 2) -> MetalTail:
+                        config: Config, n_iter: int = 2, rod_tail=None) -> MetalTail:
     """Estimate the metal tail from the study's own halo-free rays (module docstring).
 
     Rays are grouped into classes of equal size by the voxel extent along them (the blur
@@ -364,6 +468,11 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
     The readable distance of a class is where its halo-free rays agree with the tail
     within ``HALO_TAIL_SPREAD_HU`` (robust SD, on the station-smoothed profiles the
     analysis reads).
+
+    ``rod_tail`` (from :func:`rod_tail_profiles`): the tail read around the rods bounds
+    every class's tail from below at each step (``_rod_floor``). Without it, a study whose
+    screws all carry halos has few halo-free rays, the halo rays read as halo-free get into
+    the tail and every halo reads near zero.
     """
     d = rays_list[0].d_mm
     excess, excess_s = [], []
@@ -388,6 +497,9 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
         src = X[sel] if sel.sum() >= HALO_MIN_REFERENCE_RAYS else X
         tail[c] = np.percentile(src, HALO_TAIL_START_PERCENTILE, axis=0)
     tail[:, beyond] = 0.0
+    floor = _rod_floor(rod_tail, centres, d)
+    tail = np.maximum(tail, floor)
+    below_rods = _below_rod_tail(Xs, rod_tail, d)
     sigma = 0.6 * centres
 
     def build(tail_hu, d_vis, bone, ref):
@@ -404,7 +516,7 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
             status.append(st)
         w = np.concatenate(widths)
         st = np.concatenate(status)
-        nohalo = (st != 2) & (w < HALO_NOHALO_MM)
+        nohalo = (st != 2) & (w < HALO_NOHALO_MM) & ~below_rods
         ref = np.zeros(n_cls, int)
         for c in range(n_cls):
             sel = nohalo & (cls == c)
@@ -414,6 +526,7 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
             elif nohalo.sum() >= HALO_MIN_REFERENCE_RAYS:
                 tail[c] = np.median(X[nohalo], axis=0)
         tail[:, beyond] = 0.0
+        tail = np.maximum(tail, floor)
         bone = float(np.median(far[nohalo])) if nohalo.sum() >= HALO_MIN_REFERENCE_RAYS else tmp.bone_hu
         tmp = build(tail, tmp.d_vis_mm, bone, ref)
         tmp = build(tail, _readable_distance(Xs, blur, cls, n_cls, d, tmp, nohalo), bone, ref)
@@ -1032,6 +1145,21 @@ def _study_screw_profiles(volume: Volume, anatomy: Anatomy, config: Config, hu: 
     return rays_list, [screw_profiles(volume, r, hu) for r in rays_list]
 
 
+def _study_rod_tail(volume: Volume, anatomy: Anatomy, config: Config, hu: np.ndarray,
+                    rays_list: list[ScrewRays]):
+    """The rods' tail profiles on the screws' distance grid (None without rods).
+
+    Only rods no thicker than the study's thinnest screw (``ROD_DIAMETER_TOL_MM``) are
+    used: a thicker rod carries more tail than a thinner screw, and would no longer bound
+    that screw's tail from below."""
+    thinnest = min(r.screw.diameter_mm for r in rays_list)
+    rods = [r for r in anatomy.rods if r.diameter_mm <= thinnest + ROD_DIAMETER_TOL_MM]
+    if not rods:
+        return None
+    return rod_tail_profiles(volume, rods, [r.screw for r in rays_list],
+                             rays_list[0].d_mm, config, hu)
+
+
 def study_metal_tail(volume: Volume, anatomy: Anatomy, config: Config) -> MetalTail | None:
     """The study's metal tail, estimated once from every screw's halo-free rays.
 
@@ -1040,8 +1168,12 @@ def study_metal_tail(volume: Volume, anatomy: Anatomy, config: Config) -> MetalT
     single screw is poorer (fewer halo-free rays), so a whole halo can be under-read.
     None when the study has no measurable screw.
     """
-    rays_list, profiles = _study_screw_profiles(volume, anatomy, config, _hu(volume))
-    return estimate_metal_tail(volume, rays_list, profiles, config) if rays_list else None
+    hu = _hu(volume)
+    rays_list, profiles = _study_screw_profiles(volume, anatomy, config, hu)
+    if not rays_list:
+        return None
+    return estimate_metal_tail(volume, rays_list, profiles, config,
+                               rod_tail=_study_rod_tail(volume, anatomy, config, hu, rays_list))
 
 
 def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
@@ -1060,7 +1192,8 @@ def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
     screws_out = []
     rays_list, profiles = _study_screw_profiles(volume, anatomy, config, hu)
     if rays_list:
-        tail = estimate_metal_tail(volume, rays_list, profiles, config)
+        tail = estimate_metal_tail(volume, rays_list, profiles, config,
+                                   rod_tail=_study_rod_tail(volume, anatomy, config, hu, rays_list))
         for rays, prof in zip(rays_list, profiles):
             bone = _screw_bone_level(rays, prof, tail, config)
             m, ev = _screw_result(rays, hu, tail, config, bone)
@@ -1080,4 +1213,4 @@ def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
 
 
 __all__ = ["MetalTail", "estimate_metal_tail", "fit_endplate_rim", "measure_cage", "measure_level",
-           "measure_screw", "measure_study", "screw_profiles", "screw_rays", "study_metal_tail"]
+           "measure_screw", "measure_study", "rod_tail_profiles", "screw_profiles", "screw_rays", "study_metal_tail"]
