@@ -19,7 +19,10 @@ several hundred HU within the first millimetre, the size of the loosening rule i
 halo analysis therefore removes that tail before reading the lucency: the tail is
 estimated from the halo-free rays of the same study (they share scanner, kernel and
 voxel shape), per class of ray direction (the blur differs along the slice axis), and
-subtracted; widths are then read on what remains (``kernels.halo``; one fused kernel per
+subtracted (when the study has rods, the tail read around them in soft tissue, where no
+halo can exist, lifts that estimate and keeps clearly lucent rays out of the halo-free
+reference: a study whose screws all carry halos has few halo-free rays); widths are then
+read on what remains (``kernels.halo``; one fused kernel per
 screw samples, removes the tail, averages along the shaft and reads every ray). Distances
 closer to the surface than the tail can be reproduced (``d_vis``) are not read directly; a
 halo thinner than that is measured through its deficit below bone further out, and rays
