@@ -262,3 +262,14 @@ def test_rod_tail_is_a_lower_bound_of_a_halo_free_study_tail():
     assert np.all(rod_med[sel] <= tail.tail_hu[0][sel] + 40.0), (rod_med[sel], tail.tail_hu[0][sel])
     # and it is a real tail: hundreds of HU next to the metal, fading with distance
     assert rod_med[np.argmin(abs(d - 0.3))] > 200.0 and rod_med[np.argmin(abs(d - 2.0))] < 100.0
+
+
+@pytest.mark.xfail(strict=True, reason="open defect: a 0.75 mm whole halo on every screw reads "
+                   "1.0-1.14 mm with coverage 0.66-0.76 (called loose); the default phantoms never "
+                   "draw widths between 0.5 and 1.5 mm (see README)")
+def test_intermediate_whole_halos_read_within_a_quarter_millimetre(width_mm=0.75):
+    vol, truth = make_phantom(_every_screw_spec(0, [width_mm], spacing_mm=(0.5, 0.5, 1.0)))
+    screws, _, _, _ = measure_study(vol, truth_anatomy(truth), Config())
+    ts = {t["id"]: t for t in truth["screws"]}
+    errors = [abs(m.halo_mean_mm - ts[m.id]["halo_mean_mm"]) for m in screws]
+    assert len(errors) == len(ts) and np.mean(errors) <= 0.25, errors
