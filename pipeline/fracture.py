@@ -479,13 +479,21 @@ def section_deficit_mm(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm:
     P = [np.asarray(p, float) for p in points_lps_mm]
     s = s0_mm + np.arange(-half_mm - 1.0, half_mm + 1.0 + 1e-9, step_mm)
     obs = section_metal_hu_mm2(section_samples(volume, hu, P, s, section_offsets_mm(radius_mm)))
-    win = np.abs(s - s0_mm) <= half_mm
-    left, right = s < s0_mm - half_mm, s > s0_mm + half_mm
-    base = np.interp(s, [float(np.mean(s[left])), float(np.mean(s[right]))],
-                     [float(np.median(obs[left])), float(np.median(obs[right]))])
+    base, win = _flank_baseline(s, obs, s0_mm, half_mm)
     if np.any(base[win] <= 0.0):
         return 0.0
     return max(0.0, float(np.sum(1.0 - obs[win] / base[win]) * step_mm))
+
+
+def _flank_baseline(s_mm, obs, s0_mm, half_mm):
+    """The plateau a section integral would have without the gap: a straight line through the
+    medians of the flanks just outside ``s0_mm +- half_mm`` (the integral drifts along a shaft
+    with the grid crossing and the bone around it). Returns ``(baseline, window mask)``."""
+    win = np.abs(s_mm - s0_mm) <= half_mm
+    left, right = s_mm < s0_mm - half_mm, s_mm > s0_mm + half_mm
+    base = np.interp(s_mm, [float(np.mean(s_mm[left])), float(np.mean(s_mm[right]))],
+                     [float(np.median(obs[left])), float(np.median(obs[right]))])
+    return base, win
 
 
 def fit_section_gap(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm: float,
@@ -524,12 +532,7 @@ def fit_section_gap(volume: Volume, hu: np.ndarray, points_lps_mm, radius_mm: fl
     s = s0_mm + np.arange(-half - 1.0, half + 1.0 + 1e-9, dx)
     obs = section_metal_hu_mm2(section_samples(volume, hu, P, s, offs,
                                                nearest=SECTION_FIT_NEAREST))
-    # the observed plateau: a straight line through the flanks just outside the window
-    # (the integral drifts along a shaft with the grid crossing and the bone around it)
-    win = np.abs(s - s0_mm) <= half
-    left, right = s < s0_mm - half, s > s0_mm + half
-    base = np.interp(s, [float(np.mean(s[left])), float(np.mean(s[right]))],
-                     [float(np.median(obs[left])), float(np.median(obs[right]))])
+    base, win = _flank_baseline(s, obs, s0_mm, half)
     if np.any(base[win] <= 0.0):
         return 0.0
     deficit_obs = float(np.sum(1.0 - obs[win] / base[win]) * dx)
