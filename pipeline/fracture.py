@@ -302,23 +302,19 @@ def find_dips(profile_hu: np.ndarray, plateau_hu: float, threshold_hu: float,
     plateau and comes back to it on both sides (within ``threshold_hu``, held for
     ``return_mm``): gaps, not ends. Runs shorter than ``min_length_mm`` are dropped."""
     p = np.asarray(profile_hu, float)
-    low = p < plateau_hu - threshold_hu
     at_plateau = p >= plateau_hu - threshold_hu
     n_ret = max(1, int(round(return_mm / step_mm)))
-    out = []
-    i, n = 0, len(p)
-    while i < n:
-        if not low[i]:
-            i += 1
-            continue
-        j = i
-        while j < n and low[j]:
-            j += 1
-        if (j - i) * step_mm >= min_length_mm and i - n_ret >= 0 and j + n_ret <= n \
-                and at_plateau[i - n_ret:i].all() and at_plateau[j:j + n_ret].all():
-            out.append((i, j))
-        i = j
-    return out
+    n = len(p)
+    return [(i, j) for i, j in true_runs(p < plateau_hu - threshold_hu)
+            if (j - i) * step_mm >= min_length_mm and i - n_ret >= 0 and j + n_ret <= n
+            and at_plateau[i - n_ret:i].all() and at_plateau[j:j + n_ret].all()]
+
+
+def true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Index ranges ``[i, j)`` of the maximal runs of True in a 1-D boolean ``mask``."""
+    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    return [(int(i), int(j)) for i, j in zip(edges[::2], edges[1::2])]
 
 
 def gap_model(s_mm: np.ndarray, s0_mm: float, width_mm: float, esf_x_mm: np.ndarray,
@@ -429,19 +425,8 @@ def section_dips(section: np.ndarray, s_mm: np.ndarray, length_mm: float,
     thr = np.where(s_mm > junction_mm, min_rel, junction_rel)
     thr = np.maximum(thr, noise_k * noise)
     low = (rel > thr) & (s_mm > 0.0) & (s_mm < length_mm)
-    out = []
-    i = 0
-    while i < len(low):
-        if not low[i]:
-            i += 1
-            continue
-        j = i
-        while j < len(low) and low[j]:
-            j += 1
-        w = rel[i:j]
-        out.append((float(np.sum(s_mm[i:j] * w) / np.sum(w)), float(w.max())))
-        i = j
-    return out
+    return [(float(np.sum(s_mm[i:j] * rel[i:j]) / np.sum(rel[i:j])), float(rel[i:j].max()))
+            for i, j in true_runs(low)]
 
 
 def _rows_at(V: np.ndarray, x0_mm: float, dx_mm: float, d_mm: np.ndarray) -> np.ndarray:
