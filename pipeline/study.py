@@ -116,7 +116,7 @@ def input_fingerprint(input_path: str | Path, max_workers: int | None = None) ->
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             digests = list(pool.map(_file_digest, files, names))
-    h = hashlib.sha256(b"fusionct-input-v2\0")
+    h = hashlib.sha256(b"fusionct-input-v3\0")  # v3: cached source_paths are absolute
     for d in digests:
         h.update(d)
     return h.hexdigest()[:32]

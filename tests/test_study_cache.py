@@ -26,6 +26,21 @@ def test_cache_hit_from_a_moved_folder_points_at_existing_files(tmp_path, monkey
     assert all(str(first.resolve()) in p for p in again.open().meta["source_paths"])
 
 
+def test_a_study_first_loaded_by_a_relative_path_is_found_from_another_folder(tmp_path, monkeypatch):
+    """The demo passes a relative folder; the cache entry it leaves must still rebase when the
+    same study arrives later from elsewhere (a second checkout's demo crashed on this)."""
+    monkeypatch.setenv("FUSIONCT_CACHE_DIR", str(tmp_path / "cache"))
+    _small_study(tmp_path / "a" / "study")
+    monkeypatch.chdir(tmp_path / "a")
+    ref = load_step(Path("study"))
+    second = tmp_path / "b" / "study"
+    shutil.copytree(tmp_path / "a" / "study", second)
+    monkeypatch.chdir(tmp_path / "b")
+    assert load_step(Path("study")) == ref
+    paths = [Path(p) for p in ref.open(input_root=Path("study")).meta["source_paths"]]
+    assert paths and all(p.is_absolute() and p.exists() and second.resolve() in p.parents for p in paths)
+
+
 def _small_study(folder: Path) -> Path:
     write_dicom_study(PhantomSpec(seed=4, spacing_mm=(1.0, 1.0, 2.0), vertebrae=("L5", "S1"),
                                   instrumented_levels=("L5-S1",)), folder, extra_series=False)
