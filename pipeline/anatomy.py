@@ -379,12 +379,113 @@ def central_cage_metal_fraction(volume: Volume, curve: np.ndarray, lr: np.ndarra
     return wide[:, c][:, :, c].reshape(len(curve), -1).mean(axis=1)
 
 
+# ------------------------------------------------------------------------- 1-D peaks
+# The disc search needs three things of ``scipy.signal``: local maxima, their prominences and
+# a peak's width. Importing ``scipy.signal`` costs about 1 s of every analysis (it loads the
+# whole signal-processing package); these are the same definitions (SciPy's
+# ``_local_maxima_1d``, ``_peak_prominences``, ``_peak_widths``), step for step, on the few
+# hundred stations of a column profile. tests/test_speed_peaks.py checks them against SciPy.
+def _window(wlen) -> int:
+    """SciPy's ``wlen`` rule: None -> -1 (the whole signal), else rounded up, > 1."""
+    if wlen is None:
+        return -1
+    if not wlen > 1:
+        raise ValueError(f"wlen must be larger than 1, was {wlen}")
+    return int(np.ceil(wlen)) if isinstance(wlen, float) else int(wlen)
+
+
+def local_maxima_1d(x) -> np.ndarray:
+    """Indices of the local maxima of ``x`` (a flat top counts once, at its middle,
+    rounded down; the first and last samples never count), as ``scipy.signal.find_peaks``."""
+    x = np.asarray(x, dtype=np.float64).ravel().tolist()
+    out = []
+    i, i_max = 1, len(x) - 1
+    while i < i_max:
+        if x[i - 1] < x[i]:
+            ahead = i + 1
+            while ahead < i_max and x[ahead] == x[i]:
+                ahead += 1
+            if x[ahead] < x[i]:
+                out.append((i + ahead - 1) // 2)
+                i = ahead
+        i += 1
+    return np.asarray(out, dtype=np.intp)
+
+
+def peak_prominences_1d(x, peaks, wlen=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prominences, left_bases, right_bases) of ``peaks`` in ``x``, as
+    ``scipy.signal.peak_prominences`` (``wlen``: the window in samples, None for all)."""
+    xs = np.asarray(x, dtype=np.float64).ravel().tolist()
+    w = _window(wlen)
+    prom, left, right = [], [], []
+    for peak in (int(p) for p in np.asarray(peaks).ravel()):
+        i_min, i_max = 0, len(xs) - 1
+        if not i_min <= peak <= i_max:
+            raise ValueError(f"peak {peak} is not a valid index for x")
+        if w >= 2:
+            i_min, i_max = max(peak - w // 2, i_min), min(peak + w // 2, i_max)
+        top = xs[peak]
+        i = lb = peak
+        left_min = top
+        while i_min <= i and xs[i] <= top:
+            if xs[i] < left_min:
+                left_min, lb = xs[i], i
+            i -= 1
+        i = rb = peak
+        right_min = top
+        while i <= i_max and xs[i] <= top:
+            if xs[i] < right_min:
+                right_min, rb = xs[i], i
+            i += 1
+        prom.append(top - max(left_min, right_min))
+        left.append(lb)
+        right.append(rb)
+    return (np.asarray(prom, dtype=np.float64), np.asarray(left, dtype=np.intp),
+            np.asarray(right, dtype=np.intp))
+
+
+def find_prominent_peaks(x, prominence: float, wlen=None) -> tuple[np.ndarray, np.ndarray]:
+    """Local maxima of ``x`` at least ``prominence`` prominent (``wlen`` as in
+    :func:`peak_prominences_1d`): ``scipy.signal.find_peaks(x, prominence=prominence,
+    wlen=wlen)``'s peaks and ``"prominences"``."""
+    peaks = local_maxima_1d(x)
+    prom, _, _ = peak_prominences_1d(x, peaks, wlen)
+    keep = prominence <= prom
+    return peaks[keep], prom[keep]
+
+
+def peak_widths_1d(x, peaks, rel_height: float = 0.5, wlen=None):
+    """(widths, width_heights, left_ips, right_ips) of ``peaks`` at ``rel_height`` of their
+    prominence, with linear interpolation between samples, as ``scipy.signal.peak_widths``."""
+    xs = np.asarray(x, dtype=np.float64).ravel().tolist()
+    prom, left, right = peak_prominences_1d(x, peaks, wlen)
+    widths, heights, lips, rips = [], [], [], []
+    for peak, pr, i_min, i_max in zip((int(p) for p in np.asarray(peaks).ravel()), prom.tolist(),
+                                      left.tolist(), right.tolist()):
+        height = xs[peak] - pr * rel_height
+        i = peak
+        while i_min < i and height < xs[i]:
+            i -= 1
+        left_ip = float(i)
+        if xs[i] < height:
+            left_ip += (height - xs[i]) / (xs[i + 1] - xs[i])
+        i = peak
+        while i < i_max and height < xs[i]:
+            i += 1
+        right_ip = float(i)
+        if xs[i] < height:
+            right_ip -= (height - xs[i]) / (xs[i - 1] - xs[i])
+        widths.append(right_ip - left_ip)
+        heights.append(height)
+        lips.append(left_ip)
+        rips.append(right_ip)
+    return tuple(np.asarray(a, dtype=np.float64) for a in (widths, heights, lips, rips))
+
+
 def _normalised_peaks(signal, valid, prominence, wlen):
     """Peaks of ``signal`` (valid stations only) with their prominences."""
-    from scipy.signal import find_peaks
-
-    peaks, props = find_peaks(signal, prominence=prominence, wlen=wlen)
-    return [(int(p), float(pr)) for p, pr in zip(peaks, props["prominences"]) if valid[p]]
+    peaks, prominences = find_prominent_peaks(signal, prominence, wlen)
+    return [(int(p), float(pr)) for p, pr in zip(peaks, prominences) if valid[p]]
 
 
 def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: float = 20.0) -> list[int]:
@@ -444,12 +545,10 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     # it; at screw level inside a body the centre stays trabecular (at most about half of
     # it is crossed by streaks)
     nt = ndimage.gaussian_filter1d(prof["central_non_trabecular"], sig)
-    from scipy.signal import peak_widths
-
     for p, pr in _normalised_peaks(nt, valid, 0.5, int(round(30 * sig)) + 1):
         if nt[p] >= 0.7:
             # the middle of the run (its half-height width), not wherever its top happens
-            _, _, left, right = peak_widths(nt, [p], rel_height=0.5, wlen=int(round(30 * sig)) + 1)
+            _, _, left, right = peak_widths_1d(nt, [p], rel_height=0.5, wlen=int(round(30 * sig)) + 1)
             cand.append((int(round(0.5 * (left[0] + right[0]))), min(pr, 1.0)))
     hp = _normalised_peaks(high, valid, 0.3 * spread, int(round(10 * sig)) + 1)
     for (a, pa), (b, pb) in zip(hp[:-1], hp[1:]):
