@@ -46,7 +46,7 @@ from pipeline.errors import InputError
 from pipeline.results import Anatomy
 from pipeline.study import (VolumeRef, baseline_summary, build_result, cache_root, check_input_path,
                             compare_step, detect_step, input_fingerprint, integrity_step, load_step,
-                            prefer_small_pages)
+                            prefer_small_pages, read_ahead_for_report)
 
 RESULTS_DIR = cache_root() / "prefect-results"
 CACHE_DAYS = timedelta(days=30)
@@ -233,6 +233,8 @@ def _load_detect_measure(input_path: str, config: Config, progress, label: str =
         fingerprint = fingerprint_task(input_path)
         # a cached reference is only good while its volume file is there
         ref = load_task.with_options(refresh_cache=not volume_on_disk(fingerprint))(input_path, fingerprint)
+        if not label:  # the report's SR sources, read in the background meanwhile
+            read_ahead_for_report(ref, input_path)
     with progress.step(f"{label}detect"):
         anatomy = detect_task(ref, config)
     with progress.step(f"{label}measure", f"{len(anatomy.screws)} screws, {len(anatomy.cages)} cages, "

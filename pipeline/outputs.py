@@ -28,13 +28,16 @@ returned. A draft (unconfirmed) result in OUTDIR is simply replaced.
 """
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -184,30 +187,119 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-# ------------------------------------------------------------------------------ writing
-def render_files(result: StudyResult, evidence: Mapping, volume) -> dict[str, bytes]:
-    """Every output file's content, in memory, keyed by file name (nothing written yet)."""
-    meta = dict(getattr(volume, "meta", {}) or {})
-    doc = build_measurements(result, volume)
-    validate_measurements(doc)  # never land a measurements.json that breaks the contract
-    figures = make_figures(result, evidence, volume)
-    files: dict[str, bytes] = {}
-    for name, text in csv_texts(result).items():
-        files[name] = text.encode("utf-8")
-    files["report.html"] = build_report_html(result, meta, figures, doc["input"]).encode("utf-8")
-    refs = None
-    if meta.get("input_kind") == "dicom":
-        from pipeline import report_sr
+# ------------------------------------------------------------------ the SR, prepared ahead
+# What the SR needs besides the result - the SR library (highdicom: ~0.5 s to import, and
+# its DICOM standard tables on first use), the source images' headers and their references -
+# depends only on the loaded volume. ``prefetch_sources`` starts a helper process on it
+# (``report_sr.SRWorker``) as soon as the volume is loaded, so that work runs on the other
+# core while this process detects and measures; ``render_files`` hands the helper the
+# result and gets the SR file back. Without a helper (or when it fails) the SR is built here,
+# as before: the file's content is the same either way.
+_WORKERS_LOCK = threading.Lock()
+_WORKERS: dict[tuple, object] = {}
+_WORKERS_KEEP = 2  # studies prepared ahead at most (a failed analysis never collects its own)
 
-        paths = meta.get("source_paths") or []
-        if not paths:
-            raise ValueError("DICOM input without source_paths: cannot reference the source series")
-        headers = report_sr.read_source_headers(paths)
-        refs = report_sr.source_refs(headers)
-        if result.screws or result.cages or result.levels or getattr(result, "fractures", ()):
-            # TID 1500 needs at least one measurement group: a study where nothing could be
-            # measured (no hardware, no spine in view) gets no SR; the report says why
-            files[SR_DRAFT] = report_sr.sr_bytes(report_sr.build_sr(result, headers))
+
+def prefetch_sources(meta: Mapping | None) -> bool:
+    """Start preparing the SR of a volume with ``meta`` in a helper process.
+
+    Only for DICOM input with ``source_paths``. Returns True when a helper started.
+    """
+    meta = dict(meta or {})
+    paths = tuple(str(p) for p in (meta.get("source_paths") or ()))
+    if meta.get("input_kind") != "dicom" or not paths:
+        return False
+    from pipeline.report_sr import SRWorker
+
+    with _WORKERS_LOCK:
+        old = _WORKERS.pop(paths, None)
+        while len(_WORKERS) >= _WORKERS_KEEP:
+            _WORKERS.pop(next(iter(_WORKERS))).close()
+    if old is not None:
+        old.close()
+    try:
+        worker = SRWorker(paths)
+    except OSError:  # no helper (e.g. no processes left): the SR is built here later
+        return False
+    with _WORKERS_LOCK:
+        _WORKERS[paths] = worker
+    return True
+
+
+def _take_worker(paths) -> object | None:
+    with _WORKERS_LOCK:
+        return _WORKERS.pop(tuple(str(p) for p in paths), None)
+
+
+def _close_workers() -> None:
+    with _WORKERS_LOCK:
+        workers = list(_WORKERS.values())
+        _WORKERS.clear()
+    for w in workers:
+        w.close()
+
+
+atexit.register(_close_workers)
+
+
+# ------------------------------------------------------------------------------ writing
+def _wants_sr(result: StudyResult) -> bool:
+    """TID 1500 needs at least one measurement group: a study where nothing could be
+    measured (no hardware, no spine in view) gets no SR; the report says why."""
+    return bool(result.screws or result.cages or result.levels or getattr(result, "fractures", ()))
+
+
+def _source_paths(meta: Mapping) -> list:
+    paths = meta.get("source_paths") or []
+    if not paths:
+        raise ValueError("DICOM input without source_paths: cannot reference the source series")
+    return paths
+
+
+def _sr_here(result: StudyResult, paths) -> tuple[bytes | None, list[dict]]:
+    """(report_sr.dcm bytes or None, source refs), built in this process."""
+    from pipeline import report_sr
+
+    headers = report_sr.read_source_headers(paths)
+    refs = report_sr.source_refs(headers)
+    return (report_sr.sr_bytes(report_sr.build_sr(result, headers)) if _wants_sr(result) else None), refs
+
+
+def _sr_from_worker(worker, result: StudyResult, paths) -> tuple[bytes | None, list[dict]]:
+    """The same from the helper :func:`prefetch_sources` started; built here if it failed."""
+    try:
+        return worker.build(result if _wants_sr(result) else None)
+    except RuntimeError:
+        return _sr_here(result, paths)
+
+
+def render_files(result: StudyResult, evidence: Mapping, volume) -> dict[str, bytes]:
+    """Every output file's content, in memory, keyed by file name (nothing written yet).
+
+    With an SR helper at work (:func:`prefetch_sources`) the SR is collected from it while
+    this process renders the key images, the HTML and the evidence archive.
+    """
+    meta = dict(getattr(volume, "meta", {}) or {})
+    dicom = meta.get("input_kind") == "dicom"
+    paths = _source_paths(meta) if dicom else None
+    worker = _take_worker(paths) if dicom else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusionct-sr") as pool:
+        pending = pool.submit(_sr_from_worker, worker, result, paths) if worker else None
+        doc = build_measurements(result, volume)
+        validate_measurements(doc)  # never land a measurements.json that breaks the contract
+        figures = make_figures(result, evidence, volume)
+        files: dict[str, bytes] = {}
+        for name, text in csv_texts(result).items():
+            files[name] = text.encode("utf-8")
+        files["report.html"] = build_report_html(result, meta, figures, doc["input"]).encode("utf-8")
+        if pending is not None:
+            sr_data, refs = pending.result()
+        elif dicom:
+            sr_data, refs = _sr_here(result, paths)
+        else:
+            sr_data, refs = None, None
+    if sr_data is not None:
+        files[SR_DRAFT] = sr_data
     files[EVIDENCE] = npz_bytes(evidence_arrays(result, evidence, figures, meta, refs))
     files[MEASUREMENTS] = dumps(doc).encode("utf-8")
     return files

@@ -28,7 +28,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from pipeline import __version__
 from pipeline.results import (CageMeasurement, FractureFinding, LevelMeasurement, ScrewMeasurement,
@@ -121,6 +121,17 @@ _PATIENT_STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientS
 def read_source_headers(paths: Sequence[str | Path]) -> list[Dataset]:
     """Headers (no pixel data) of the source images, in the order given."""
     return [pydicom.dcmread(str(p), stop_before_pixels=True) for p in paths]
+
+
+def warm_up() -> None:
+    """Load what highdicom reads on its first SR of a process (its tables of the DICOM
+    standard, ~0.3 s), so that cost can be paid ahead, in a background thread
+    (``pipeline.outputs.prefetch_sources``). Only a cache is filled: the SR is the same."""
+    try:
+        from highdicom._standard_utils import does_iod_have_pixel_data
+    except ImportError:  # a highdicom without this helper: nothing to warm
+        return
+    does_iod_have_pixel_data(Comprehensive3DSRStorage)
 
 
 def source_refs(headers: Sequence[Dataset]) -> list[dict]:
@@ -444,3 +455,109 @@ def sr_bytes(sr: Dataset) -> bytes:
 def refs_json(headers: Sequence[Dataset]) -> str:
     """``source_refs`` as JSON text."""
     return json.dumps(source_refs(headers))
+
+
+# ------------------------------------------------------------------ the SR beside the analysis
+class SRWorker:
+    """A helper process that prepares and builds the draft SR beside the analysis.
+
+    Everything the SR needs apart from the result - importing highdicom (~0.5 s), its DICOM
+    standard tables (~0.3 s), the source images' headers and their references - depends only
+    on the source files, so the helper starts on them as soon as the study is loaded and
+    works on the machine's other core while this process detects and measures (threads
+    would not do: pure-Python work in a second thread holds up every NumPy call of the
+    first). :meth:`build` then hands it the result; it answers with the same file
+    :func:`build_sr` + :func:`sr_bytes` make here, and the same :func:`source_refs`.
+
+    Messages are pickles over the helper's stdin/stdout; it exits when its stdin closes
+    (this process ended or dropped it). Nothing is logged; its stderr is discarded.
+    """
+
+    def __init__(self, paths: Sequence[str | Path]):
+        import os
+        import pickle
+        import subprocess
+        import sys
+
+        self.paths = [str(p) for p in paths]
+        self.signature = files_signature(self.paths)
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.report_sr import _worker_main; _worker_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+            cwd=root, close_fds=True)
+        pickle.dump(self.paths, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self._proc.stdin.flush()
+
+    def build(self, result: StudyResult | None, timeout_s: float = 300.0) -> tuple[bytes | None, list[dict]]:
+        """(SR file bytes, source refs) for ``result`` (None: the refs only, no SR).
+
+        Raises RuntimeError when the helper failed or the source files changed since it
+        read them (the caller then builds the SR itself)."""
+        import pickle
+
+        try:
+            if files_signature(self.paths) != self.signature:
+                raise RuntimeError("source files changed since the SR helper read them")
+            pickle.dump(result, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._proc.stdin.close()
+            status, payload = pickle.load(self._proc.stdout)
+            self._proc.wait(timeout=timeout_s)
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            raise RuntimeError(f"SR helper failed ({type(exc).__name__})") from None
+        finally:
+            self.close()
+        if status != "ok":
+            raise RuntimeError(f"SR helper failed ({payload})")
+        return payload
+
+    def close(self) -> None:
+        """Stop the helper (idempotent)."""
+        p = self._proc
+        for fh in (p.stdin, p.stdout):
+            try:
+                fh.close()
+            except OSError:
+                pass
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def files_signature(paths: Sequence[str]) -> list:
+    """(mtime_ns, size) of each file (None when unreadable): headers read earlier are used
+    only while their files are unchanged."""
+    import os
+
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return out
+
+
+def _worker_main() -> None:
+    """The helper process of :class:`SRWorker`: paths in, then a result in, SR bytes out."""
+    import pickle
+    import sys
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        paths = pickle.load(stdin)
+        headers = read_source_headers(paths)
+        refs = source_refs(headers)
+        warm_up()
+        result = pickle.load(stdin)
+        data = None if result is None else sr_bytes(build_sr(result, headers))
+        answer = ("ok", (data, refs))
+    except EOFError:  # dropped before it was asked for anything
+        return
+    except Exception as exc:  # noqa: BLE001 - reported; the caller builds the SR itself
+        answer = ("error", type(exc).__name__)
+    pickle.dump(answer, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+    stdout.flush()

@@ -187,6 +187,15 @@ def load_step(input_path: str | Path, fingerprint: str | None = None) -> VolumeR
             os.unlink(tmp)
 
 
+def read_ahead_for_report(ref: VolumeRef, input_path: str | Path) -> bool:
+    """Start reading what the DICOM SR needs (its library, the source headers) in the
+    background while the study is analyzed (``pipeline.outputs.prefetch_sources``); the
+    report step then finds it ready. True when a read started (DICOM input only)."""
+    from pipeline.outputs import prefetch_sources
+
+    return prefetch_sources(ref.open(input_root=input_path).meta)
+
+
 def detect_step(ref: VolumeRef, config: Config) -> Anatomy:
     """Find vertebrae, levels, screws, cages and rods."""
     from pipeline.detect import detect
@@ -271,6 +280,7 @@ def analyze_study(input_path: str | Path, outdir: str | Path, config: Config | N
     config = config or Config()
     ref = load_step(input_path)
     volume = ref.open(input_root=input_path)
+    read_ahead_for_report(ref, input_path)
     anatomy = detect_step(ref, config)
     screws, cages, levels, evidence = measure_study(volume, anatomy, config)
     screws, fractures = integrity_step(volume, anatomy, screws, config)
@@ -297,4 +307,4 @@ def check_input_path(input_path: str | Path) -> Path:
 
 __all__ = ["VolumeRef", "analyze_study", "baseline_summary", "build_result", "cache_root",
            "check_input_path", "compare_step", "detect_step", "input_fingerprint", "integrity_step",
-           "load_step", "prefer_small_pages", "save_volume"]
+           "load_step", "prefer_small_pages", "read_ahead_for_report", "save_volume"]

@@ -1,0 +1,115 @@
+"""The SR prepared ahead in a helper process (pipeline.outputs.prefetch_sources ->
+report_sr.SRWorker) is the same document the writer builds in-process: same content tree,
+same patient/study module, same evidence references; and the evidence archive's source
+references are the same. When the helper cannot be used (files changed, helper gone) the
+writer still lands a complete SR."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+import pipeline.outputs as outputs_mod
+from pipeline.outputs import load_evidence_index, prefetch_sources, write_outputs
+from pipeline.report_sr import SRWorker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers live in test_outputs.py
+from test_outputs import dicom_study, truth_evidence, truth_result  # noqa: E402
+
+# attributes that differ between any two SRs of one result, built in one process or not:
+# new SOP instance / series UIDs, creation date and time, the contribution time, and the
+# UIDREF content items (pydicom's generate_uid(prefix=None) is a fresh UUID every call)
+_PER_INSTANCE = {"00080018", "0020000E", "00080012", "00080013", "00080023", "00080033", "0018A002",
+                 "0040A124", "00020003"}
+
+
+def _comparable(ds):
+    """The SR as DICOM JSON without the per-instance values above."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in _PER_INSTANCE}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip(ds.to_json_dict())
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srw")
+    vol, truth = dicom_study(tmp)
+    return tmp, vol, truth
+
+
+def test_sr_from_the_helper_equals_the_sr_built_in_process(sources, tmp_path):
+    _, vol, truth = sources
+    result, ev = truth_result(truth), truth_evidence(truth)
+    here = write_outputs(tmp_path / "here", result, ev, vol)  # no helper: built in-process
+    assert prefetch_sources(vol.meta) is True
+    assert outputs_mod._WORKERS, "a helper was started for the DICOM sources"
+    ahead = write_outputs(tmp_path / "ahead", result, ev, vol)
+    assert not outputs_mod._WORKERS  # collected
+    a = pydicom.dcmread(here / "report_sr.dcm")
+    b = pydicom.dcmread(ahead / "report_sr.dcm")
+    assert a.SOPInstanceUID != b.SOPInstanceUID  # two documents ...
+    assert _comparable(a) == _comparable(b)  # ... with the same content, patient and references
+    assert b.VerificationFlag == "UNVERIFIED" and len(b.ContentSequence) == len(a.ContentSequence)
+    _, _, refs_a = load_evidence_index(here / "evidence.npz")
+    _, _, refs_b = load_evidence_index(ahead / "evidence.npz")
+    assert refs_a == refs_b and len(refs_b) == len(vol.meta["source_paths"])
+
+
+def test_changed_source_files_are_read_again_not_taken_from_the_helper(sources, tmp_path):
+    _, vol, truth = sources
+    paths = vol.meta["source_paths"]
+    worker = SRWorker(paths)
+    try:
+        st = os.stat(paths[0])
+        os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        with pytest.raises(RuntimeError):
+            worker.build(truth_result(truth))
+    finally:
+        worker.close()
+    # the writer falls back to reading the files itself
+    assert prefetch_sources(vol.meta) is True
+    os.utime(paths[1], ns=(os.stat(paths[1]).st_atime_ns, os.stat(paths[1]).st_mtime_ns + 1_000_000_000))
+    out = write_outputs(tmp_path / "out", truth_result(truth), truth_evidence(truth), vol)
+    ds = pydicom.dcmread(out / "report_sr.dcm")
+    assert ds.Modality == "SR" and len(ds.ContentSequence) > 0
+
+
+def test_a_dead_helper_still_gives_a_complete_sr(sources, tmp_path):
+    _, vol, truth = sources
+    assert prefetch_sources(vol.meta) is True
+    worker = next(iter(outputs_mod._WORKERS.values()))
+    worker._proc.kill()
+    worker._proc.wait()
+    out = write_outputs(tmp_path / "out", truth_result(truth), truth_evidence(truth), vol)
+    ds = pydicom.dcmread(out / "report_sr.dcm")
+    assert ds.Modality == "SR" and len(ds.ContentSequence) > 0
+    assert not outputs_mod._WORKERS
+
+
+def test_helper_answers_refs_only_when_there_is_nothing_to_report(sources):
+    _, vol, truth = sources
+    from dataclasses import replace
+
+    empty = replace(truth_result(truth), screws=(), cages=(), levels=(), fractures=())
+    data, refs = SRWorker(vol.meta["source_paths"]).build(None)
+    assert data is None and len(refs) == len(vol.meta["source_paths"])
+    assert all(r["SOPInstanceUID"] for r in refs)
+    # and the writer lands no SR for such a result, helper or not
+    prefetch_sources(vol.meta)
+    assert not outputs_mod._wants_sr(empty)
+
+
+def test_no_helper_for_nifti_input():
+    assert prefetch_sources({"input_kind": "nifti", "source_paths": ["/x.nii"]}) is False
+    assert prefetch_sources({"input_kind": "dicom"}) is False
+    assert prefetch_sources(None) is False
+    np.testing.assert_equal(len(outputs_mod._WORKERS) <= outputs_mod._WORKERS_KEEP, True)
