@@ -88,6 +88,7 @@ def child_plain(input_path: str, outdir: str) -> dict:
     steps: dict = {}
     for mod, name in ((pipeline.study, "load_step"), (pipeline.study, "detect_step"),
                       (pipeline.measure, "measure_study"), (pipeline.study, "integrity_step"),
+                      (pipeline.study, "integrity_findings"),
                       (pipeline.outputs, "write_outputs")):
         if hasattr(mod, name):
             _timed(mod, name, steps)

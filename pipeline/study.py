@@ -203,6 +203,41 @@ def detect_step(ref: VolumeRef, config: Config) -> Anatomy:
     return detect(ref.open(), config)
 
 
+def integrity_findings(volume: Volume, anatomy: Anatomy, config: Config):
+    """Pedicle breach of every measurable screw (Gertzbein-Robbins) and the rod / screw
+    fractures, from the detected geometry alone (so it can run beside the halo measurement).
+
+    Returns
+    -------
+    breaches : dict
+        ``(breach_mm, grade, direction)`` by screw id, for the screws ``measure_study``
+        measures (non-zero diameter and length).
+    fractures : list of FractureFinding
+    """
+    from pipeline.breach import measure_breach
+    from pipeline.fracture import find_fractures
+
+    vertebrae = {v.name: v for v in anatomy.vertebrae}
+    breaches = {s.id: measure_breach(volume, s, vertebrae.get(s.vertebra), config)
+                for s in anatomy.screws if s.diameter_mm > 0 and s.length_mm > 0}
+    return breaches, find_fractures(volume, anatomy, config)
+
+
+def with_breach(screws, breaches: dict) -> list:
+    """The screw measurements with their breach fields filled from ``breaches``
+    (:func:`integrity_findings`); a screw without an entry is left as it is."""
+    from dataclasses import replace
+
+    out = []
+    for s in screws:
+        if s.id in breaches:
+            breach_mm, grade, direction = breaches[s.id]
+            s = replace(s, breach_mm=round(float(breach_mm), 2), breach_grade=grade,
+                        breach_direction=direction)
+        out.append(s)
+    return out
+
+
 def integrity_step(volume: Volume, anatomy: Anatomy, screws, config: Config):
     """Hardware integrity beyond the halo: pedicle breach per screw (Gertzbein-Robbins) and
     rod / screw fractures. Returns the screws with breach fields filled, and the fractures."""
@@ -219,6 +254,54 @@ def integrity_step(volume: Volume, anatomy: Anatomy, screws, config: Config):
         out.append(replace(s, breach_mm=round(float(breach_mm), 2), breach_grade=grade,
                            breach_direction=direction))
     return out, find_fractures(volume, anatomy, config)
+
+
+def kernels_thread_safe() -> bool:
+    """Whether numba's parallel kernels may be called from two threads at once: its OpenMP
+    and TBB threading layers allow it, the fallback ``workqueue`` layer does not (it aborts)."""
+    import importlib
+
+    import numba
+
+    try:
+        return numba.threading_layer() in ("omp", "tbb")
+    except ValueError:  # no parallel kernel has run yet: the layer numba will choose
+        pass
+    if str(numba.config.THREADING_LAYER).lower() == "workqueue":
+        return False
+    for name in ("numba.np.ufunc.tbbpool", "numba.np.ufunc.omppool"):
+        try:
+            importlib.import_module(name)
+            return True
+        except (ImportError, OSError):
+            continue
+    return False
+
+
+def measure_and_integrity(volume: Volume, anatomy: Anatomy, config: Config):
+    """``measure_study`` and the hardware integrity checks (:func:`integrity_findings`) of
+    one study, side by side in two threads when the kernels allow it (both are mostly
+    NumPy / SciPy / numba work that leaves Python free: on two cores the integrity checks
+    then cost little beyond the measurement). The same values as one after the other.
+
+    Returns
+    -------
+    screws, cages, levels, evidence, fractures
+        As ``measure_study``, the screws with their breach fields filled.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.measure import measure_study
+
+    if kernels_thread_safe():
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusionct-integrity") as pool:
+            integrity = pool.submit(integrity_findings, volume, anatomy, config)
+            screws, cages, levels, evidence = measure_study(volume, anatomy, config)
+            breaches, fractures = integrity.result()
+    else:
+        screws, cages, levels, evidence = measure_study(volume, anatomy, config)
+        breaches, fractures = integrity_findings(volume, anatomy, config)
+    return with_breach(screws, breaches), cages, levels, evidence, fractures
 
 
 def compare_step(prior_ref: VolumeRef, prior_anatomy: Anatomy, prior_screws, prior_cages, prior_levels,
@@ -282,8 +365,7 @@ def analyze_study(input_path: str | Path, outdir: str | Path, config: Config | N
     volume = ref.open(input_root=input_path)
     read_ahead_for_report(ref, input_path)
     anatomy = detect_step(ref, config)
-    screws, cages, levels, evidence = measure_study(volume, anatomy, config)
-    screws, fractures = integrity_step(volume, anatomy, screws, config)
+    screws, cages, levels, evidence, fractures = measure_and_integrity(volume, anatomy, config)
     notes, baseline = [], None
     if baseline_path is not None:
         prior_ref = load_step(baseline_path)
@@ -306,5 +388,6 @@ def check_input_path(input_path: str | Path) -> Path:
 
 
 __all__ = ["VolumeRef", "analyze_study", "baseline_summary", "build_result", "cache_root",
-           "check_input_path", "compare_step", "detect_step", "input_fingerprint", "integrity_step",
-           "load_step", "prefer_small_pages", "read_ahead_for_report", "save_volume"]
+           "check_input_path", "compare_step", "detect_step", "input_fingerprint", "integrity_findings",
+           "integrity_step", "kernels_thread_safe", "load_step", "measure_and_integrity",
+           "prefer_small_pages", "read_ahead_for_report", "save_volume", "with_breach"]
