@@ -17,12 +17,13 @@ What Prefect adds, as its users expect:
   touch files; bad input (``InputError``) is never retried;
 - one task run per screw, cage and level, named after it in the UI.
 
-Mapped tasks run ``MEASURE_WORKERS`` (one) at a time: each one allocates its own
-temporaries around its screw, cage or level, and running all of them at once (Prefect's
-default thread pool has no limit) took the flow's peak memory to 1.7 GB on the standard
-512x512x400 study without being faster on a 2-core machine (numba's kernels inside them
-already use both cores). Measured on that study: two at a time 1.26 GB peak, measure step
-2.6 s; one at a time 0.86 GB, 2.1 s (the plain pipeline: 0.8 GB).
+Tasks run ``MEASURE_WORKERS`` (two) at a time: the breach and fracture checks (the
+"integrity" task, which needs only the detected geometry) run beside the per-screw, cage
+and level measurements, as the plain pipeline runs them (``measure_and_integrity``). Every
+task maps the one cached volume file through one shared mapping (``VolumeRef.open``), so
+tasks running at once do not count its pages twice: on the standard 512x512x400 study the
+flow's peak stays at 0.87 GB with two at a time (it was 1.26 GB with a mapping per task,
+1.7 GB with Prefect's unlimited default pool).
 """
 from __future__ import annotations
 
@@ -45,13 +46,15 @@ from pipeline.config import Config, load_config
 from pipeline.errors import InputError
 from pipeline.results import Anatomy
 from pipeline.study import (VolumeRef, baseline_summary, build_result, cache_root, check_input_path,
-                            compare_step, detect_step, input_fingerprint, integrity_step, load_step,
-                            prefer_small_pages, read_ahead_for_report)
+                            compare_step, detect_step, input_fingerprint, integrity_findings,
+                            kernels_thread_safe, load_step, prefer_small_pages, read_ahead_for_report,
+                            with_breach)
 
 RESULTS_DIR = cache_root() / "prefect-results"
 CACHE_DAYS = timedelta(days=30)
-#: mapped measure tasks running at once (memory and time: see the module docstring)
-MEASURE_WORKERS = 1
+#: tasks running at once (the integrity checks beside the measurements; see the module
+#: docstring); one where numba's threading layer cannot take two callers (workqueue)
+MEASURE_WORKERS = 2 if kernels_thread_safe() else 1
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -195,8 +198,8 @@ def measure_level_task(ref: VolumeRef, level, anatomy: Anatomy, config: Config):
 
 
 @task(name="integrity", cache_policy=NO_CACHE)
-def integrity_task(ref: VolumeRef, anatomy: Anatomy, screws, config: Config):
-    return integrity_step(ref.open(), anatomy, screws, config)
+def integrity_task(ref: VolumeRef, anatomy: Anatomy, config: Config):
+    return integrity_findings(ref.open(), anatomy, config)
 
 
 @task(name="compare-with-prior", cache_policy=NO_CACHE)
@@ -228,7 +231,11 @@ def _unzip(pairs):
 
 # ----------------------------------------------------------------------------- flow
 def _load_detect_measure(input_path: str, config: Config, progress, label: str = ""):
-    """The per-study steps: load (select series), detect, measure each screw / cage / level."""
+    """The per-study steps: load (select series), detect, measure each screw / cage / level.
+
+    For the study itself (no ``label``) the integrity checks start beside the measurements;
+    the last value returned is their pending task (None for the prior, or when tasks run one
+    at a time)."""
     with progress.step(f"{label}load"):
         fingerprint = fingerprint_task(input_path)
         # a cached reference is only good while its volume file is there
@@ -239,6 +246,8 @@ def _load_detect_measure(input_path: str, config: Config, progress, label: str =
         anatomy = detect_task(ref, config)
     with progress.step(f"{label}measure", f"{len(anatomy.screws)} screws, {len(anatomy.cages)} cages, "
                                           f"{len(anatomy.levels)} levels"):
+        # pedicle breach and fractures need only the geometry: checked beside the measurements
+        integrity = integrity_task.submit(ref, anatomy, config) if not label and MEASURE_WORKERS > 1 else None
         # the blooming tail is the study's, estimated once from every screw's halo-free rays
         tail = metal_tail_task(ref, anatomy, config)
         screws = measure_screw_task.map(unmapped(ref), anatomy.screws, unmapped(config), unmapped(tail))
@@ -247,7 +256,7 @@ def _load_detect_measure(input_path: str, config: Config, progress, label: str =
         screws, ev_s = _unzip(screws.result())
         cages, ev_c = _unzip(cages.result())
         levels, ev_l = _unzip(levels.result())
-    return ref, anatomy, screws, cages, levels, {**ev_s, **ev_c, **ev_l}
+    return ref, anatomy, screws, cages, levels, {**ev_s, **ev_c, **ev_l}, integrity
 
 
 @flow(name="fusionct-analyze", log_prints=False,
@@ -262,12 +271,14 @@ def analyze_flow(input_path: str, outdir: str, config_path: str | None = None,
     check_input_path(input_path)
     if baseline_path is not None:
         check_input_path(baseline_path)
-    ref, anatomy, screws, cages, levels, evidence = _load_detect_measure(input_path, config, progress)
+    ref, anatomy, screws, cages, levels, evidence, integrity = _load_detect_measure(input_path, config, progress)
     with progress.step("integrity", "pedicle breach, rod and screw fractures"):
-        screws, fractures = integrity_task(ref, anatomy, screws, config)
+        breaches, fractures = (integrity.result() if integrity is not None
+                                else integrity_task(ref, anatomy, config))
+        screws = with_breach(screws, breaches)
     notes, baseline = [], None
     if baseline_path is not None:
-        pref, panat, ps, pc, pl, _ = _load_detect_measure(baseline_path, config, progress, "prior ")
+        pref, panat, ps, pc, pl, _, _ = _load_detect_measure(baseline_path, config, progress, "prior ")
         with progress.step("compare", "registering each vertebra to the prior"):
             prior = {"ref": pref, "anatomy": panat, "screws": ps, "cages": pc, "levels": pl}
             screws, cages, levels, notes = compare_task(prior, ref, anatomy, screws, cages, levels, config)

@@ -87,12 +87,34 @@ def lps_bounds(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     return c.min(0), c.max(0)
 
 
-def block_mean(volume: Volume, max_block_mm: float) -> Volume:
+#: threads for the volume-wide passes of the column search (block mean, Gaussian): SciPy's
+#: filters and NumPy's arithmetic release Python while they run, and each thread works on its
+#: own slab of the output, so the values are the same as one pass over the whole volume
+GRID_THREADS = 2
+_SLAB = 8  # output slices per block-mean work item (its sums stay in the CPU caches)
+
+
+def _run_slabs(fn, n: int, step: int, threads: int) -> None:
+    """``fn(start, stop)`` over ``[0, n)`` in slabs of ``step``, on ``threads`` threads."""
+    bounds = [(a, min(a + step, n)) for a in range(0, n, max(step, 1))]
+    if threads <= 1 or len(bounds) <= 1:
+        for a, b in bounds:
+            fn(a, b)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusionct-grid") as pool:
+        for f in [pool.submit(fn, a, b) for a, b in bounds]:
+            f.result()
+
+
+def block_mean(volume: Volume, max_block_mm: float, threads: int = GRID_THREADS) -> Volume:
     """The volume averaged over blocks of whole voxels at most ``max_block_mm`` on a side.
 
     Each output voxel is the mean of ``f_i x f_j x f_k`` input voxels (trailing voxels that
     do not fill a block are dropped); its centre is the block's centre, so the geometry stays
-    exact. A cheap first step before smoothing for a coarse search grid.
+    exact. A cheap first step before smoothing for a coarse search grid. Slabs of output
+    slices are summed on ``threads`` threads, each voxel's sum in the same order.
     """
     f = np.maximum(np.floor(max_block_mm / volume.spacing_mm + 1e-6), 1).astype(int)  # i, j, k
     fi, fj, fk = (int(x) for x in f)
@@ -103,16 +125,56 @@ def block_mean(volume: Volume, max_block_mm: float) -> Volume:
     fk, fj, fi = min(fk, nk), min(fj, nj), min(fi, ni)
     hu = volume.hu[: mk * fk, : mj * fj, : mi * fi]
     out = np.zeros((mk, mj, mi), np.float32)
-    for a in range(fk):  # sum the block's planes one at a time (no large temporaries)
-        plane = hu[a::fk]
-        acc = np.zeros((mk, mj * fj, mi), np.float32)
-        for c in range(fi):
-            acc += plane[:, :, c::fi]
-        for b in range(fj):
-            out += acc[:, b::fj]
-    out /= float(fi * fj * fk)
+
+    def slab(k0: int, k1: int) -> None:
+        o = out[k0:k1]
+        part = hu[k0 * fk: k1 * fk]
+        for a in range(fk):  # sum the block's planes one at a time (no large temporaries)
+            plane = part[a::fk]
+            acc = np.zeros((k1 - k0, mj * fj, mi), np.float32)
+            for c in range(fi):
+                acc += plane[:, :, c::fi]
+            for b in range(fj):
+                o += acc[:, b::fj]
+        o /= float(fi * fj * fk)
+
+    _run_slabs(slab, mk, _SLAB, threads)
     origin = volume.ijk_to_lps(np.array([(fi - 1) / 2.0, (fj - 1) / 2.0, (fk - 1) / 2.0]))
     return Volume(out, origin, volume.spacing_mm * np.array([fi, fj, fk]), volume.direction)
+
+
+def gaussian_filter_slabs(array: np.ndarray, sigma_vox, mode: str = "nearest",
+                          threads: int = GRID_THREADS) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(array, sigma_vox, mode=mode)`` (same values), each
+    axis's 1-D pass run on ``threads`` threads over slabs across another axis.
+
+    The filter is separable and every 1-D pass reads only along its own axis, so slabs cut
+    across a different axis are independent: the passes and their order are SciPy's
+    (``gaussian_filter1d`` per axis, axes with sigma <= 1e-15 skipped, float32 in between).
+    """
+    array = np.asarray(array)
+    sig = [float(x) for x in np.broadcast_to(np.asarray(sigma_vox, float), (array.ndim,))]
+    out = np.empty_like(array)
+    src = array
+    axes = [ax for ax in range(array.ndim) if sig[ax] > 1e-15]
+    if not axes:
+        out[...] = array
+        return out
+    for ax in axes:
+        cut = 0 if ax != 0 else (1 if array.ndim > 1 else 0)
+        n = array.shape[cut]
+        inp = src
+
+        def run(a: int, b: int, ax=ax, cut=cut, inp=inp) -> None:
+            sl = (slice(None),) * cut + (slice(a, b),)
+            ndimage.gaussian_filter1d(inp[sl], sig[ax], axis=ax, output=out[sl], mode=mode)
+
+        if cut == ax:  # a 1-D array: one pass
+            run(0, n)
+        else:
+            _run_slabs(run, n, -(-n // max(threads, 1)), threads)
+        src = out
+    return out
 
 
 def resample_to_lps_grid(volume: Volume, step_mm: float = ANATOMY_STEP_MM,
@@ -135,7 +197,7 @@ def resample_to_lps_grid(volume: Volume, step_mm: float = ANATOMY_STEP_MM,
     box_var = (coarse.spacing_mm**2 - volume.spacing_mm**2) / 12.0  # i, j, k
     sig_mm = np.sqrt(np.maximum(sigma_mm**2 - box_var, 0.0))
     sig_vox = [max(s / sp, 0.0) for s, sp in zip(sig_mm[::-1], coarse.spacing_mm[::-1])]
-    smooth = ndimage.gaussian_filter(coarse.hu.astype(np.float32, copy=False), sig_vox, mode="nearest")
+    smooth = gaussian_filter_slabs(coarse.hu.astype(np.float32, copy=False), sig_vox, mode="nearest")
     lo, hi = lps_bounds(volume)
     n = np.floor((hi - lo) / step_mm).astype(int) + 1
     axes = [lo[a] + step_mm * np.arange(n[a]) for a in range(3)]

@@ -7,6 +7,8 @@ of in ``Anatomy.notes`` for the report.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from pipeline.anatomy import find_vertebrae
 from pipeline.config import Config
 from pipeline.hardware import MetalVoxels, find_cages, find_rods, find_screws, unexplained_metal_mm3
@@ -33,9 +35,14 @@ def detect(volume: Volume, config: Config) -> Anatomy:
         notes also mention vertebrae left out at the edge of the scan and metal outside the
         spine that was not analysed (e.g. a hip prosthesis).
     """
-    vertebrae, levels, by_position, notes = find_vertebrae(volume, config)
+    # the metal voxels (found once, shared by the hardware searches) do not depend on the
+    # anatomy: they are collected in a second thread while the vertebrae are found (both
+    # are mostly NumPy / SciPy passes over the volume that leave Python free)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusionct-metal") as pool:
+        pending = pool.submit(MetalVoxels, volume, config.metal_threshold_hu)
+        vertebrae, levels, by_position, notes = find_vertebrae(volume, config)
+        metal = pending.result()
     notes = list(notes)
-    metal = MetalVoxels(volume, config.metal_threshold_hu)  # found once, shared by the searches
     screws = find_screws(volume, config, vertebrae, metal=metal)
     cages = find_cages(volume, config, vertebrae, levels, screws, metal=metal)
     rods = find_rods(volume, config, vertebrae, screws, metal=metal)
