@@ -23,7 +23,12 @@ the lucent level (``lucent_hu``) inside a halo. Per ray:
    than ``bone_hu`` (a sclerotic rim), the step is from lucency to *that* level and the
    edge is re-read at the half-way level between the two (twice). No edge within ``max_width_mm``:
    the ray never reaches bone (a dark beam-hardening streak, or the ray left the bone)
-   and is excluded (NaN, status 2).
+   and is excluded (NaN, status 2). An edge found within ``window_mm`` of ``d_vis`` (and no
+   rim) is censored: the true half-way crossing may lie before ``d_vis``, where it cannot be
+   seen, and the first crossing after it is then wherever noise puts it, just past
+   ``d_vis`` (0.8x0.8x1.5 mm, d_vis 1.1 mm: a 0.78 mm halo read 1.1-1.7 mm on most rays).
+   Such a ray is read in deficit mode (step 3), whose blurred-box model covers edges on
+   both sides of ``d_vis``.
 3. **Deficit mode.** Otherwise the halo, if any, is thinner than ``d_vis`` and only its
    blurred outer tail reaches the readable part. The width is the one whose blurred
    box ``[0, w]`` (Gaussian, ``sigma_mm``) has the same deficit below bone over
@@ -144,6 +149,47 @@ def _window_max(g, d_start, step, lo, hi):
     return best
 
 
+@numba.njit(cache=True, inline="always")
+def _deficit_width(g, d_start, step, s_vis, d_vis, lucent_hu, bone_hu, sigma, window, min_deficit,
+                   far_len):
+    """Deficit mode (module docstring, step 3): the width whose blurred box has the profile's
+    deficit below bone over [d_vis, d_vis + window + 2 sigma], against the ray's own bone
+    level beyond the window when that is lower (a dark streak or thinner bone lowers the
+    whole ray, not just its start). Returns (width_mm, lucent_min_hu)."""
+    n = g.shape[0]
+    d_end = d_vis + window + 2.0 * sigma
+    b_ray = bone_hu
+    cnt = 0
+    for s in range(n):
+        d = d_start + s * step
+        if d > d_end and d <= d_end + far_len:
+            cnt += 1
+    if cnt > 0:
+        buf = np.empty(cnt, np.float64)
+        k = 0
+        for s in range(n):
+            d = d_start + s * step
+            if d > d_end and d <= d_end + far_len:
+                buf[k] = g[s]
+                k += 1
+        b_far = np.median(buf)
+        if b_far < b_ray:
+            b_ray = b_far
+    acc = 0.0
+    gmin = g[s_vis]
+    s = s_vis
+    while s < n and d_start + s * step <= d_end + 1e-9:
+        if g[s] < gmin:
+            gmin = g[s]
+        acc += (b_ray - g[s]) * step
+        s += 1
+    contrast = b_ray - lucent_hu
+    target = acc / contrast if contrast > 0 else 0.0
+    if target < min_deficit:
+        return 0.0, gmin
+    return invert_blurred_box_integral(target, sigma, d_vis, d_end, d_end), gmin
+
+
 @numba.njit(cache=True)
 def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
                  window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
@@ -161,6 +207,11 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     if s_max > n - 1:
         s_max = n - 1
     n_settle = max(int(round(settle / step)), 1)
+    deficit = True
+    width = 0.0
+    edge = 0.0
+    status = 0
+    gmin = g[s_vis]
     if g[s_vis] < half:
         # crossing mode: provisional edge at the half level against ordinary bone ...
         s0, gmin = _first_settled_crossing(g, s_vis, s_max, half, n_settle)
@@ -168,6 +219,7 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
             return np.nan, 2, gmin, np.nan, np.nan
         e0 = _crossing_position(g, s0, half, d_start, step)
         # ... then against what actually lies beyond it (a denser sclerotic rim)
+        rim_read = False
         for _ in range(2):
             b_loc = _window_max(g, d_start, step, e0 + local_from, e0 + local_to)
             if b_loc <= bone_hu:
@@ -177,44 +229,17 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
             if s1 < 0:
                 break
             e0 = _crossing_position(g, s1, half1, d_start, step)
-        edge = e0
-        width = max(edge, 0.0)
-        status = 1
-    else:
-        # deficit mode, against the ray's own bone level beyond the window when that is
-        # lower (a dark streak or thinner bone lowers the whole ray, not just its start)
-        d_end = d_vis + window + 2.0 * sigma
-        b_ray = bone_hu
-        cnt = 0
-        for s in range(n):
-            d = d_start + s * step
-            if d > d_end and d <= d_end + far_len:
-                cnt += 1
-        if cnt > 0:
-            buf = np.empty(cnt, np.float64)
-            k = 0
-            for s in range(n):
-                d = d_start + s * step
-                if d > d_end and d <= d_end + far_len:
-                    buf[k] = g[s]
-                    k += 1
-            b_far = np.median(buf)
-            if b_far < b_ray:
-                b_ray = b_far
-        acc = 0.0
-        gmin = g[s_vis]
-        s = s_vis
-        while s < n and d_start + s * step <= d_end + 1e-9:
-            if g[s] < gmin:
-                gmin = g[s]
-            acc += (b_ray - g[s]) * step
-            s += 1
-        contrast = b_ray - lucent_hu
-        target = acc / contrast if contrast > 0 else 0.0
-        if target < min_deficit:
-            width = 0.0
-        else:
-            width = invert_blurred_box_integral(target, sigma, d_vis, d_end, d_end)
+            rim_read = True
+        # an edge within ``window`` of d_vis may lie before it (the crossing is censored
+        # at d_vis): read it through its deficit instead, like a thinner halo
+        if rim_read or e0 >= d_vis + window:
+            edge = e0
+            width = max(edge, 0.0)
+            status = 1
+            deficit = False
+    if deficit:
+        width, gmin = _deficit_width(g, d_start, step, s_vis, d_vis, lucent_hu, bone_hu, sigma,
+                                     window, min_deficit, far_len)
         edge = width
         status = 1 if width > 0.0 else 0
     # rim excess just outside the edge
@@ -352,6 +377,7 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
     has, s_up, gmin_c = _first_crossing_vec(g, sv, s_max, half, n_settle)
     e_cross = _crossing_vec(g, s_up, half, d_start, step)
     active = np.ones(n_rays, bool)
+    rim_read = np.zeros(n_rays, bool)
     for _ in range(2):
         b_loc = _window_max_vec(g, d, e_cross + local_from, e_cross + local_to)
         active &= b_loc > bone
@@ -360,11 +386,14 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
         active &= has1
         e1 = _crossing_vec(g, s_up1, half1, d_start, step)
         e_cross = np.where(active, e1, e_cross)
-    ok_c = crossing & has
+        rim_read |= active
+    ok_c = crossing & has & (rim_read | (e_cross >= d_vis + window))
     width[ok_c] = np.maximum(e_cross[ok_c], 0.0)
     edge[ok_c] = e_cross[ok_c]
     status[ok_c] = 1
     gmin[crossing] = gmin_c[crossing]
+    # an edge within ``window`` of d_vis may lie before it: read through the deficit
+    deficit = deficit | (crossing & has & ~ok_c)
 
     # deficit mode
     d_end = d_vis + window + 2.0 * sigma

@@ -81,6 +81,8 @@ HALO_MIN_REFERENCE_RAYS = 30  # halo-free rays a direction class needs for its o
 LUCENT_DEFAULT_HU = 25.0      # fibrous tissue / fluid in a loosening track, when not measurable
 HALO_READABLE_DVIS_MM = 1.35  # a direction class reading no closer than this cannot tell
                               # a loosening-size halo from none (see _fill_unreadable)
+HALO_FILL_REFUTE_SIGMAS = 1.0  # a filled width this far (edge blurs) past the ray's d_vis
+                              # must show at d_vis (see _fill_unreadable)
 HALO_DIRECT_FRACTION = 0.3    # a ray reads its lucency directly when at d_vis it is within this
                               # fraction of the lucent-to-bone step above the lucent level
 HALO_OUTLIER_MM = 1.0         # a ray this far from its neighbours' median is an artefact
@@ -626,6 +628,15 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
                 out[s, a] = vals[k]
             else:
                 out[s, a] = min(vals[k - 1], vals[k])
+    # ... unless this ray shows that such a halo does not reach it: a lucency that wide
+    # would be below the half-way level at the ray's own d_vis, and it is not there
+    # (a partial 3 mm halo's halo-free quarter at 0.8x0.8x1.5 mm took 2.5 mm from both
+    # sides: coverage 1.0 for 0.75)
+    sigma = tail.per_ray(tail.sigma_mm, rays.blur_mm)
+    half = 0.5 * (tail.lucent_hu + bone_hu)
+    refuted = (unreadable & (g_vis >= half)
+               & (out.ravel() > d_vis + HALO_FILL_REFUTE_SIGMAS * sigma)).reshape(S, A)
+    out[refuted] = W[refuted]
     return out.ravel()
 
 

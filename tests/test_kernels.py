@@ -183,6 +183,22 @@ def test_thin_halo_read_through_its_deficit_beyond_the_readable_distance():
     assert w[0] == 0.0 and st[0] == 0
 
 
+def test_halo_edge_just_before_the_readable_distance_is_read_through_its_deficit():
+    # a 0.9 mm halo blurred by 0.5 mm, read from d_vis = 1.0 mm; a 30 HU noise dip at d_vis
+    # puts the profile under the half-way level there. The first up-crossing after d_vis
+    # (just past 1.0 mm, at the loosening threshold) is censored, not the edge: the ray is
+    # read through its deficit, which models edges on both sides of d_vis
+    g = _halo_profile(0.9, 0.5)
+    dip = (D >= 1.0 - 1e-9) & (D < 1.1 - 1e-9)
+    g[dip] -= 30.0
+    assert g[np.searchsorted(D, 1.0 - 1e-9)] < 127.5  # crossing mode would start here
+    naive = D[np.argmax((D > 1.0) & (g >= 127.5))]
+    assert naive >= 1.0
+    for fn in (halo_widths, halo_widths_reference):
+        w, st, *_ = _halo_call(fn, g[None, :], 1.0, 230.0, 0.5)
+        assert st[0] == 1 and w[0] == pytest.approx(0.9, abs=0.08), (fn.__name__, w[0])
+
+
 def test_no_halo_and_dark_streak_rays():
     bone = np.full((1, len(D)), 230.0)
     streak = np.full((1, len(D)), 90.0)  # never returns to bone: excluded
