@@ -68,14 +68,31 @@ LUMBAR_NAMES_ABOVE_S1 = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9"
 
 
 # ----------------------------------------------------------------------------- sampling
+#: point sets at least this large are sampled in two halves on two threads (SciPy's
+#: interpolation leaves Python free; every point's value is computed alone, so the values
+#: are the same)
+SPLIT_SAMPLES = 100_000
+
+
 def sample_lps(volume: Volume, points_lps_mm, order: int = 1, cval_hu: float = -1000.0) -> np.ndarray:
     """HU at LPS points (..., 3) by spline interpolation of ``order`` (1 = trilinear)."""
     pts = np.asarray(points_lps_mm, float)
     # (k, j, i) rows directly (what map_coordinates takes): Volume.lps_to_kji, transposed
     to_kji = np.linalg.inv(volume.index_to_lps_matrix)[::-1]
     kji = to_kji @ (pts.reshape(-1, 3) - volume.origin_lps_mm).T
-    vals = ndimage.map_coordinates(volume.hu, kji, order=order, mode="constant",
-                                   cval=cval_hu, prefilter=False)
+    n = kji.shape[1]
+    if order <= 1 and n >= SPLIT_SAMPLES and GRID_THREADS > 1:
+        # order 0/1 needs no spline prefilter: halves are independent
+        vals = np.empty(n, dtype=np.asarray(volume.hu[:0, :0, :0]).dtype)  # map_coordinates: the input's
+
+        def part(a: int, b: int) -> None:
+            vals[a:b] = ndimage.map_coordinates(volume.hu, kji[:, a:b], order=order, mode="constant",
+                                                cval=cval_hu, prefilter=False)
+
+        _run_slabs(part, n, -(-n // GRID_THREADS), GRID_THREADS)
+    else:
+        vals = ndimage.map_coordinates(volume.hu, kji, order=order, mode="constant",
+                                       cval=cval_hu, prefilter=False)
     return vals.reshape(pts.shape[:-1])
 
 

@@ -24,6 +24,8 @@ elsewhere (a hip prosthesis, a surgical clip) is never taken for spinal hardware
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from scipy import ndimage
 
@@ -85,11 +87,12 @@ class MetalVoxels:
         samples = a + np.linspace(0.0, 1.0, n + 1)[:, None] * (b - a)
         reach = float(np.hypot(radius_mm, 0.5 * L / n)) + 1e-6
         hits = self.tree.query_ball_point(samples, r=reach, return_sorted=False)
-        if not any(len(h) for h in hits):
+        # every ball's indices at once (one conversion, not one per ball)
+        idx = np.fromiter(itertools.chain.from_iterable(hits), dtype=np.intp)
+        if idx.size == 0:
             return np.zeros(0, int)
         mask = np.zeros(len(self.kji), bool)
-        for h in hits:
-            mask[h] = True
+        mask[idx] = True
         return np.flatnonzero(mask)
 
 

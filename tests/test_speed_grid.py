@@ -48,3 +48,19 @@ def test_resampled_grid_same_with_one_or_two_threads(monkeypatch):
     one, o1 = resample_to_lps_grid(vol)
     np.testing.assert_array_equal(one, two)
     np.testing.assert_array_equal(o1, o2)
+
+
+def test_large_point_sets_sampled_in_halves_read_the_same_values(monkeypatch):
+    import pipeline.anatomy as anatomy
+    from pipeline.anatomy import sample_lps
+
+    hu = (np.random.default_rng(9).normal(size=(40, 50, 60)) * 500).astype(np.float32)
+    vol = Volume(hu, [-10.0, 5.0, 2.0], (0.7, 0.7, 1.2), np.eye(3))
+    pts = np.random.default_rng(10).uniform([-15, 0, -5], [40, 45, 55], size=(2, 70_000, 3))  # some outside
+    monkeypatch.setattr(anatomy, "SPLIT_SAMPLES", 1000)
+    split = sample_lps(vol, pts)
+    monkeypatch.setattr(anatomy, "GRID_THREADS", 1)
+    whole = sample_lps(vol, pts)
+    assert split.shape == (2, 70_000) and split.dtype == whole.dtype == np.float32
+    np.testing.assert_array_equal(split, whole)
+    assert (whole == -1000.0).any()  # points outside read cval
