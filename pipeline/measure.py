@@ -27,7 +27,8 @@ screw samples, removes the tail, averages along the shaft and reads every ray). 
 closer to the surface than the tail can be reproduced (``d_vis``) are not read directly; a
 halo thinner than that is measured through its deficit below bone further out, and rays
 of a direction that cannot tell a loosening-size halo from none (along the slice axis of
-thick slices) take the width seen on both sides of them around the circumference.
+thick slices) take the width seen on both sides of them around the circumference, unless
+they show that width is not there (it would be lucent at their own ``d_vis``).
 """
 from __future__ import annotations
 
@@ -602,6 +603,13 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     end is as likely to be in either half, so the stretch is split in the middle. (Taking
     the smaller of the two for every ray put every such end on the lucent side and read a
     half-circumference halo's coverage under the 0.5 loosening cut.)
+
+    A filled width is refused where the ray itself shows it is not there: a lucency more
+    than ``HALO_FILL_REFUTE_SIGMAS`` edge blurs wider than the ray's own ``d_vis`` would put
+    the ray under the half-way level at ``d_vis``; a ray that is not under it keeps its own
+    reading. (The halo-free quarter of a 3 mm halo on 0.75 of the circumference lay in a
+    stretch of slice-axis rays at 0.8x0.8x1.5 mm, took 2.5 mm from both sides, and the screw
+    read coverage 1.0.)
     """
     d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm)
     direct = (st == 1) & (g_vis < tail.lucent_hu + HALO_DIRECT_FRACTION * (bone_hu - tail.lucent_hu))
@@ -628,10 +636,7 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
                 out[s, a] = vals[k]
             else:
                 out[s, a] = min(vals[k - 1], vals[k])
-    # ... unless this ray shows that such a halo does not reach it: a lucency that wide
-    # would be below the half-way level at the ray's own d_vis, and it is not there
-    # (a partial 3 mm halo's halo-free quarter at 0.8x0.8x1.5 mm took 2.5 mm from both
-    # sides: coverage 1.0 for 0.75)
+    # ... unless the ray shows that such a halo does not reach it (docstring)
     sigma = tail.per_ray(tail.sigma_mm, rays.blur_mm)
     half = 0.5 * (tail.lucent_hu + bone_hu)
     refuted = (unreadable & (g_vis >= half)
