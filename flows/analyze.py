@@ -22,8 +22,8 @@ Tasks run ``MEASURE_WORKERS`` (two) at a time: the breach and fracture checks (t
 and level measurements, as the plain pipeline runs them (``measure_and_integrity``). Every
 task maps the one cached volume file through one shared mapping (``VolumeRef.open``), so
 tasks running at once do not count its pages twice: on the standard 512x512x400 study the
-flow's peak stays at 0.87 GB with two at a time (it was 1.26 GB with a mapping per task,
-1.7 GB with Prefect's unlimited default pool).
+flow's peak measured 0.87-0.90 GB with two at a time (before the mapping was shared: 1.26 GB
+with two at a time, 0.86 GB with one, 1.7 GB with Prefect's unlimited default pool).
 """
 from __future__ import annotations
 
