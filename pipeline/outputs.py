@@ -200,14 +200,26 @@ _WORKERS: dict[tuple, object] = {}
 _WORKERS_KEEP = 2  # studies prepared ahead at most (a failed analysis never collects its own)
 
 
+def spare_core() -> bool:
+    """Whether the machine has a core to spare for the SR helper: its 1-minute load average
+    is below its core count. On a machine already busy with other work the helper's own
+    start-up (an interpreter, its imports: ~0.5 s of CPU) would only compete with the
+    analysis for the same cores, so the SR is then built in-process, as before."""
+    try:
+        return os.getloadavg()[0] < (os.cpu_count() or 1)
+    except (AttributeError, OSError):  # no load average on this platform
+        return True
+
+
 def prefetch_sources(meta: Mapping | None) -> bool:
     """Start preparing the SR of a volume with ``meta`` in a helper process.
 
-    Only for DICOM input with ``source_paths``. Returns True when a helper started.
+    Only for DICOM input with ``source_paths``, and only with a core to spare
+    (:func:`spare_core`). Returns True when a helper started.
     """
     meta = dict(meta or {})
     paths = tuple(str(p) for p in (meta.get("source_paths") or ()))
-    if meta.get("input_kind") != "dicom" or not paths:
+    if meta.get("input_kind") != "dicom" or not paths or not spare_core():
         return False
     from pipeline.report_sr import SRWorker
 

@@ -542,17 +542,14 @@ def files_signature(paths: Sequence[str]) -> list:
 
 
 def _worker_main() -> None:
-    """The helper process of :class:`SRWorker`: paths in, then a result in, SR bytes out."""
-    import os
+    """The helper process of :class:`SRWorker`: paths in, then a result in, SR bytes out.
+
+    It runs at the analysis's own priority: niced, it starved behind other work on a busy
+    machine while the analysis waited for its SR."""
     import pickle
     import sys
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    try:
-        # background work: the analysis it runs beside has the first claim on the cores
-        os.nice(10)
-    except (AttributeError, OSError):
-        pass
     try:
         paths = pickle.load(stdin)
         headers = read_source_headers(paths)

@@ -39,6 +39,14 @@ def _comparable(ds):
     return strip(ds.to_json_dict())
 
 
+@pytest.fixture(autouse=True)
+def a_spare_core(monkeypatch):
+    """The helper starts only with a core to spare; the test machine may be busy."""
+    monkeypatch.setattr(outputs_mod, "spare_core", lambda: True)
+    yield
+    outputs_mod._close_workers()  # none left running for the next test
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srw")
@@ -106,6 +114,13 @@ def test_helper_answers_refs_only_when_there_is_nothing_to_report(sources):
     # and the writer lands no SR for such a result, helper or not
     prefetch_sources(vol.meta)
     assert not outputs_mod._wants_sr(empty)
+
+
+def test_no_helper_on_a_busy_machine(sources, monkeypatch):
+    _, vol, _ = sources
+    monkeypatch.setattr(outputs_mod, "spare_core", lambda: False)
+    assert prefetch_sources(vol.meta) is False
+    assert not outputs_mod._WORKERS
 
 
 def test_no_helper_for_nifti_input():
