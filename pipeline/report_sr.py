@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import Comprehensive3DSRStorage, generate_uid
+from pydicom.uid import Comprehensive3DSRStorage
 
 from pipeline import __version__
 from pipeline.results import (CageMeasurement, FractureFinding, LevelMeasurement, ScrewMeasurement,
@@ -225,8 +226,18 @@ def _library_ok(ds: Dataset) -> bool:
 
 # --------------------------------------------------------------------------- content
 def tracking_uid(study_uid: str | None, kind: str, ident: str) -> str:
-    """Deterministic tracking UID for one finding, equal in the draft and the verified SR."""
-    return generate_uid(prefix=None, entropy_srcs=[str(study_uid), kind, ident])
+    """Deterministic tracking UID for one finding, equal in the draft and the verified SR
+    of a study, so a reader can follow one screw from one to the other.
+
+    A ``2.25`` UID from a name-based UUID (ISO/IEC 9834-8, DICOM PS3.5 B.2). pydicom's
+    ``generate_uid(prefix=None, ...)`` ignores its entropy sources and draws a random UUID.
+    """
+    return name_uid(str(study_uid), kind, ident)
+
+
+def name_uid(*parts: str) -> str:
+    """The same ``2.25`` UID for the same names, every time (name-based UUID)."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(31).join(parts)).int}"
 
 
 def _num(name, value, unit, where=None) -> hd.sr.Measurement:
@@ -384,7 +395,7 @@ def measurement_report(result: StudyResult, headers: Sequence[Dataset]) -> hd.sr
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(prefix=None, entropy_srcs=["fusionct-device", __version__]),
+            uid=name_uid("fusionct-device", __version__),
             name="fusionct",
             manufacturer_name=MANUFACTURER,
             model_name="fusionct",

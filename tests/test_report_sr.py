@@ -119,6 +119,42 @@ def test_sr_values_equal_the_phantom_truth(sr_study):
     assert ("Laterality", "Left") in codes
 
 
+def _tracking_uids(ds) -> dict[str, str]:
+    """Tracking Identifier text -> Tracking Unique Identifier, over the whole content tree."""
+    out = {}
+
+    def walk(items):
+        ident = uid = None
+        for it in items:
+            name = it.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in it else ""
+            if name == "Tracking Identifier":
+                ident = it.TextValue
+            elif name == "Tracking Unique Identifier":
+                uid = it.UID
+            if "ContentSequence" in it:
+                walk(it.ContentSequence)
+        if ident is not None and uid is not None:
+            out[ident] = uid
+
+    walk(ds.ContentSequence)
+    return out
+
+
+def test_tracking_uids_are_the_same_in_every_build_of_the_study(sr_study, tmp_path):
+    """A finding keeps its tracking UID from the draft SR to the verified one (both are
+    built from the same study), so they are derived from the study and the finding, not drawn."""
+    path, vol, truth = sr_study
+    first = _tracking_uids(pydicom.dcmread(path))
+    again = write_outputs(tmp_path / "again", truth_result(truth), truth_evidence(truth), vol)
+    second = _tracking_uids(pydicom.dcmread(again / "report_sr.dcm"))
+    ids = {s["id"] for s in truth["screws"]} | {c["id"] for c in truth["cages"]}
+    assert ids <= set(first)
+    assert first == second
+    assert len(set(first.values())) == len(first)
+    for uid in first.values():
+        assert uid.startswith("2.25.") and len(uid) <= 64 and uid.replace(".", "").isdigit()
+
+
 def test_sr_references_source_series_and_copies_patient_study_modules(sr_study):
     path, vol, _ = sr_study
     ds = pydicom.dcmread(path)
