@@ -505,18 +505,27 @@ class SRWorker:
     def build(self, result: StudyResult | None, timeout_s: float = 300.0) -> tuple[bytes | None, list[dict]]:
         """(SR file bytes, source refs) for ``result`` (None: the refs only, no SR).
 
-        Raises RuntimeError when the helper failed or the source files changed since it
-        read them (the caller then builds the SR itself)."""
+        Raises RuntimeError when the helper failed, gave no answer within ``timeout_s`` or
+        the source files changed since it read them (the caller then builds the SR itself)."""
         import pickle
+        import select
+        import subprocess
+        import threading
 
         try:
             if files_signature(self.paths) != self.signature:
                 raise RuntimeError("source files changed since the SR helper read them")
-            pickle.dump(result, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            self._proc.stdin.close()
+            # sent from a thread: a helper that is alive but stuck reads nothing, and a
+            # result larger than the pipe's buffer would block here for ever
+            threading.Thread(target=self._send, args=(result,), daemon=True,
+                             name="fusionct-sr-send").start()
+            ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
+            if not ready:
+                raise RuntimeError(f"SR helper gave no answer in {timeout_s:g} s")
             status, payload = pickle.load(self._proc.stdout)
             self._proc.wait(timeout=timeout_s)
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError,
+                subprocess.TimeoutExpired) as exc:
             raise RuntimeError(f"SR helper failed ({type(exc).__name__})") from None
         finally:
             self.close()
@@ -524,17 +533,29 @@ class SRWorker:
             raise RuntimeError(f"SR helper failed ({payload})")
         return payload
 
+    def _send(self, result) -> None:
+        """Hand the helper the result and close its input (a helper gone or stopped: the
+        answer is then missing, which :meth:`build` reports)."""
+        import pickle
+
+        try:
+            pickle.dump(result, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+
     def close(self) -> None:
-        """Stop the helper (idempotent)."""
+        """Stop the helper (idempotent). It is stopped before its pipes are closed: a
+        send still blocked on a full pipe then fails at once instead of holding the pipe."""
         p = self._proc
+        if p.poll() is None:
+            p.kill()
+            p.wait()
         for fh in (p.stdin, p.stdout):
             try:
                 fh.close()
             except OSError:
                 pass
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def files_signature(paths: Sequence[str]) -> list:

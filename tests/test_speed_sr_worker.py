@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers live in test
 from test_outputs import dicom_study, truth_evidence, truth_result  # noqa: E402
 
 # attributes that differ between any two SRs of one result, built in one process or not:
-# new SOP instance / series UIDs, creation date and time, the contribution time, and the
-# UIDREF content items (pydicom's generate_uid(prefix=None) is a fresh UUID every call)
+# new SOP instance / series UIDs, creation date and time, the contribution time (the
+# findings' tracking UIDs are name-based and must match)
 _PER_INSTANCE = {"00080018", "0020000E", "00080012", "00080013", "00080023", "00080033", "0018A002",
-                 "0040A124", "00020003"}
+                 "00020003"}
 
 
 def _comparable(ds):
@@ -101,6 +101,27 @@ def test_a_dead_helper_still_gives_a_complete_sr(sources, tmp_path):
     ds = pydicom.dcmread(out / "report_sr.dcm")
     assert ds.Modality == "SR" and len(ds.ContentSequence) > 0
     assert not outputs_mod._WORKERS
+
+
+def test_a_stuck_helper_is_given_up_after_its_timeout(sources):
+    """A helper that is alive but never answers must not hold the report step up for ever:
+    build() gives up after its timeout (the writer then builds the SR itself) and stops it."""
+    import subprocess
+    import time
+
+    _, vol, _ = sources
+    worker = SRWorker(vol.meta["source_paths"])
+    worker._proc.kill()
+    worker._proc.wait()
+    # stands in for a stuck helper: reads nothing, answers nothing, never exits by itself
+    worker._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    t0 = time.monotonic()
+    # larger than a pipe's buffer (64 KiB): sending it alone would block on a helper that reads nothing
+    with pytest.raises(RuntimeError, match="no answer"):
+        worker.build(b"x" * 4_000_000, timeout_s=1.0)
+    assert time.monotonic() - t0 < 30
+    assert worker._proc.poll() is not None  # stopped, not left behind
 
 
 def test_helper_answers_refs_only_when_there_is_nothing_to_report(sources):
