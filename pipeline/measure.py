@@ -33,7 +33,6 @@ they show that width is not there (it would be lucent at their own ``d_vis``).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -620,9 +619,13 @@ def _along_shaft_median(widths: np.ndarray, shape: tuple[int, int],
     pad = np.full((S + 2 * h, A), np.nan)
     pad[h:h + S] = W
     stack = np.stack([pad[k:k + S] for k in range(2 * h + 1)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(stack, axis=0)
+    # a window with no used ray (NaN there; never asked for: a used ray is in its own
+    # window) is filled before the median rather than silenced: warnings.catch_warnings
+    # is process-wide and the measurement runs beside the integrity checks in threads
+    empty = ~np.isfinite(stack).any(axis=0)
+    stack[:, empty] = 0.0
+    med = np.nanmedian(stack, axis=0)
+    med[empty] = np.nan
     return med.ravel()
 
 
@@ -1237,12 +1240,18 @@ def study_metal_tail(volume: Volume, anatomy: Anatomy, config: Config) -> MetalT
     single screw is poorer (fewer halo-free rays), so a whole halo can be under-read.
     None when the study has no measurable screw.
     """
-    hu = _hu(volume)
+    return _study_tail(volume, anatomy, config, _hu(volume))[2]
+
+
+def _study_tail(volume: Volume, anatomy: Anatomy, config: Config, hu: np.ndarray):
+    """(rays, profiles, metal tail) of every measurable screw of the study; the tail is
+    None when there is no such screw."""
     rays_list, profiles = _study_screw_profiles(volume, anatomy, config, hu)
     if not rays_list:
-        return None
-    return estimate_metal_tail(volume, rays_list, profiles, config,
+        return rays_list, profiles, None
+    tail = estimate_metal_tail(volume, rays_list, profiles, config,
                                rod_tail=_study_rod_tail(volume, anatomy, config, hu, rays_list))
+    return rays_list, profiles, tail
 
 
 def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
@@ -1259,10 +1268,8 @@ def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
     hu = _hu(volume)
     evidence: dict = {}
     screws_out = []
-    rays_list, profiles = _study_screw_profiles(volume, anatomy, config, hu)
-    if rays_list:
-        tail = estimate_metal_tail(volume, rays_list, profiles, config,
-                                   rod_tail=_study_rod_tail(volume, anatomy, config, hu, rays_list))
+    rays_list, profiles, tail = _study_tail(volume, anatomy, config, hu)
+    if tail is not None:
         for rays, prof in zip(rays_list, profiles):
             bone = _screw_bone_level(rays, prof, tail, config)
             m, ev = _screw_result(rays, hu, tail, config, bone)
