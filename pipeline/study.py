@@ -275,21 +275,10 @@ def with_breach(screws, breaches: dict) -> list:
 
 
 def integrity_step(volume: Volume, anatomy: Anatomy, screws, config: Config):
-    """Hardware integrity beyond the halo: pedicle breach per screw (Gertzbein-Robbins) and
-    rod / screw fractures. Returns the screws with breach fields filled, and the fractures."""
-    from dataclasses import replace
-
-    from pipeline.breach import measure_breach
-    from pipeline.fracture import find_fractures
-
-    vertebrae = {v.name: v for v in anatomy.vertebrae}
-    geometry = {s.id: s for s in anatomy.screws}
-    out = []
-    for s in screws:
-        breach_mm, grade, direction = measure_breach(volume, geometry[s.id], vertebrae.get(s.vertebra), config)
-        out.append(replace(s, breach_mm=round(float(breach_mm), 2), breach_grade=grade,
-                           breach_direction=direction))
-    return out, find_fractures(volume, anatomy, config)
+    """Hardware integrity beyond the halo, one step after the measurement: the screws with
+    breach fields filled (:func:`integrity_findings`, :func:`with_breach`), and the fractures."""
+    breaches, fractures = integrity_findings(volume, anatomy, config)
+    return with_breach(screws, breaches), fractures
 
 
 def kernels_thread_safe() -> bool:
