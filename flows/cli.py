@@ -23,7 +23,7 @@ def _quiet_prefect(debug: bool) -> None:
 
 
 def _fail(exc: BaseException, debug: bool) -> int:
-    from pipeline.errors import InputError
+    from pipeline.errors import InputError, one_line
 
     if debug:
         import traceback
@@ -32,7 +32,7 @@ def _fail(exc: BaseException, debug: bool) -> int:
     if isinstance(exc, InputError):
         print(f"fusionct: cannot analyze {exc}", file=sys.stderr)
         return 2
-    print(f"fusionct: internal error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+    print(one_line(f"fusionct: internal error: {type(exc).__name__}: {exc}".splitlines()[0]), file=sys.stderr)
     return 1
 
 

@@ -177,6 +177,17 @@ def undecodable_transfer_syntax(base):
     return base / "in", paths[2].name, ("1.2.840.10008.1.2.4.100", "cannot be decoded")
 
 
+def newline_in_transfer_syntax_uid(base):
+    """A transfer syntax UID with a newline in it (found by the fuzz test): the quoted UID
+    must not split the error over two lines."""
+    paths = series(base / "in", transfer_syntax=ExplicitVRLittleEndian)
+    data = paths[2].read_bytes()
+    ts = b"1.2.840.10008.1.2.1\x00"
+    assert ts in data
+    paths[2].write_bytes(data.replace(ts, b"1\n2.840.10008.1.2.1\x00", 1))
+    return base / "in", paths[2].name, ("transfer syntax", "1\\n2.840.10008.1.2.1")
+
+
 def corrupt_jpeg2000_codestream(base):
     paths = series(base / "in", shape=(6, 64, 64), transfer_syntax=JPEG2000Lossless)
     ds = pydicom.dcmread(paths[4])
@@ -485,6 +496,7 @@ def nifti_four_d(base):
 CORPUS: dict[str, Case] = {f.__name__: f for f in (
     truncated_pixel_data, truncated_header, cut_before_pixel_data, missing_pixel_data,
     empty_file_in_place_of_a_slice, garbage_after_preamble, undecodable_transfer_syntax,
+    newline_in_transfer_syntax_uid,
     corrupt_jpeg2000_codestream, corrupt_rle_frame, zero_pixel_spacing, negative_pixel_spacing, zero_slice_spacing,
     duplicate_slice_file, two_acquisitions_sharing_one_series_uid, missing_slice,
     mixed_frames_of_reference, mixed_orientation, shear_beyond_any_gantry_tilt, single_slice, absurd_image_size,
