@@ -935,21 +935,26 @@ def rim_plane_fit(u_mm: np.ndarray, v_mm: np.ndarray, z_mm: np.ndarray,
     """
     z = np.asarray(z_mm, float)
     A = np.c_[np.ones(len(z)), np.asarray(u_mm, float), np.asarray(v_mm, float)]
-    keep = np.ones(len(z), bool)
-    coef = np.array([float(np.median(z)), 0.0, 0.0])
     t2 = math.tan(math.radians(tilt_prior_deg)) ** 2
+
+    def outside(r, keep):
+        med = float(np.median(r[keep]))
+        scale = max(1.4826 * float(np.median(np.abs(r[keep] - med))), 0.05)
+        return np.abs(r - med) > max(3.0 * scale, RIM_REJECT_MIN_MM), scale
+
+    keep = np.ones(len(z), bool)
+    out, scale = outside(z, keep)          # first about the prior plane (no tilt)
+    if (~out).sum() >= 6:
+        keep = ~out
     for _ in range(20):
-        r = z - A @ coef
-        scale = max(1.4826 * float(np.median(np.abs(r[keep] - np.median(r[keep])))), 0.05)
-        new_keep = np.abs(r - np.median(r[keep])) <= max(3.0 * scale, RIM_REJECT_MIN_MM)
-        if new_keep.sum() < 6:
-            break
-        Ak, zk = A[new_keep], z[new_keep]
+        Ak, zk = A[keep], z[keep]
+        _, scale = outside(zk - Ak @ np.linalg.lstsq(Ak, zk, rcond=None)[0], np.ones(len(zk), bool))
         lam = scale * scale / t2
         coef = np.linalg.solve(Ak.T @ Ak + np.diag([0.0, lam, lam]), Ak.T @ zk)
-        if np.array_equal(new_keep, keep):
+        out, _ = outside(z - A @ coef, keep)
+        if (~out).sum() < 6 or np.array_equal(~out, keep):
             break
-        keep = new_keep
+        keep = ~out
     return coef, keep
 
 
