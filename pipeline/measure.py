@@ -108,14 +108,21 @@ DOUBLE_HALO_MIN_RAYS = 10
 # --------------------------------------------------------------- subsidence (internal constants)
 RIM_GRID_MM = 1.5             # rim sample spacing in the endplate plane
 RIM_CAGE_GAP_MM = 2.0         # rim points keep this far from the cage footprint
-RIM_OUTLINE_MARGIN_MM = 3.0   # ... and this far inside the body outline
+RIM_OUTLINE_MARGIN_MM = 2.0   # ... and this far inside the body outline (clear of the ~1 mm
+                              # cortical side wall, its blur and the detected outline's error;
+                              # at 3 mm two cages side by side left no rim at all on thick slices)
 RIM_MAX_DIST_MM = 40.0        # ... and within this of the footprint
 RIM_RAY_START_MM = 3.0        # rim rays start this far into the disc
 RIM_RAY_DEPTH_MM = 5.0        # ... and run this far into the vertebra
 ENDPLATE_DETECT_HU = 420.0    # a blurred cortical endplate exceeds this; disc and graft do not
 ENDPLATE_FRACTION_PER_MM = 0.22  # see endplate_edge_fraction
 ENDPLATE_CORTEX_HALF_MM = 0.5  # half the endplate cortex thickness (see endplate_edge_moments)
-RIM_MOMENT_AGREE_MM = 1.0     # rim rays (and the moment surface) within this of the crossing plane
+RIM_MOMENT_AGREE_MM = 1.0     # a rim ray's moment surface within this of its own level crossing
+RIM_TILT_PRIOR_DEG = 1.0      # spread, per tilt direction, of the detected endplate normal about
+                              # the true one (RMS 1.0 deg over both directions, 0.7 per direction,
+                              # at most 2.3 deg, on 0.8x0.8x1.5 mm phantoms; less on thinner
+                              # slices): the rim's own tilt is weighed against it (rim_plane_fit)
+RIM_REJECT_MIN_MM = 0.3       # rim rays farther than max(3 robust SDs, this) from the plane are out
 FACE_GRID_MM = 1.0
 FACE_MARGIN_MM = 1.0          # face rays keep this far inside the face edges
 FACE_RAY_OUT_MM = 4.0         # face rays start this far outside the nominal face
@@ -887,16 +894,89 @@ def endplate_edge_moments(profile_hu: np.ndarray, s_mm: np.ndarray, cortex_half_
     return float(min(good, key=lambda r: abs(r - hint)))
 
 
+def _between_cages(points: np.ndarray, cages) -> np.ndarray:
+    """Points in the band joining two cages of one level: inside the rectangle (in the first
+    cage's (axes[1], axes[2]) plane) spanned by both footprints.
+
+    Why: the disc between two cages side by side is lit by both (blooming from either side,
+    the streak band that joins two metal objects) and holds graft; its rays read the
+    endplate up to 0.6 mm off (0.35 x 0.35 x 0.6 mm phantoms, S1 between two titanium
+    cages), and a thin row of them there tilts the rim plane."""
+    out = np.zeros(len(points), bool)
+    cl = list(cages)
+    for i in range(len(cl)):
+        for j in range(i + 1, len(cl)):
+            ax = np.asarray(cl[i].axes)[1:]
+            corners = [np.asarray(cg.centroid_lps_mm) + s1 * cg.half_sizes_mm[1] * np.asarray(cg.axes[1])
+                       + s2 * cg.half_sizes_mm[2] * np.asarray(cg.axes[2])
+                       for cg in (cl[i], cl[j]) for s1 in (-1, 1) for s2 in (-1, 1)]
+            cc = np.asarray(corners) @ ax.T
+            pp = points @ ax.T
+            out |= np.all((pp >= cc.min(0)) & (pp <= cc.max(0)), axis=1)
+    return out
+
+
+def rim_plane_fit(u_mm: np.ndarray, v_mm: np.ndarray, z_mm: np.ndarray,
+                  tilt_prior_deg: float = RIM_TILT_PRIOR_DEG) -> tuple[np.ndarray, np.ndarray]:
+    """Offset and tilt of the endplate surface ``z = c0 + gu * u + gv * v`` through rim points.
+
+    ``(u, v)`` are the points' in-plane coordinates (mm) in the prior plane, ``z`` their
+    surface offsets along the prior normal (mm). The slopes are a least-squares fit
+    weighed against the prior normal (ridge, i.e. a Gaussian prior of ``tilt_prior_deg``
+    on the tilt, against the rim's own scatter): where the rim surrounds the cage the
+    points decide; where it is a thin strip (a level filled by two cages) the tilt across
+    the strip stays the prior's. Points farther than max(3 robust SDs,
+    ``RIM_REJECT_MIN_MM``) from the fit are dropped and the fit repeated.
+
+    Returns
+    -------
+    coef : (3,) float; ``(c0, gu, gv)``.
+    keep : (n,) bool; the points used.
+    """
+    z = np.asarray(z_mm, float)
+    A = np.c_[np.ones(len(z)), np.asarray(u_mm, float), np.asarray(v_mm, float)]
+    t2 = math.tan(math.radians(tilt_prior_deg)) ** 2
+
+    def outside(r, keep):
+        med = float(np.median(r[keep]))
+        scale = max(1.4826 * float(np.median(np.abs(r[keep] - med))), 0.05)
+        return np.abs(r - med) > max(3.0 * scale, RIM_REJECT_MIN_MM), scale
+
+    keep = np.ones(len(z), bool)
+    out, scale = outside(z, keep)          # first about the prior plane (no tilt)
+    if (~out).sum() >= 6:
+        keep = ~out
+    for _ in range(20):
+        Ak, zk = A[keep], z[keep]
+        _, scale = outside(zk - Ak @ np.linalg.lstsq(Ak, zk, rcond=None)[0], np.ones(len(zk), bool))
+        lam = scale * scale / t2
+        coef = np.linalg.solve(Ak.T @ Ak + np.diag([0.0, lam, lam]), Ak.T @ zk)
+        out, _ = outside(z - A @ coef, keep)
+        if (~out).sum() < 6 or np.array_equal(~out, keep):
+            break
+        keep = ~out
+    return coef, keep
+
+
 def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plane,
                      cages, config: Config) -> tuple[Plane, np.ndarray]:
     """The endplate plane fitted to its intact rim beside the cage(s).
 
     Rim points lie in the prior plane on a grid inside the body outline (less
     ``RIM_OUTLINE_MARGIN_MM``), at ``RIM_CAGE_GAP_MM`` to ``RIM_MAX_DIST_MM`` from the
-    cage footprints. Along the endplate normal, from the disc into the vertebra, each
-    ray's rising edge from the disc level to the cortical endplate's peak
-    (``kernels.subsidence.rising_edges`` at :func:`endplate_edge_fraction`) is a surface
-    point; the plane keeps the prior normal and takes its offset from their robust median.
+    cage footprints and not between two cages (:func:`_between_cages`). Along the endplate
+    normal, from the disc into the vertebra, each ray must meet a cortical endplate (a
+    rising edge, ``kernels.subsidence.rising_edges`` at :func:`endplate_edge_fraction`);
+    its surface is read from the profile's moments (:func:`endplate_edge_moments`, which
+    does not depend on where the thin cortex falls within a thick slice, as the level
+    crossing does by up to 0.6 mm) and must agree with the crossing within
+    ``RIM_MOMENT_AGREE_MM``. The plane is fitted to those surface points, offset and tilt
+    (:func:`rim_plane_fit`).
+
+    Why the tilt: on 1.5 mm slices the detected endplate normal is up to 2.3 deg off (it is
+    read from level crossings, seen only beside the cage), a millimetre at a cage corner 15
+    mm from the rim's centre; the moment surfaces, 0.2 mm apart ray to ray, fix it wherever
+    the rim spans the cage.
     """
     n0 = np.asarray(prior.normal)
     p0 = np.asarray(prior.point_lps_mm)
@@ -912,36 +992,33 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     a, b = vert.semi_axes_mm
     shrink = 1.0 - RIM_OUTLINE_MARGIN_MM / min(a, b)
     fd = _footprint_distance(pts, cages)
-    sel = (rho <= shrink) & (fd >= RIM_CAGE_GAP_MM) & (fd <= RIM_MAX_DIST_MM)
+    sel = (rho <= shrink) & (fd >= RIM_CAGE_GAP_MM) & (fd <= RIM_MAX_DIST_MM) & ~_between_cages(pts, cages)
     pts = pts[sel]
     if len(pts) < 6:
         return prior, np.empty((0, 3))
     starts = pts + RIM_RAY_START_MM * n0
     step = min(0.1, 0.25 * float(volume.spacing_mm.min()))
     n = int((RIM_RAY_START_MM + RIM_RAY_DEPTH_MM) / step) + 1
-    o = volume.lps_to_kji(starts)
-    dk = np.tile(volume.direction_lps_to_kji(-n0), (len(starts), 1))
-    edge, _, _ = rising_edges(hu, np.ascontiguousarray(o), np.ascontiguousarray(dk), 0.0, step, n,
+    o = np.ascontiguousarray(volume.lps_to_kji(starts))
+    dk = np.ascontiguousarray(np.tile(volume.direction_lps_to_kji(-n0), (len(starts), 1)))
+    edge, _, _ = rising_edges(hu, o, dk, 0.0, step, n,
                               5, ENDPLATE_DETECT_HU, int(1.5 / step), endplate_edge_fraction(volume, n0))
     ok = np.isfinite(edge)
-    surf = starts[ok] - edge[ok, None] * n0
-    plane = _robust_plane(surf, prior)
-    if len(surf) < 6:
-        return plane, surf
-    # the offset from the cortex's mass, not its blurred peak (see endplate_offset_moments)
-    off_cross = float((np.asarray(plane.point_lps_mm) - p0) @ n0)
-    e_cross = RIM_RAY_START_MM - off_cross
-    keep = ok.copy()
-    keep[ok] = np.abs(edge[ok] - e_cross) <= RIM_MOMENT_AGREE_MM
-    if keep.sum() < 6:
-        return plane, surf
-    prof = sample_rays(hu, np.ascontiguousarray(o[keep]), np.ascontiguousarray(dk[keep]), 0.0, step, n)
+    if ok.sum() < 6:
+        return prior, np.empty((0, 3))
+    prof = sample_rays(hu, np.ascontiguousarray(o[ok]), np.ascontiguousarray(dk[ok]), 0.0, step, n)
     s_mm = step * np.arange(n)
-    e_mom = endplate_edge_moments(prof.mean(axis=0), s_mm, ENDPLATE_CORTEX_HALF_MM)
-    if not np.isfinite(e_mom) or abs(e_mom - e_cross) > RIM_MOMENT_AGREE_MM:
-        return plane, surf
-    shift = (e_cross - e_mom) * n0   # the surface moves towards the disc when e_mom < e_cross
-    return Plane(np.asarray(plane.point_lps_mm) + shift, n0), surf + shift
+    e_mom = np.full(len(starts), np.nan)
+    e_mom[ok] = [endplate_edge_moments(p, s_mm, ENDPLATE_CORTEX_HALF_MM) for p in prof]
+    ok &= np.isfinite(e_mom)
+    ok[ok] = np.abs(e_mom[ok] - edge[ok]) <= RIM_MOMENT_AGREE_MM
+    if ok.sum() < 6:
+        return prior, np.empty((0, 3))
+    rel = pts[ok] - c_proj
+    coef, keep = rim_plane_fit(rel @ u, rel @ v, RIM_RAY_START_MM - e_mom[ok])
+    normal = _unit(n0 - coef[1] * u - coef[2] * v)
+    surf = starts[ok][keep] - e_mom[ok][keep, None] * n0
+    return Plane(c_proj + coef[0] * n0, normal), surf
 
 
 def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu) -> np.ndarray:
@@ -1082,41 +1159,71 @@ def _deepest_point(face_pts: np.ndarray, cage: CageGeometry, sign: float, plane:
     return float(depth[k]), corners[k]
 
 
+def _cage_on_fitted_level(cage: CageGeometry, upper: tuple[Plane, Plane] | None,
+                          lower: tuple[Plane, Plane] | None) -> CageGeometry:
+    """The cage box turned with the level normal when the rim fits correct the endplates.
+
+    ``upper`` and ``lower`` are ``(prior, fitted)`` planes of the upper body's inferior and
+    the lower body's superior endplate. The detected box's own axis is the level normal
+    (``hardware.find_cages``: the mean of the two endplates' superior normals,
+    ``anatomy``), not a measurement of the cage: on thick slices its metal faces cannot
+    give it (a saturated edge along the slice axis moves by +-0.2 mm with where it falls
+    within a slice, 1-2 deg over a 22 mm face), and a 1.5 deg error puts a corner 11 mm
+    from the face centre 0.3 mm off. The rim fits give better endplate normals; the box
+    turns by the change they make to the level normal (none when either is missing).
+    """
+    if upper is None or lower is None:
+        return cage
+    old = _unit(np.asarray(lower[0].normal) - np.asarray(upper[0].normal))
+    new = _unit(np.asarray(lower[1].normal) - np.asarray(upper[1].normal))
+    A = np.asarray(cage.axes, float)
+    a0 = _unit(A[0] + (new - old) * (1.0 if A[0] @ old >= 0 else -1.0))
+    a1 = _unit(A[1] - (A[1] @ a0) * a0)
+    return CageGeometry(id=cage.id, material=cage.material, centroid_lps_mm=cage.centroid_lps_mm,
+                        axes=(tuple(a0), tuple(a1), tuple(np.cross(a0, a1))),
+                        half_sizes_mm=cage.half_sizes_mm, level=cage.level)
+
+
 def measure_cage(volume: Volume, cage: CageGeometry, anatomy: Anatomy,
                  config: Config) -> tuple[CageMeasurement, CageEvidence]:
     """Subsidence of one cage through each bearing endplate (CONTRACT.md, "Cage subsidence").
 
     For each bearing face: the endplate plane is fitted to the endplate's intact rim beside
-    the cage (:func:`fit_endplate_rim`); the face is read from the image (titanium: the
-    cage's own half-max edge; PEEK: marker-pin ends plus ``config.peek_marker_inset_mm``);
-    the depth is how far the face's deepest point lies past the plane along its normal
-    (0 when the cage does not reach through it). Graded on the larger of the two.
+    the cage (:func:`fit_endplate_rim`, offset and tilt); the box turns with the level
+    normal those fits imply (:func:`_cage_on_fitted_level`); the face is read from the
+    image (titanium: the cage's own half-max edge; PEEK: marker-pin ends plus
+    ``config.peek_marker_inset_mm``); the depth is how far the face's deepest point lies
+    past the plane along its normal (0 when the cage does not reach through it). Graded on
+    the larger of the two.
     """
     hu = _hu(volume)
     level = _level_of_cage(anatomy, cage)
     same_level = [cg for cg in anatomy.cages if (cg.level == cage.level and cage.level is not None)] or [cage]
-    depths, planes, deepest, rims = [], [], [], []
+    planes, rims, fits = [], [], []
     for superior in (True, False):
         sign = 1.0 if superior else -1.0
         _, vert, prior = _endplate_for(cage, anatomy, superior)
-        c = np.asarray(cage.centroid_lps_mm)
-        a0 = np.asarray(cage.axes[0])
         if prior is None:
             # no vertebra to read: the nominal face itself stands in for the endplate
-            face_c = c + sign * cage.half_sizes_mm[0] * a0
-            prior = Plane(face_c, -sign * a0)
-            plane, rim = prior, np.empty((0, 3))
+            face_c = np.asarray(cage.centroid_lps_mm) + sign * cage.half_sizes_mm[0] * np.asarray(cage.axes[0])
+            plane, rim = Plane(face_c, -sign * np.asarray(cage.axes[0])), np.empty((0, 3))
+            fits.append(None)
         else:
             plane, rim = fit_endplate_rim(volume, hu, vert, prior, same_level, config)
-        if cage.material == "titanium":
-            face = _face_points_titanium(volume, hu, cage, sign, config)
-        else:
-            face = _face_points_peek(volume, hu, cage, sign, config)
-        depth, point = _deepest_point(face, cage, sign, plane)
-        depths.append(max(depth, 0.0))
+            fits.append((prior, plane))
         planes.append(plane)
-        deepest.append(point)
         rims.append(rim)
+    box = _cage_on_fitted_level(cage, fits[0], fits[1])
+    depths, deepest = [], []
+    for superior, plane in zip((True, False), planes):
+        sign = 1.0 if superior else -1.0
+        if box.material == "titanium":
+            face = _face_points_titanium(volume, hu, box, sign, config)
+        else:
+            face = _face_points_peek(volume, hu, box, sign, config)
+        depth, point = _deepest_point(face, box, sign, plane)
+        depths.append(max(depth, 0.0))
+        deepest.append(point)
     grade = config.criteria.subsidence_grade(max(depths))
     meas = CageMeasurement(id=cage.id, level=cage.level if cage.level else (level.name if level else None),
                            material=cage.material, centroid_lps_mm=cage.centroid_lps_mm,
