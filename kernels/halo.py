@@ -29,6 +29,25 @@ the lucent level (``lucent_hu``) inside a halo. Per ray:
    ``d_vis`` (0.8x0.8x1.5 mm, d_vis 1.1 mm: a 0.78 mm halo read 1.1-1.7 mm on most rays).
    Such a ray is read in deficit mode (step 3), whose blurred-box model covers edges on
    both sides of ``d_vis``.
+   a. The profile need not be under ``half`` at ``d_vis`` itself: where the metal's tail is
+      under-subtracted there (a small axis or diameter error of detected geometry puts the
+      steep tail a little off) a wide lucency can start just above it. When the profile
+      is still clearly lucent beyond the deficit window (median over
+      ``(d_end, d_end + far_len]``, ``d_end = d_vis + window + 2 sigma``, within
+      ``far_lucent`` of the lucent-to-bone step above ``lucent_hu``), the lucency is
+      entered where the profile first falls under ``half`` up to ``d_end``. (Deficit
+      mode, which assumes a halo thinner than ``d_vis``, then took the lucency beyond the
+      window for the ray's own bone level and read no halo: on detected geometry at
+      0.35x0.35x0.6 mm rays inside 2-3 mm halos read 0 mm, were dropped as outliers, and
+      in-sector rays were excluded 2-3 times as often as the others.)
+   b. Against the ray's own bone level: when the median of ``g`` over
+      ``(edge + 2 sigma, edge + 2 sigma + far_len]`` (past the blurred edge) lies more than
+      ``low_margin`` under ``bone_hu`` (poorer bone, a streak over the whole ray; no rim
+      read), the step is from the lucency to that level and the edge is re-read at the
+      half-way level between the two, as deficit mode compares with the ray's own level.
+      A ray no longer under that level where the lucency was entered is read in deficit
+      mode. (At the study's half-way level such a ray crossed wherever noise put it: a
+      1.3 mm halo in 135 HU bone read 1.8 mm.)
 3. **Deficit mode.** Otherwise the halo, if any, is thinner than ``d_vis`` and only its
    blurred outer tail reaches the readable part. The width is the one whose blurred
    box ``[0, w]`` (Gaussian, ``sigma_mm``) has the same deficit below bone over
@@ -120,6 +139,15 @@ def _first_settled_crossing(g, s_vis, s_max, level, n_settle):
 
 
 @numba.njit(cache=True, inline="always")
+def _first_below(g, s_from, s_to, level):
+    """First index s in [s_from, s_to] with g[s] < level (-1 if none)."""
+    for s in range(s_from, s_to + 1):
+        if g[s] < level:
+            return s
+    return -1
+
+
+@numba.njit(cache=True, inline="always")
 def _crossing_position(g, s, level, d_start, step):
     a = g[s - 1]
     b = g[s]
@@ -190,9 +218,30 @@ def _deficit_width(g, d_start, step, s_vis, d_vis, lucent_hu, bone_hu, sigma, wi
     return invert_blurred_box_integral(target, sigma, d_vis, d_end, d_end), gmin
 
 
+@numba.njit(cache=True, inline="always")
+def _window_median(g, d_start, step, lo, hi):
+    """Median of g over samples with lo < d <= hi (inf when there is none)."""
+    cnt = 0
+    for s in range(g.shape[0]):
+        d = d_start + s * step
+        if d > lo and d <= hi:
+            cnt += 1
+    if cnt == 0:
+        return np.inf
+    buf = np.empty(cnt, np.float64)
+    k = 0
+    for s in range(g.shape[0]):
+        d = d_start + s * step
+        if d > lo and d <= hi:
+            buf[k] = g[s]
+            k += 1
+    return np.median(buf)
+
+
 @numba.njit(cache=True)
 def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
-                 window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
+                 window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len,
+                 low_margin, far_lucent):
     """Steps 1-3 of the module docstring on one profile.
 
     Returns (width_mm, status, lucent_min_hu, rim_excess_hu, edge_mm)."""
@@ -212,9 +261,21 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     edge = 0.0
     status = 0
     gmin = g[s_vis]
+    # crossing mode when the profile is under the half-way level at d_vis, or when it is
+    # still lucent beyond the deficit window (step 2a): the lucency is then entered where
+    # the profile first falls under the half-way level
+    s_in = -1
     if g[s_vis] < half:
+        s_in = s_vis
+    else:
+        d_end = d_vis + window + 2.0 * sigma
+        if _window_median(g, d_start, step, d_end, d_end + far_len) < \
+                lucent_hu + far_lucent * (bone_hu - lucent_hu):
+            s_end = int(math.floor((d_end - d_start) / step + 1e-9))
+            s_in = _first_below(g, s_vis, min(s_end, s_max), half)
+    if s_in >= 0:
         # crossing mode: provisional edge at the half level against ordinary bone ...
-        s0, gmin = _first_settled_crossing(g, s_vis, s_max, half, n_settle)
+        s0, gmin = _first_settled_crossing(g, s_in, s_max, half, n_settle)
         if s0 < 0:
             return np.nan, 2, gmin, np.nan, np.nan
         e0 = _crossing_position(g, s0, half, d_start, step)
@@ -225,14 +286,28 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
             if b_loc <= bone_hu:
                 break
             half1 = 0.5 * (lucent_hu + b_loc)
-            s1, _ = _first_settled_crossing(g, s_vis, s_max, half1, n_settle)
+            s1, _ = _first_settled_crossing(g, s_in, s_max, half1, n_settle)
             if s1 < 0:
                 break
             e0 = _crossing_position(g, s1, half1, d_start, step)
             rim_read = True
+        # ... or against the ray's own, clearly lower, bone level beyond the blurred edge
+        # (step 2b); no longer under its half-way level at d_vis: deficit mode
+        lucent_here = True
+        if not rim_read:
+            b_far = _window_median(g, d_start, step, e0 + 2.0 * sigma, e0 + 2.0 * sigma + far_len)
+            if b_far < bone_hu - low_margin and b_far > lucent_hu:
+                half2 = 0.5 * (lucent_hu + b_far)
+                lucent_here = False
+                if g[s_in] < half2:
+                    s2, gmin2 = _first_settled_crossing(g, s_in, s_max, half2, n_settle)
+                    if s2 >= 0:
+                        e0 = _crossing_position(g, s2, half2, d_start, step)
+                        gmin = gmin2
+                        lucent_here = True
         # an edge within ``window`` of d_vis may lie before it (the crossing is censored
         # at d_vis): read it through its deficit instead, like a thinner halo
-        if rim_read or e0 >= d_vis + window:
+        if rim_read or (lucent_here and e0 >= d_vis + window):
             edge = e0
             width = max(edge, 0.0)
             status = 1
@@ -250,7 +325,8 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
 
 @numba.njit(cache=True, parallel=True)
 def halo_widths(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
-                window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
+                window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len,
+                low_margin, far_lucent):
     """Per-ray halo widths from tail-corrected profiles (module docstring, steps 1-3).
 
     Parameters
@@ -269,6 +345,10 @@ def halo_widths(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     min_deficit : float, mm; deficits below this (noise) read as no halo.
     far_len : float, mm; deficit mode compares with the median of ``g`` over
         ``(d_vis + window, d_vis + window + far_len]`` when that is below ``bone_hu``.
+    low_margin : float, HU; a ray's own level beyond its edge this far under ``bone_hu``
+        replaces it in the half-way level (module docstring, step 2b).
+    far_lucent : float, fraction of the lucent-to-bone step; a profile this close to
+        ``lucent_hu`` beyond the deficit window is read in crossing mode (step 2a).
 
     Returns
     -------
@@ -284,7 +364,8 @@ def halo_widths(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     for r in numba.prange(n):
         w, st, gm, rm, ed = _analyse_ray(g[r], d_start, step, d_vis[r], lucent_hu, bone_hu[r],
                                          sigma[r], max_width, window, settle, rim_from, rim_to,
-                                         local_from, local_to, min_deficit, far_len)
+                                         local_from, local_to, min_deficit, far_len, low_margin,
+                                         far_lucent)
         width[r] = w
         status[r] = st
         gmin[r] = gm
@@ -325,6 +406,13 @@ def _first_crossing_vec(g, sv, s_max, level, n_settle):
     return has, s_up, gmin
 
 
+def _first_below_vec(g, s_from, s_to, level):
+    """Vectorised :func:`_first_below` (per-ray bounds and level)."""
+    idx = np.arange(g.shape[1])
+    cand = (g < np.asarray(level)[:, None]) & (idx[None, :] >= s_from[:, None]) & (idx[None, :] <= s_to[:, None])
+    return np.where(cand.any(axis=1), np.argmax(cand, axis=1), -1)
+
+
 def _crossing_vec(g, s_up, level, d_start, step):
     rows = np.arange(g.shape[0])
     a = g[rows, np.maximum(s_up - 1, 0)]
@@ -347,7 +435,8 @@ def _window_max_vec(g, d, lo, hi):
 
 
 def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
-                          window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len):
+                          window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len,
+                          low_margin, far_lucent):
     """Same definition as :func:`halo_widths`, vectorised NumPy/SciPy (``brentq`` for the
     deficit inversion)."""
     from scipy import optimize
@@ -370,11 +459,19 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
     valid = s_vis < n - 1
     sv = np.minimum(s_vis, n - 1)
     g_vis = g[np.arange(n_rays), sv]
-    crossing = valid & (g_vis < half)
+    d_end = d_vis + window + 2.0 * sigma
+    far = (d[None, :] > d_end[:, None]) & (d[None, :] <= d_end[:, None] + far_len)
+    b_far = np.array([np.median(g[r, far[r]]) if far[r].any() else np.inf for r in range(n_rays)])
+    s_in = np.where(g_vis < half, sv,
+                    np.where(b_far < lucent_hu + far_lucent * (bone - lucent_hu), _first_below_vec(
+                        g, sv, np.minimum(np.floor((d_end - d_start) / step + 1e-9).astype(int), s_max),
+                        half), -1))
+    crossing = valid & (s_in >= 0)
     deficit = valid & ~crossing
+    s_in = np.where(s_in >= 0, s_in, sv)
 
     # crossing mode
-    has, s_up, gmin_c = _first_crossing_vec(g, sv, s_max, half, n_settle)
+    has, s_up, gmin_c = _first_crossing_vec(g, s_in, s_max, half, n_settle)
     e_cross = _crossing_vec(g, s_up, half, d_start, step)
     active = np.ones(n_rays, bool)
     rim_read = np.zeros(n_rays, bool)
@@ -382,12 +479,24 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
         b_loc = _window_max_vec(g, d, e_cross + local_from, e_cross + local_to)
         active &= b_loc > bone
         half1 = np.where(active, 0.5 * (lucent_hu + b_loc), half)
-        has1, s_up1, _ = _first_crossing_vec(g, sv, s_max, half1, n_settle)
+        has1, s_up1, _ = _first_crossing_vec(g, s_in, s_max, half1, n_settle)
         active &= has1
         e1 = _crossing_vec(g, s_up1, half1, d_start, step)
         e_cross = np.where(active, e1, e_cross)
         rim_read |= active
-    ok_c = crossing & has & (rim_read | (e_cross >= d_vis + window))
+    # ... or against the ray's own, clearly lower, bone level beyond the blurred edge
+    lo_f = e_cross + 2.0 * sigma
+    far_c = (d[None, :] > lo_f[:, None]) & (d[None, :] <= lo_f[:, None] + far_len)
+    b_far_c = np.array([np.median(g[r, far_c[r]]) if far_c[r].any() else np.inf
+                        for r in range(n_rays)])
+    low = crossing & has & ~rim_read & (b_far_c < bone - low_margin) & (b_far_c > lucent_hu)
+    half2 = np.where(low, 0.5 * (lucent_hu + b_far_c), half)
+    has2, s_up2, gmin2 = _first_crossing_vec(g, s_in, s_max, half2, n_settle)
+    low_ok = low & (g[np.arange(n_rays), s_in] < half2) & has2
+    e_cross = np.where(low_ok, _crossing_vec(g, s_up2, half2, d_start, step), e_cross)
+    gmin_c = np.where(low_ok, gmin2, gmin_c)
+    lucent_here = ~low | low_ok
+    ok_c = crossing & has & (rim_read | (lucent_here & (e_cross >= d_vis + window)))
     width[ok_c] = np.maximum(e_cross[ok_c], 0.0)
     edge[ok_c] = e_cross[ok_c]
     status[ok_c] = 1
@@ -396,9 +505,6 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
     deficit = deficit | (crossing & has & ~ok_c)
 
     # deficit mode
-    d_end = d_vis + window + 2.0 * sigma
-    far = (d[None, :] > d_end[:, None]) & (d[None, :] <= d_end[:, None] + far_len)
-    b_far = np.array([np.median(g[r, far[r]]) if far[r].any() else np.inf for r in range(n_rays)])
     b_ray = np.minimum(bone, b_far)
     in_win = (idx[None, :] >= sv[:, None]) & (d[None, :] <= d_end[:, None] + 1e-9)
     acc = np.where(in_win, b_ray[:, None] - g, 0.0).sum(axis=1) * step
@@ -432,7 +538,7 @@ def halo_widths_reference(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, ma
 def halo_screw(hu, origins_kji, directions_kji, n_stations, n_azimuths, d_start, step, n_steps,
                radius_mm, tail_hu, d_vis, sigma, lucent_hu, bone_hu, smooth_stations, max_width,
                window, settle, rim_from, rim_to, local_from, local_to, min_deficit, far_len,
-               beyond_from, beyond_to):
+               beyond_from, beyond_to, low_margin, far_lucent):
     """One screw's halo in one pass: sampling, tail removal, smoothing along the shaft and
     the per-ray analysis of :func:`halo_widths`, in parallel over azimuths.
 
@@ -482,7 +588,8 @@ def halo_screw(hu, origins_kji, directions_kji, n_stations, n_azimuths, d_start,
             r = s * A + a
             w, st, gm, rm, ed = _analyse_ray(g, d_start, step, d_vis[a], lucent_hu, bone_hu,
                                              sigma[a], max_width, window, settle, rim_from, rim_to,
-                                             local_from, local_to, min_deficit, far_len)
+                                             local_from, local_to, min_deficit, far_len,
+                                             low_margin, far_lucent)
             width[r] = w
             status[r] = st
             gmin[r] = gm
@@ -500,7 +607,8 @@ def halo_screw(hu, origins_kji, directions_kji, n_stations, n_azimuths, d_start,
 def halo_screw_reference(hu, origins_kji, directions_kji, n_stations, n_azimuths, d_start, step,
                          n_steps, radius_mm, tail_hu, d_vis, sigma, lucent_hu, bone_hu,
                          smooth_stations, max_width, window, settle, rim_from, rim_to, local_from,
-                         local_to, min_deficit, far_len, beyond_from, beyond_to):
+                         local_to, min_deficit, far_len, beyond_from, beyond_to, low_margin,
+                         far_lucent):
     """Same definition as :func:`halo_screw`: ``map_coordinates`` profiles,
     ``uniform_filter1d`` along the stations, :func:`halo_widths_reference` per ray."""
     from scipy import ndimage
@@ -516,7 +624,7 @@ def halo_screw_reference(hu, origins_kji, directions_kji, n_stations, n_azimuths
     sg = np.tile(np.asarray(sigma, float), S)
     out = halo_widths_reference(g, d_start, step, dv, lucent_hu, np.full(S * A, bone_hu), sg,
                                 max_width, window, settle, rim_from, rim_to, local_from, local_to,
-                                min_deficit, far_len)
+                                min_deficit, far_len, low_margin, far_lucent)
     d = d_start + step * np.arange(n_steps)
     s_vis = np.clip(np.ceil((dv - d_start) / step - 1e-9).astype(int), 0, n_steps - 1)
     g_vis = g[np.arange(S * A), s_vis]

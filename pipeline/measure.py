@@ -87,6 +87,10 @@ HALO_FILL_REFUTE_SIGMAS = 1.0  # a filled width this far (edge blurs) past the r
                               # must show at d_vis (see _fill_unreadable)
 HALO_DIRECT_FRACTION = 0.3    # a ray reads its lucency directly when at d_vis it is within this
                               # fraction of the lucent-to-bone step above the lucent level
+HALO_LOW_BONE_MARGIN_HU = HALO_TAIL_SPREAD_HU  # a ray's own bone level this far under the
+#   study's is not noise: its lucency is read against it (kernels.halo, step 2b); and a ray
+#   within HALO_DIRECT_FRACTION of the lucent level beyond the deficit window is inside a
+#   lucency wider than the window: read to its edge, not through its deficit (step 2a)
 HALO_COVERAGE_STATIONS = 15   # coverage decided on the along-shaft median width over this
                               # many stations (see _along_shaft_median)
 HALO_OUTLIER_MM = 1.0         # a ray this far from its neighbours' median is an artefact
@@ -373,7 +377,8 @@ def _analyse(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float,
                       np.full(n_rays, float(bone_hu)), tail.per_ray(tail.sigma_mm, rays.blur_mm),
                       float(config.halo_max_width_mm), HALO_DEFICIT_WINDOW_MM, HALO_SETTLE_MM,
                       RIM_WINDOW_MM[0], RIM_WINDOW_MM[1], HALO_LOCAL_MM[0], HALO_LOCAL_MM[1],
-                      HALO_DEFICIT_MIN_MM, HALO_FAR_LEN_MM)
+                      HALO_DEFICIT_MIN_MM, HALO_FAR_LEN_MM, HALO_LOW_BONE_MARGIN_HU,
+                      HALO_DIRECT_FRACTION)
     return g, out
 
 
@@ -717,7 +722,8 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, tail: MetalTail, config: Conf
         float(tail.lucent_hu), float(bone_hu), _station_window(S), float(config.halo_max_width_mm),
         HALO_DEFICIT_WINDOW_MM, HALO_SETTLE_MM, RIM_WINDOW_MM[0], RIM_WINDOW_MM[1],
         HALO_LOCAL_MM[0], HALO_LOCAL_MM[1], HALO_DEFICIT_MIN_MM, HALO_FAR_LEN_MM,
-        RIM_BEYOND_MM[0], RIM_BEYOND_MM[1])
+        RIM_BEYOND_MM[0], RIM_BEYOND_MM[1], HALO_LOW_BONE_MARGIN_HU,
+        HALO_DIRECT_FRACTION)
     w = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu)
     excl = (st == 2) | ~np.isfinite(w)
     excl |= _neighbour_outliers(np.where(excl, np.nan, w), rays.shape) & ~excl

@@ -137,7 +137,8 @@ from kernels.halo import (  # noqa: E402
 D_START, STEP = -0.5, 0.1
 D = D_START + STEP * np.arange(70)
 HALO_ARGS = dict(max_width=5.0, window=0.3, settle=0.3, rim_from=0.2, rim_to=0.8,
-                 local_from=0.2, local_to=0.7, min_deficit=0.15, far_len=1.0)
+                 local_from=0.2, local_to=0.7, min_deficit=0.15, far_len=1.0, low_margin=60.0,
+                 far_lucent=0.3)
 
 
 def _halo_profile(width_mm, sigma_mm, lucent=25.0, bone=230.0, rim_hu=0.0):
@@ -215,10 +216,49 @@ def test_halo_with_sclerotic_rim_is_read_against_the_rim_and_reports_it():
     assert rim[0] > 200.0
 
 
+def test_wide_halo_with_a_tail_residual_at_the_readable_distance_is_read_to_its_edge():
+    # a 2.8 mm halo (blurred 0.22 mm) read from d_vis = 0.5 mm, with the metal's tail
+    # under-subtracted by ~150 HU there (a small axis or diameter error on detected geometry):
+    # the profile is just above the half-way level at d_vis and lucent right after it. The
+    # lucency reaches beyond the deficit window, so it is read to its edge; deficit mode
+    # took the lucency beyond the window for the ray's own bone level and read no halo
+    # (0.0 mm: on detected geometry at 0.35x0.35x0.6 mm such rays inside 2-3 mm halos were
+    # dropped as outliers, and half-circumference halos read under the 0.5 cut)
+    g = _halo_profile(2.8, 0.22)
+    g += 200.0 * np.exp(-0.5 * ((D - 0.4) / 0.15) ** 2)
+    assert g[np.searchsorted(D, 0.5 - 1e-9)] > 127.5  # not lucent at d_vis itself
+    for fn in (halo_widths, halo_widths_reference):
+        w, st, *_ = _halo_call(fn, g[None, :], 0.5, 230.0, 0.22)
+        assert st[0] == 1 and w[0] == pytest.approx(2.8, abs=0.1), (fn.__name__, w[0])
+    # a ray that is merely darker beyond the window (soft tissue at 110 HU, not lucent)
+    # keeps its deficit reading
+    flat = np.where(D < 1.0, 230.0, 110.0) + 0.0 * D
+    for fn in (halo_widths, halo_widths_reference):
+        w, st, *_ = _halo_call(fn, flat[None, :], 0.5, 230.0, 0.22)
+        assert st[0] == 0 and w[0] == 0.0, (fn.__name__, w[0])
+
+
+def test_halo_edge_read_against_the_rays_own_lower_bone_level():
+    # a 1.3 mm halo (blurred 0.3 mm) in bone of 135 HU, on a study whose bone level is 230:
+    # the half-way level to the study's bone (127.5 HU) is barely under this ray's bone,
+    # so the first crossing of it lies wherever noise puts it far out; against the ray's own
+    # level beyond the blurred edge (clearly lower, more than the 60 HU margin) the edge is
+    # where it is
+    g = _halo_profile(1.3, 0.3, bone=135.0) + 6.0 * np.sin(7.0 * D)
+    for fn in (halo_widths, halo_widths_reference):
+        w, st, *_ = _halo_call(fn, g[None, :], 0.5, 230.0, 0.3)
+        assert st[0] == 1 and w[0] == pytest.approx(1.3, abs=0.1), (fn.__name__, w[0])
+    # ordinary bone a little under the study's level (within the margin) changes nothing
+    g = _halo_profile(1.3, 0.3, bone=200.0)
+    for fn in (halo_widths, halo_widths_reference):
+        w, st, *_ = _halo_call(fn, g[None, :], 0.5, 230.0, 0.3)
+        assert w[0] == pytest.approx(1.3 + 0.3 * 0.3 * 0.8, abs=0.12), (fn.__name__, w[0])
+
+
 def test_halo_kernel_matches_reference_on_random_and_synthetic_profiles():
     rng = np.random.default_rng(7)
-    synth = [_halo_profile(w, s, rim_hu=r) for w in (0, 0.4, 0.9, 1.6, 2.8)
-             for s in (0.3, 0.6) for r in (0.0, 400.0)]
+    synth = [_halo_profile(w, s, rim_hu=r, bone=b) for w in (0, 0.4, 0.9, 1.6, 2.8)
+             for s in (0.3, 0.6) for r in (0.0, 400.0) for b in (230.0, 120.0)]
     g = np.vstack([np.array(synth) + rng.normal(0, 20, (len(synth), len(D))),
                    rng.normal(150, 120, (60, len(D)))])
     for d_vis, sigma in ((0.8, 0.4), (1.3, 0.6), (0.3, 0.25)):
@@ -251,7 +291,7 @@ def test_fused_screw_halo_kernel_matches_reference_on_a_synthetic_screw():
     tail = np.zeros((A, n))
     tail[:, :12] = np.linspace(800, 0, 12)
     args = (hu, origins, dk, S, A, -0.5, 0.1, n, 3.0, tail, np.full(A, 1.0), np.full(A, 0.5),
-            25.0, 230.0, 5, 5.0, 0.3, 0.3, 0.2, 0.8, 0.2, 1.2, 0.15, 1.0, 1.6, 2.4)
+            25.0, 230.0, 5, 5.0, 0.3, 0.3, 0.2, 0.8, 0.2, 1.2, 0.15, 1.0, 1.6, 2.4, 60.0, 0.3)
     got = halo_screw(*args)
     ref = halo_screw_reference(*args)
     np.testing.assert_array_equal(got[1], ref[1])
