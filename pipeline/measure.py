@@ -206,32 +206,6 @@ def _outline_coords(v: Vertebra, pts: np.ndarray) -> np.ndarray:
     return np.sqrt(((rel @ lr) / a) ** 2 + ((rel @ ap) / b) ** 2)
 
 
-def _robust_plane(points: np.ndarray, prior: Plane) -> Plane:
-    """The endplate plane through rim ``points``: the prior (detected) endplate normal,
-    offset to the points' robust centre along it (median after dropping points more than 3
-    robust SDs, at least 0.5 mm, away).
-
-    The detected normal comes from the whole endplate; a plane tilted to a thin rim beside a
-    cage is far less certain (on thick slices the thin cortical endplate's apparent depth
-    varies with where it falls within a slice, which tilts a free fit by several degrees, a
-    millimetre at a cage corner), so only the offset is taken from the rim.
-    """
-    pts = np.asarray(points, float)
-    pts = pts[np.all(np.isfinite(pts), axis=1)]
-    if len(pts) < 6:
-        return prior
-    n0 = np.asarray(prior.normal)
-    p0 = np.asarray(prior.point_lps_mm)
-    dist = (pts - p0) @ n0
-    med = np.median(dist)
-    mad = 1.4826 * np.median(np.abs(dist - med))
-    keep = np.abs(dist - med) <= max(3 * mad, 0.5)
-    off = float(np.median(dist[keep]))
-    centre = pts[keep].mean(axis=0)
-    centre = centre - ((centre - p0) @ n0 - off) * n0
-    return Plane(centre, n0)
-
-
 # ================================================================================ halo
 @dataclass(frozen=True)
 class ScrewRays:
