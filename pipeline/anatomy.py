@@ -1338,6 +1338,10 @@ def find_vertebrae(volume: Volume, config: Config):
                     return float(np.degrees(np.arccos(np.clip(np.asarray(fit["superior"][1]) @ facing, -1, 1))))
 
                 if plane is not None:
+                    # the plane's point is the centroid of whichever rays saw the endplate
+                    # (cages hide most of it): S1's outline is read under the point facing
+                    # the axis of the body above instead
+                    plane = (_plane_hit(Plane(*plane), up["centre"], -np.asarray(up["si"])), plane[1])
                     fa = _fit_from_superior(volume, plane, r["half"], fs)
                     # the lumbosacral disc is a wedge of a few degrees: of the two fits keep
                     # the one closer to facing the body above, the one from the disc if both fit
