@@ -878,7 +878,8 @@ def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direct
 
     Rays parallel to the body axis from a grid inside 85 % of the outline, each the mean of
     a bundle of 5 rays 1.5 mm apart, are read by :func:`endplate_edge_mm`. Rays that meet
-    metal near the endplate (a cage, whose own surface is not the endplate) are skipped, so
+    metal near the endplate (a cage, whose own surface is not the endplate) are left out
+    of their bundle's mean, and a bundle whose axis or most rays meet it is skipped, so
     the plane comes from the intact endplate beside a cage; rays are cut where they leave
     the volume.
     """
@@ -897,15 +898,22 @@ def endplate_points(volume: Volume, centre, si, lr, ap, semi_lr, semi_ap, direct
     bases = np.array(bases)
     lines = bases[:, None, :] + direction * s[None, :, None] * np.asarray(si, float)
     # all rays of all bundles in one sampling call: (ray, bundle member, station)
-    profs = sample_lps(volume, lines[:, None, :, :] + offs[None, :, None, :], cval_hu=np.nan).mean(1)
-    for base, prof in zip(bases, profs):
-        ok = np.isfinite(prof)
+    members = sample_lps(volume, lines[:, None, :, :] + offs[None, :, None, :], cval_hu=np.nan)
+    metal_hu = min(metal_threshold_hu, ENDPLATE_MAX_HU)
+    for base, rays in zip(bases, members):
+        ok = np.isfinite(rays).all(0)
         if not ok[0]:
             continue
         if not ok.all():
-            prof = prof[: int(np.argmin(ok))]  # the ray leaves the volume here
-        if prof[near:].size and prof[near:].max() >= min(metal_threshold_hu, ENDPLATE_MAX_HU):
-            continue  # metal or its blooming near the endplate (a cage)
+            rays = rays[:, : int(np.argmin(ok))]  # the ray leaves the volume here
+        # a ray of the bundle meeting metal or its blooming near the endplate (a cage) is
+        # left out of the bundle's mean (which would dilute its titanium into a
+        # cortex-bright plateau); the bundle is skipped when its own axis or more than two
+        # of its rays meet metal
+        clean = ~(rays[:, near:] >= metal_hu).any(1) if rays.shape[1] > near else np.ones(len(rays), bool)
+        if not clean[0] or clean.sum() < 3:
+            continue
+        prof = rays[clean].mean(0)
         e = endplate_edge_mm(prof, step_mm, disc_mm, window_mm, surface_level=level)
         if e is None or e > (len(prof) - 1) * step_mm - 1.0:
             continue
@@ -1330,6 +1338,10 @@ def find_vertebrae(volume: Volume, config: Config):
                     return float(np.degrees(np.arccos(np.clip(np.asarray(fit["superior"][1]) @ facing, -1, 1))))
 
                 if plane is not None:
+                    # the plane's point is the centroid of whichever rays saw the endplate
+                    # (cages hide most of it): S1's outline is read under the point facing
+                    # the axis of the body above instead
+                    plane = (_plane_hit(Plane(*plane), up["centre"], -np.asarray(up["si"])), plane[1])
                     fa = _fit_from_superior(volume, plane, r["half"], fs)
                     # the lumbosacral disc is a wedge of a few degrees: of the two fits keep
                     # the one closer to facing the body above, the one from the disc if both fit
