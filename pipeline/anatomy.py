@@ -58,6 +58,8 @@ MIN_END_BODY_MM = 12.0         # a disc has a body beyond it: where the column e
                                # inside the end vertebra does)
 MIN_DISC_MM = 3.0              # the thinnest disc space the endplates across it leave
 MAX_WEDGE_DEG = 20.0           # a disc's endplates are this close to parallel (lordotic wedge)
+MAX_BODY_WEDGE_DEG = 15.0      # a lumbar body's own two endplates are this close to parallel
+                               # (its wedge is a few degrees, L5's the largest)
 ENDPLATE_MAX_HU = 1500.0       # brighter than any cortex: metal or its blooming
 ENDPLATE_CORTEX_MM = 1.0       # cortical endplate thickness assumed for its blurred surface
 MAX_SURFACE_LEVEL = 0.9         # never read closer to the peak than this (noise)
@@ -1106,6 +1108,26 @@ def _lateral_bone_below_top(volume: Volume, fit: dict, bone_threshold_hu: float)
                                  fit["semi"][0], fit["semi"][1], bone_threshold_hu)
 
 
+def _plausible_wedge(planes: dict, fractions: dict, lr, ap) -> dict:
+    """A body's two endplate planes, the less supported one tilted like the other when they
+    are further from parallel than ``MAX_BODY_WEDGE_DEG``.
+
+    A lumbar body's wedge is a few degrees. Far more means one plane followed rays that
+    read something else (beside a cage, its blooming and the next body's endplate across
+    the disc: L5's superior endplate 23.8 deg off on a coarse phantom with two titanium
+    cages, its inferior one within 1 deg); the plane whose rays agree less with it
+    (``fractions``: inliers over rays) then takes the other's tilt (:func:`borrow_tilt`).
+    """
+    sup, inf = planes["superior"], planes["inferior"]
+    wedge = float(np.degrees(np.arccos(np.clip(-np.asarray(sup[1]) @ np.asarray(inf[1]), -1.0, 1.0))))
+    if wedge <= MAX_BODY_WEDGE_DEG:
+        return planes
+    worse, better = (("superior", "inferior") if fractions["superior"] < fractions["inferior"]
+                     else ("inferior", "superior"))
+    c, n = planes[worse]
+    return {**planes, worse: (c, borrow_tilt(n, planes[better][1], lr, ap, True, True))}
+
+
 def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
              metal_threshold_hu: float = 2200.0, iterations: int = 3,
              superior_only: bool = False, ignore_metal: bool = False) -> dict | None:
@@ -1145,7 +1167,7 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
             semi_lr = 1.35 * semi_ap    # from the corrected centre with a typical shape
             if best is None and _ < iterations - 1:
                 continue
-        planes, spans = {}, {}
+        planes, spans, fractions = {}, {}, {}
         for name, direction in (("superior", 1),) if superior_only else (("superior", 1), ("inferior", -1)):
             disc_mm = float((discs[direction] - centre) @ (direction * si))
             pts = endplate_points(volume, centre, si, lr, ap, semi_lr, semi_ap, direction, disc_mm,
@@ -1156,6 +1178,7 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
                 if k >= 6 and k >= 0.4 * len(pts) and n @ (direction * si) > 0.7:
                     planes[name] = (c, n)
                     support = k
+                    fractions[name] = k / len(pts)
                     spans[name] = plane_spans(pts, c, n, lr, ap, tol_mm)
                     # reaches measured from the body axis, not from the inliers' mean
                     rel_c = centre + ((c - centre) @ si) * si
@@ -1170,6 +1193,7 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
                 if fix_lr or fix_ap:
                     c, n = planes[name]
                     planes[name] = (c, borrow_tilt(n, planes[other][1], lr, ap, fix_lr, fix_ap))
+            planes = _plausible_wedge(planes, fractions, lr, ap)
         sup, inf = planes.get("superior"), planes.get("inferior")
         if superior_only and sup is not None:
             # keep the best-supported round: re-aiming the rays along a poorer plane
