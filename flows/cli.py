@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 
 
+#: Loggers of Prefect's queue services (``prefect._internal.concurrency.services``), named
+#: after their classes rather than under ``prefect``.
+PREFECT_SERVICE_LOGGERS = ("EventsWorker", "APILogWorker")
+
+
 def _quiet_prefect(debug: bool) -> None:
     """Keep Prefect's own logs and telemetry out of the way; our progress lines say enough."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -178,6 +183,11 @@ def main(argv=None) -> int:
     _quiet_prefect(args.debug)
     if not args.debug:
         logging.getLogger("prefect").setLevel(logging.CRITICAL)
+        # Prefect's background services log under their class names (outside "prefect"), e.g.
+        # "Still processing items" when the process exits before its events are sent: that
+        # came after the one error line on a refused input, one run in four
+        for service in PREFECT_SERVICE_LOGGERS:
+            logging.getLogger(service).setLevel(logging.CRITICAL)
         # pydicom logs a decoder's traceback at ERROR before raising; the one line says it
         import pydicom  # noqa: F401 - importing pydicom sets its logger's level: quiet it after
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)

@@ -1,0 +1,39 @@
+"""The command line's refusal is one line on stderr even when Prefect's background services
+have something to say as the process exits (CONTRACT.md, "Exit status").
+
+Prefect's queue services log under their class names, outside the ``prefect`` logger: a
+refused input once printed "EventsWorker - Still processing items: 5 items remaining..."
+after the error line (one run in four). Here the warning is emitted on purpose, the way the
+service does at exit, in a fresh ``fusionct`` process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import logging, sys
+from flows.cli import main
+rc = main(["analyze", sys.argv[1], "-o", sys.argv[2]])
+for name in ("EventsWorker", "APILogWorker"):
+    logging.getLogger(name).warning("Still processing items: 5 items remaining...")
+sys.exit(rc)
+"""
+
+
+def test_refusal_is_one_stderr_line_even_when_prefect_services_warn_at_exit(tmp_path):
+    folder = tmp_path / "not dicom"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a DICOM file")
+    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", "/tmp/numba_cache"))
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert run.returncode == 2, run.stderr
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("fusionct: cannot analyze") and "no DICOM files" in lines[0]
+    assert not (tmp_path / "out").exists()
