@@ -1134,9 +1134,11 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
     """Refine one body from a rough centre and axis.
 
     Each round: the outline in the mid plane (centres the body in LR and AP), then both
-    endplate planes; the new axis bisects the two endplate normals and the new centre lies
-    midway between the planes. A round whose height leaves ``BODY_HEIGHT_RANGE_MM`` is
-    discarded. Returns a dict with ``centre``, ``si``, ``lr``, ``ap``, ``semi`` (LR, AP
+    endplate planes (an endplate seen on one side only borrows the other's tilt there, and
+    of two endplates further from parallel than ``MAX_BODY_WEDGE_DEG`` the less supported
+    takes the other's tilt, :func:`_plausible_wedge`); the new axis bisects the two
+    endplate normals and the new centre lies midway between the planes. A round whose
+    height leaves ``BODY_HEIGHT_RANGE_MM`` is discarded. Returns a dict with ``centre``, ``si``, ``lr``, ``ap``, ``semi`` (LR, AP
     mm), ``superior`` / ``inferior`` (point, outward normal, or None when not found),
     ``disc_above_lps`` / ``disc_below_lps`` are the disc centres seen on the column profile
     (or a typical body height away at an end of the column);
