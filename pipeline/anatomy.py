@@ -1108,6 +1108,11 @@ def _lateral_bone_below_top(volume: Volume, fit: dict, bone_threshold_hu: float)
                                  fit["semi"][0], fit["semi"][1], bone_threshold_hu)
 
 
+def _angle_deg(u, v) -> float:
+    """Angle (degrees) between two unit vectors."""
+    return float(np.degrees(np.arccos(np.clip(np.asarray(u, float) @ np.asarray(v, float), -1.0, 1.0))))
+
+
 def _plausible_wedge(planes: dict, fractions: dict, lr, ap) -> dict:
     """A body's two endplate planes, the less supported one tilted like the other when they
     are further from parallel than ``MAX_BODY_WEDGE_DEG``.
@@ -1119,8 +1124,7 @@ def _plausible_wedge(planes: dict, fractions: dict, lr, ap) -> dict:
     (``fractions``: inliers over rays) then takes the other's tilt (:func:`borrow_tilt`).
     """
     sup, inf = planes["superior"], planes["inferior"]
-    wedge = float(np.degrees(np.arccos(np.clip(-np.asarray(sup[1]) @ np.asarray(inf[1]), -1.0, 1.0))))
-    if wedge <= MAX_BODY_WEDGE_DEG:
+    if _angle_deg(-np.asarray(sup[1]), inf[1]) <= MAX_BODY_WEDGE_DEG:
         return planes
     worse, better = (("superior", "inferior") if fractions["superior"] < fractions["inferior"]
                      else ("inferior", "superior"))
@@ -1138,8 +1142,8 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
     of two endplates further from parallel than ``MAX_BODY_WEDGE_DEG`` the less supported
     takes the other's tilt, :func:`_plausible_wedge`); the new axis bisects the two
     endplate normals and the new centre lies midway between the planes. A round whose
-    height leaves ``BODY_HEIGHT_RANGE_MM`` is discarded. Returns a dict with ``centre``, ``si``, ``lr``, ``ap``, ``semi`` (LR, AP
-    mm), ``superior`` / ``inferior`` (point, outward normal, or None when not found),
+    height leaves ``BODY_HEIGHT_RANGE_MM`` is discarded. Returns a dict with ``centre``,
+    ``si``, ``lr``, ``ap``, ``semi`` (LR, AP mm), ``superior`` / ``inferior`` (point, outward normal, or None when not found),
     ``disc_above_lps`` / ``disc_below_lps`` are the disc centres seen on the column profile
     (or a typical body height away at an end of the column);
     ``half_height`` and ``inside_hu``; None when no outline is found. With
@@ -1361,7 +1365,7 @@ def find_vertebrae(volume: Volume, config: Config):
                 facing = -np.asarray(up["inferior"][1])
 
                 def wedge_deg(fit):
-                    return float(np.degrees(np.arccos(np.clip(np.asarray(fit["superior"][1]) @ facing, -1, 1))))
+                    return _angle_deg(fit["superior"][1], facing)
 
                 if plane is not None:
                     # the plane's point is the centroid of whichever rays saw the endplate

@@ -33,7 +33,7 @@ they show that width is not there (it would be lucent at their own ``d_vis``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -1159,9 +1159,7 @@ def _cage_on_fitted_level(cage: CageGeometry, upper: tuple[Plane, Plane] | None,
     A = np.asarray(cage.axes, float)
     a0 = _unit(A[0] + (new - old) * (1.0 if A[0] @ old >= 0 else -1.0))
     a1 = _unit(A[1] - (A[1] @ a0) * a0)
-    return CageGeometry(id=cage.id, material=cage.material, centroid_lps_mm=cage.centroid_lps_mm,
-                        axes=(tuple(a0), tuple(a1), tuple(np.cross(a0, a1))),
-                        half_sizes_mm=cage.half_sizes_mm, level=cage.level)
+    return replace(cage, axes=(tuple(a0), tuple(a1), tuple(np.cross(a0, a1))))
 
 
 def measure_cage(volume: Volume, cage: CageGeometry, anatomy: Anatomy,
