@@ -106,6 +106,11 @@ ROD_FLOOR_FROM_MM = 0.0       # the rods' tail lifts the screws' from this dista
 RIM_WINDOW_MM = (0.2, 0.8)    # sclerotic rim read just outside the lucency
 RIM_CLEAR_HU = 150.0          # "clearly denser than the surrounding bone"
 RIM_BEYOND_MM = (1.6, 2.4)    # bone beyond the rim must be ordinary (else a cortex, not a rim)
+HALO_RIM_REACH_MM = 2.0       # a sclerotic rim is looked for this far beyond d_vis
+HALO_RIM_MIN_HU = 100.0       # ... peaking at least this far above the bone beyond it
+HALO_RIM_MAX_WIDTH_MM = 2.5   # ... and a lucency read from a rim is no wider than this (wider
+                              # ones are seen directly; a cortex beyond trabecular bone is not a rim)
+HALO_RIM_UNDER_MM = 0.5       # rays reading this much less than their azimuth's rim take it
 DOUBLE_HALO_MIN_FRACTION = 0.3
 DOUBLE_HALO_MIN_RAYS = 10
 
@@ -679,6 +684,52 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     return out.ravel()
 
 
+def _rim_widths(hu: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float) -> np.ndarray:
+    """Per azimuth, the halo width read from a sclerotic rim on the along-shaft median
+    profile (NaN where the profile shows no rim).
+
+    A rim is a peak at least ``HALO_RIM_MIN_HU`` above the level just beyond it (median over
+    ``RIM_BEYOND_MM`` past the peak), within ``HALO_RIM_REACH_MM`` of ``d_vis``, with
+    ordinary bone beyond it (within ``RIM_CLEAR_HU`` of ``bone_hu``; a cortex has soft tissue
+    beyond). The lucency ends where the profile, coming from the peak inward, falls under
+    half-way between the level beyond and the peak. For a blurred rim 0.5-2 mm thick
+    (sigma 0.35-0.9 mm) around a lucency at least 1 mm wide that level lies within 0.15 mm
+    of the lucency's edge (a thin rim's blurred peak stays well under its true density; the
+    half-way level between the lucent level and the peak read 0.05-0.65 mm short). A
+    crossing at or before ``d_vis`` is not read (censored)."""
+    S, A = rays.shape
+    d = rays.d_mm
+    step = float(d[1] - d[0])
+    blur_a = rays.blur_mm[:A]
+    prof = sample_rays(hu, rays.origins_kji, rays.dirs_kji, rays.radius_mm + d[0], step, len(d))
+    g = np.median(prof.reshape(S, A, -1), axis=0) - tail.tail_for(blur_a)
+    d_vis = tail.per_ray(tail.d_vis_mm, blur_a)
+    out = np.full(A, np.nan)
+    for a in range(A):
+        idx = np.flatnonzero((d >= d_vis[a]) & (d <= d_vis[a] + HALO_RIM_REACH_MM))
+        if idx.size < 2:
+            continue
+        k = idx[np.argmax(g[a, idx])]
+        peak = g[a, k]
+        win = (d >= d[k] + RIM_BEYOND_MM[0]) & (d <= d[k] + RIM_BEYOND_MM[1])
+        if not win.any():
+            continue
+        beyond = float(np.median(g[a, win]))
+        if peak - beyond < HALO_RIM_MIN_HU or abs(beyond - bone_hu) >= RIM_CLEAR_HU:
+            continue
+        level = 0.5 * (beyond + peak)
+        if g[a, idx[0]] >= level:
+            continue
+        s = k
+        while g[a, s - 1] >= level:
+            s -= 1
+        f = (level - g[a, s - 1]) / (g[a, s] - g[a, s - 1])
+        width = d[s - 1] + f * step
+        if width <= HALO_RIM_MAX_WIDTH_MM:
+            out[a] = width
+    return out
+
+
 def _screw_result(rays: ScrewRays, hu: np.ndarray, tail: MetalTail, config: Config,
                   bone_hu: float | None = None):
     """Measurement and evidence of one screw through the fused kernel ``halo_screw``."""
@@ -699,6 +750,11 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, tail: MetalTail, config: Conf
         RIM_BEYOND_MM[0], RIM_BEYOND_MM[1], HALO_LOW_BONE_MARGIN_HU,
         HALO_DIRECT_FRACTION)
     w = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu)
+    rim_w = _rim_widths(hu, rays, tail, bone_hu)
+    W = w.reshape(S, A)
+    under = np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2) & (W < rim_w[None, :] - HALO_RIM_UNDER_MM)
+    W[under] = np.broadcast_to(rim_w[None, :], W.shape)[under]
+    w = W.ravel()
     excl = (st == 2) | ~np.isfinite(w)
     excl |= _neighbour_outliers(np.where(excl, np.nan, w), rays.shape) & ~excl
     w[excl] = np.nan
@@ -712,11 +768,14 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, tail: MetalTail, config: Conf
     else:
         mean = p95 = cov = 0.0
     # double halo: a dense rim just outside the lucency, where the bone beyond is ordinary
+    # (a ray that took its azimuth's rim-read width is a rim ray: its own edge is not read)
+    from_rim = under.ravel() & used
     lucent = used & (st == 1) & (w >= 0.75)
-    evaluable = lucent & (np.abs(beyond) < RIM_CLEAR_HU)
+    evaluable = (lucent & (np.abs(beyond) < RIM_CLEAR_HU)) | from_rim
     n_eval = int(evaluable.sum())
+    rim_ray = (rim > RIM_CLEAR_HU) | from_rim
     double = bool(n_eval >= DOUBLE_HALO_MIN_RAYS
-                  and np.mean(rim[evaluable] > RIM_CLEAR_HU) >= DOUBLE_HALO_MIN_FRACTION)
+                  and np.mean(rim_ray[evaluable]) >= DOUBLE_HALO_MIN_FRACTION)
     meas = ScrewMeasurement(
         id=screw.id, vertebra=screw.vertebra, side=screw.side,
         head_lps_mm=screw.head_lps_mm, tip_lps_mm=screw.tip_lps_mm,
