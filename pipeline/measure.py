@@ -107,6 +107,8 @@ RIM_WINDOW_MM = (0.2, 0.8)    # sclerotic rim read just outside the lucency
 RIM_CLEAR_HU = 150.0          # "clearly denser than the surrounding bone"
 RIM_BEYOND_MM = (1.6, 2.4)    # bone beyond the rim must be ordinary (else a cortex, not a rim)
 HALO_RIM_REACH_MM = 2.0       # a sclerotic rim is looked for this far beyond d_vis
+HALO_RIM_VALLEY_MM = (0.8, 2.4)  # the level beyond a rim: the lowest of the median profile
+                              # this far past its peak (before a pedicle cortex rises)
 HALO_RIM_MIN_HU = 100.0       # ... peaking at least this far above the bone beyond it
 HALO_RIM_MAX_WIDTH_MM = 2.5   # ... and a lucency read from a rim is no wider than this (wider
                               # ones are seen directly; a cortex beyond trabecular bone is not a rim)
@@ -711,10 +713,10 @@ def _rim_widths(hu: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float
             continue
         k = idx[np.argmax(g[a, idx])]
         peak = g[a, k]
-        win = (d >= d[k] + RIM_BEYOND_MM[0]) & (d <= d[k] + RIM_BEYOND_MM[1])
+        win = (d >= d[k] + HALO_RIM_VALLEY_MM[0]) & (d <= d[k] + HALO_RIM_VALLEY_MM[1])
         if not win.any():
             continue
-        beyond = float(np.median(g[a, win]))
+        beyond = float(np.min(g[a, win]))
         if peak - beyond < HALO_RIM_MIN_HU or abs(beyond - bone_hu) >= RIM_CLEAR_HU:
             continue
         level = 0.5 * (beyond + peak)
