@@ -514,14 +514,15 @@ def estimate_metal_tail(volume: Volume, rays_list: list[ScrewRays], profiles: li
     tmp = build(tail, _readable_distance(Xs, blur, cls, n_cls, d, tmp, np.ones(len(X), bool)),
                 tmp.bone_hu, tmp.reference_rays)
     for _ in range(n_iter):
-        widths, status = [], []
+        widths, status, rims = [], [], []
         for rays, prof in zip(rays_list, profiles):
             _, (w, st, _, _, _) = _analyse(prof, rays, tmp, tmp.bone_hu, config)
             widths.append(w)
             status.append(st)
+            rims.append(_rim_rays(prof, rays, tmp, tmp.bone_hu))
         w = np.concatenate(widths)
         st = np.concatenate(status)
-        nohalo = (st != 2) & (w < HALO_NOHALO_MM) & ~below_rods
+        nohalo = (st != 2) & (w < HALO_NOHALO_MM) & ~below_rods & ~np.concatenate(rims)
         ref = np.zeros(n_cls, int)
         for c in range(n_cls):
             sel = nohalo & (cls == c)
@@ -686,9 +687,9 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     return out.ravel()
 
 
-def _rim_widths(hu: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float) -> np.ndarray:
-    """Per azimuth, the halo width read from a sclerotic rim on the along-shaft median
-    profile (NaN where the profile shows no rim).
+def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float) -> np.ndarray:
+    """Per azimuth, the halo width read from a sclerotic rim on the along-shaft median of the
+    screw's profiles ``prof`` (:func:`screw_profiles`; NaN where it shows no rim).
 
     Why: at 0.8x0.8x1.5 mm a 1.5 mm lucency between the bloomed shaft and a 1 mm sclerotic
     rim is filled in by the blur of both, and beyond ``d_vis`` the rim's excess cancels the
@@ -710,7 +711,6 @@ def _rim_widths(hu: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float
     d = rays.d_mm
     step = float(d[1] - d[0])
     blur_a = rays.blur_mm[:A]
-    prof = sample_rays(hu, rays.origins_kji, rays.dirs_kji, rays.radius_mm + d[0], step, len(d))
     g = np.median(prof.reshape(S, A, -1), axis=0) - tail.tail_for(blur_a)
     d_vis = tail.per_ray(tail.d_vis_mm, blur_a)
     out = np.full(A, np.nan)
@@ -739,8 +739,16 @@ def _rim_widths(hu: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float
     return out
 
 
-def _screw_result(rays: ScrewRays, hu: np.ndarray, tail: MetalTail, config: Config,
-                  bone_hu: float | None = None):
+def _rim_rays(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float) -> np.ndarray:
+    """Rays (S*A,) of the azimuths whose median profile shows a sclerotic rim: never
+    halo-free references, whatever the per-ray reading (a double halo the kernel reads as
+    none would lift the tail by its rim and lower it by its lucency)."""
+    S, _ = rays.shape
+    return np.tile(np.isfinite(_rim_widths(prof, rays, tail, bone_hu)), S)
+
+
+def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: MetalTail,
+                  config: Config, bone_hu: float | None = None):
     """Measurement and evidence of one screw through the fused kernel ``halo_screw``."""
     crit = config.criteria
     screw = rays.screw
@@ -760,7 +768,7 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, tail: MetalTail, config: Conf
         HALO_DIRECT_FRACTION)
     w = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu)
     # rays reading clearly less than their azimuth's sclerotic rim take the rim's reading
-    rim_w = _rim_widths(hu, rays, tail, bone_hu)
+    rim_w = _rim_widths(prof, rays, tail, bone_hu)
     W = w.reshape(S, A)
     under = (np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2)
              & (W < rim_w[None, :] - HALO_RIM_UNDER_MM))
@@ -804,9 +812,11 @@ def _screw_bone_level(rays: ScrewRays, prof: np.ndarray, tail: MetalTail, config
     """The bone level around one screw: the far level of its halo-free rays when they are a
     good part of the screw (a quarter of its rays), kept within a third of the study's
     level; else the study's. (A screw with a full halo has no halo-free rays of its own, and
-    the few rays that read none there are often the ones that met a cortex.)"""
+    the few rays that read none there are often the ones that met a cortex.) Azimuths that
+    show a sclerotic rim are not halo-free (:func:`_rim_rays`): their far level lies in the
+    rim and read 1.2-1.3x the study's bone around 1.5 mm double halos."""
     _, (w, st, _, _, _) = _analyse(prof, rays, tail, tail.bone_hu, config)
-    nohalo = (st != 2) & (w < HALO_NOHALO_MM)
+    nohalo = (st != 2) & (w < HALO_NOHALO_MM) & ~_rim_rays(prof, rays, tail, tail.bone_hu)
     if nohalo.sum() >= max(HALO_MIN_REFERENCE_RAYS, 0.25 * len(w)):
         level = float(np.median(_far_level(prof[nohalo], rays.d_mm)))
         return float(np.clip(level, 0.75 * tail.bone_hu, 1.33 * tail.bone_hu))
@@ -847,7 +857,7 @@ def measure_screw(volume: Volume, screw: ScrewGeometry, config: Config, *,
     if tail is None:
         tail = estimate_metal_tail(volume, [rays], [prof], config)
     bone = _screw_bone_level(rays, prof, tail, config)
-    return _screw_result(rays, hu, tail, config, bone)
+    return _screw_result(rays, hu, prof, tail, config, bone)
 
 
 # ========================================================================== subsidence
@@ -1427,7 +1437,7 @@ def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
     if tail is not None:
         for rays, prof in zip(rays_list, profiles):
             bone = _screw_bone_level(rays, prof, tail, config)
-            m, ev = _screw_result(rays, hu, tail, config, bone)
+            m, ev = _screw_result(rays, hu, prof, tail, config, bone)
             screws_out.append(m)
             evidence[m.id] = ev
     cages_out = []
