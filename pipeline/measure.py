@@ -624,7 +624,7 @@ def _along_shaft_median(widths: np.ndarray, shape: tuple[int, int],
 
 
 def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: ScrewRays,
-                     tail: MetalTail, bone_hu: float) -> np.ndarray:
+                     tail: MetalTail, bone_hu: float, known: np.ndarray | None = None) -> np.ndarray:
     """Widths for rays that cannot tell a halo of the loosening size from none.
 
     Along the slice axis of a thick-slice scan the metal's tail stays irreproducible
@@ -656,6 +656,8 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm)
     direct = (st == 1) & (g_vis < tail.lucent_hu + HALO_DIRECT_FRACTION * (bone_hu - tail.lucent_hu))
     unreadable = (d_vis > HALO_READABLE_DVIS_MM) & ~direct & (st != 2)
+    if known is not None:
+        unreadable &= ~known
     if not unreadable.any():
         return w
     S, A = rays.shape
@@ -766,14 +768,15 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
         HALO_LOCAL_MM[0], HALO_LOCAL_MM[1], HALO_DEFICIT_MIN_MM, HALO_FAR_LEN_MM,
         RIM_BEYOND_MM[0], RIM_BEYOND_MM[1], HALO_LOW_BONE_MARGIN_HU,
         HALO_DIRECT_FRACTION)
-    w = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu)
-    # rays reading clearly less than their azimuth's sclerotic rim take the rim's reading
+    # rays reading clearly less than their azimuth's sclerotic rim take the rim's reading,
+    # before unreadable rays take their readable neighbours' widths (so a rim read on the
+    # sharper directions also reaches the blurred ones, where it is censored)
     rim_w = _rim_widths(prof, rays, tail, bone_hu)
-    W = w.reshape(S, A)
+    W = w.copy().reshape(S, A)
     under = (np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2)
              & (W < rim_w[None, :] - HALO_RIM_UNDER_MM))
     W[under] = np.broadcast_to(rim_w[None, :], W.shape)[under]
-    w = W.ravel()
+    w = _fill_unreadable(W.ravel(), st, g_vis, rays, tail, bone_hu, known=under.ravel())
     excl = (st == 2) | ~np.isfinite(w)
     excl |= _neighbour_outliers(np.where(excl, np.nan, w), rays.shape) & ~excl
     w[excl] = np.nan
