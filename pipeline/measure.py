@@ -689,9 +689,15 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     return out.ravel()
 
 
-def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float) -> np.ndarray:
+def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
+                bone_hu: float) -> tuple[np.ndarray, np.ndarray]:
     """Per azimuth, the halo width read from a sclerotic rim on the along-shaft median of the
-    screw's profiles ``prof`` (:func:`screw_profiles`; NaN where it shows no rim).
+    screw's profiles ``prof`` (:func:`screw_profiles`), and whether a rim is seen there.
+
+    Returns ``(width_mm, contrast_hu)``, (A,) each: the width, NaN where no rim is seen or
+    where its inner edge cannot be read (censored); the peak's height over the level beyond
+    it (0 where that level is not ordinary bone or the width is over the cap). A rim is
+    seen where the contrast is at least ``HALO_RIM_MIN_HU``.
 
     Why: at 0.8x0.8x1.5 mm a 1.5 mm lucency between the bloomed shaft and a 1 mm sclerotic
     rim is filled in by the blur of both, and beyond ``d_vis`` the rim's excess cancels the
@@ -707,8 +713,8 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: flo
     a lucency at least 1 mm wide that level lies within 0.15 mm of the lucency's edge (a
     thin rim's blurred peak stays well under its true density; half-way between the lucent
     level and the peak read 0.05-0.65 mm short). A crossing at or before ``d_vis`` is not
-    read (censored), nor a width over ``HALO_RIM_MAX_WIDTH_MM`` (wider lucencies are read
-    directly; a cortex beyond trabecular bone is not a rim)."""
+    read (censored; the rim is seen), nor a width over ``HALO_RIM_MAX_WIDTH_MM`` (wider
+    lucencies are read directly; a cortex beyond trabecular bone is not a rim: not seen)."""
     S, A = rays.shape
     d = rays.d_mm
     step = float(d[1] - d[0])
@@ -716,6 +722,7 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: flo
     g = np.median(prof.reshape(S, A, -1), axis=0) - tail.tail_for(blur_a)
     d_vis = tail.per_ray(tail.d_vis_mm, blur_a)
     out = np.full(A, np.nan)
+    contrast = np.zeros(A)
     for a in range(A):
         idx = np.flatnonzero((d >= d_vis[a]) & (d <= d_vis[a] + HALO_RIM_REACH_MM))
         if idx.size < 2:
@@ -726,10 +733,11 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: flo
         if not win.any():
             continue
         beyond = float(np.min(g[a, win]))
-        if peak - beyond < HALO_RIM_MIN_HU or abs(beyond - bone_hu) >= RIM_CLEAR_HU:
+        if abs(beyond - bone_hu) >= RIM_CLEAR_HU:
             continue
+        contrast[a] = peak - beyond
         level = 0.5 * (beyond + peak)
-        if g[a, idx[0]] >= level:
+        if contrast[a] < HALO_RIM_MIN_HU or g[a, idx[0]] >= level:
             continue
         s = k
         while g[a, s - 1] >= level:
@@ -738,7 +746,9 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: flo
         width = d[s - 1] + f * step
         if width <= HALO_RIM_MAX_WIDTH_MM:
             out[a] = width
-    return out
+        else:
+            contrast[a] = 0.0
+    return out, contrast
 
 
 def _rim_rays(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float) -> np.ndarray:
@@ -746,7 +756,7 @@ def _rim_rays(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float
     halo-free references, whatever the per-ray reading (a double halo the kernel reads as
     none would lift the tail by its rim and lower it by its lucency)."""
     S, _ = rays.shape
-    return np.tile(np.isfinite(_rim_widths(prof, rays, tail, bone_hu)), S)
+    return np.tile(_rim_widths(prof, rays, tail, bone_hu)[1] >= HALO_RIM_MIN_HU, S)
 
 
 def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: MetalTail,
@@ -771,12 +781,17 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
     # rays reading clearly less than their azimuth's sclerotic rim take the rim's reading,
     # before unreadable rays take their readable neighbours' widths (so a rim read on the
     # sharper directions also reaches the blurred ones, where it is censored)
-    rim_w = _rim_widths(prof, rays, tail, bone_hu)
+    # (not where the ray's own azimuth is clearly rim-free, under half the rim contrast: a
+    # halo-free azimuth beside a double halo took its rim-read width and a half double halo
+    # read 1.08 mm against 0.75)
+    rim_w, rim_contrast = _rim_widths(prof, rays, tail, bone_hu)
     W = w.copy().reshape(S, A)
     under = (np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2)
              & (W < rim_w[None, :] - HALO_RIM_UNDER_MM))
     W[under] = np.broadcast_to(rim_w[None, :], W.shape)[under]
-    w = _fill_unreadable(W.ravel(), st, g_vis, rays, tail, bone_hu, known=under.ravel())
+    w_rim = _fill_unreadable(W.ravel(), st, g_vis, rays, tail, bone_hu, known=under.ravel())
+    w_plain = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu)
+    w = np.where(np.tile(rim_contrast >= 0.5 * HALO_RIM_MIN_HU, S), w_rim, w_plain)
     excl = (st == 2) | ~np.isfinite(w)
     excl |= _neighbour_outliers(np.where(excl, np.nan, w), rays.shape) & ~excl
     w[excl] = np.nan

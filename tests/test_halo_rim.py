@@ -59,6 +59,6 @@ def test_no_rim_read_around_screws_without_one(study):
             continue
         checked += 1
         assert not got[t["id"]].double_halo, t["id"]
-        rim = M._rim_widths(M.screw_profiles(vol, rays), rays, tail, tail.bone_hu)
-        assert np.isnan(rim).all(), (t["id"], rim)
+        rim, contrast = M._rim_widths(M.screw_profiles(vol, rays), rays, tail, tail.bone_hu)
+        assert np.isnan(rim).all() and (contrast < M.HALO_RIM_MIN_HU).all(), (t["id"], rim)
     assert checked == 3
