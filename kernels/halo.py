@@ -179,30 +179,17 @@ def _window_max(g, d_start, step, lo, hi):
 
 @numba.njit(cache=True, inline="always")
 def _deficit_width(g, d_start, step, s_vis, d_vis, lucent_hu, bone_hu, sigma, window, min_deficit,
-                   far_len):
+                   b_far):
     """Deficit mode (module docstring, step 3): the width whose blurred box has the profile's
-    deficit below bone over [d_vis, d_vis + window + 2 sigma], against the ray's own bone
-    level beyond the window when that is lower (a dark streak or thinner bone lowers the
-    whole ray, not just its start). Returns (width_mm, lucent_min_hu)."""
+    deficit below bone over [d_vis, d_end = d_vis + window + 2 sigma], against the ray's own
+    bone level beyond the window, ``b_far`` (the median over ``(d_end, d_end + far_len]``,
+    inf when empty), when that is lower (a dark streak or thinner bone lowers the whole ray,
+    not just its start). Returns (width_mm, lucent_min_hu)."""
     n = g.shape[0]
     d_end = d_vis + window + 2.0 * sigma
     b_ray = bone_hu
-    cnt = 0
-    for s in range(n):
-        d = d_start + s * step
-        if d > d_end and d <= d_end + far_len:
-            cnt += 1
-    if cnt > 0:
-        buf = np.empty(cnt, np.float64)
-        k = 0
-        for s in range(n):
-            d = d_start + s * step
-            if d > d_end and d <= d_end + far_len:
-                buf[k] = g[s]
-                k += 1
-        b_far = np.median(buf)
-        if b_far < b_ray:
-            b_ray = b_far
+    if b_far < b_ray:
+        b_ray = b_far
     acc = 0.0
     gmin = g[s_vis]
     s = s_vis
@@ -264,13 +251,14 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     # crossing mode when the profile is under the half-way level at d_vis, or when it is
     # still lucent beyond the deficit window (step 2a): the lucency is then entered where
     # the profile first falls under the half-way level
+    # the median beyond the deficit window: step 2a's test and deficit mode's own bone level
+    d_end = d_vis + window + 2.0 * sigma
+    b_window = _window_median(g, d_start, step, d_end, d_end + far_len)
     s_in = -1
     if g[s_vis] < half:
         s_in = s_vis
     else:
-        d_end = d_vis + window + 2.0 * sigma
-        if _window_median(g, d_start, step, d_end, d_end + far_len) < \
-                lucent_hu + far_lucent * (bone_hu - lucent_hu):
+        if b_window < lucent_hu + far_lucent * (bone_hu - lucent_hu):
             s_end = int(math.floor((d_end - d_start) / step + 1e-9))
             s_in = _first_below(g, s_vis, min(s_end, s_max), half)
     if s_in >= 0:
@@ -314,7 +302,7 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
             deficit = False
     if deficit:
         width, gmin = _deficit_width(g, d_start, step, s_vis, d_vis, lucent_hu, bone_hu, sigma,
-                                     window, min_deficit, far_len)
+                                     window, min_deficit, b_window)
         edge = width
         status = 1 if width > 0.0 else 0
     # rim excess just outside the edge
