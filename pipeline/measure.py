@@ -112,6 +112,7 @@ HALO_RIM_VALLEY_MM = (0.8, 2.4)  # the level beyond a rim: the lowest of the med
 HALO_RIM_MIN_HU = 100.0       # ... peaking at least this far above the bone beyond it
 HALO_RIM_MAX_WIDTH_MM = 2.5   # ... and a lucency read from a rim is no wider than this (wider
                               # ones are seen directly; a cortex beyond trabecular bone is not a rim)
+HALO_RIM_MIN_AZIMUTHS = 3     # ... on at least this many neighbouring azimuths (30 degrees)
 HALO_RIM_UNDER_MM = 0.5       # rays reading this much less than their azimuth's rim take it
 DOUBLE_HALO_MIN_FRACTION = 0.3
 DOUBLE_HALO_MIN_RAYS = 10
@@ -748,7 +749,34 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
             out[a] = width
         else:
             contrast[a] = 0.0
+    # a rim surrounds a track: seen on fewer than HALO_RIM_MIN_AZIMUTHS neighbouring azimuths
+    # it is a cortex or a bone island beside the shaft, not a rim
+    seen = contrast >= HALO_RIM_MIN_HU
+    out[~_in_long_runs(seen, HALO_RIM_MIN_AZIMUTHS)] = np.nan
     return out, contrast
+
+
+def _in_long_runs(mask: np.ndarray, min_len: int) -> np.ndarray:
+    """Elements of a circular boolean sequence that lie in a run of at least ``min_len``
+    consecutive True values."""
+    n = len(mask)
+    if mask.all():
+        return mask.copy()
+    out = np.zeros(n, bool)
+    start = int(np.flatnonzero(~mask)[0]) + 1  # a run never wraps past this point
+    k = 0
+    while k < n:
+        i = (start + k) % n
+        if not mask[i]:
+            k += 1
+            continue
+        run = []
+        while k < n and mask[(start + k) % n]:
+            run.append((start + k) % n)
+            k += 1
+        if len(run) >= min_len:
+            out[run] = True
+    return out
 
 
 def _rim_rays(prof: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float) -> np.ndarray:
