@@ -1396,13 +1396,22 @@ def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
     """Fusion bridging of one disc level (CONTRACT.md, "Fusion bridging").
 
     The cross-section is a grid in the level's plane inside the vertebral body outline
-    (the mean of the two bodies' outline ellipses), cage footprints excluded (with a
-    margin: titanium blooms into its surroundings, PEEK is bone-dense). Each column runs
-    along the level normal from just inside the lower endplate plane to just inside the
-    upper one (the endplate cortices themselves are not counted); it is bridged when its
-    lightly smoothed profile stays above ``config.bone_threshold_hu`` all the way
-    (``kernels.bridging``). ``instrumented``: the level has a cage, or screws in both of
-    its vertebrae.
+    (the mean of the two bodies' outline ellipses, centred between the two endplate
+    centres, :func:`_outline_centre`), cage footprints excluded; rim columns whose
+    endplates do not show in the image lie off the bodies and leave it too
+    (:func:`_rim_off_bodies`). Each column runs along the level normal from just inside the
+    lower endplate plane to just inside the upper one (the endplate cortices themselves
+    are not counted); it is bridged when its lightly smoothed profile stays above
+    ``config.bone_threshold_hu`` all the way (``kernels.bridging``).
+
+    Columns within a margin of a cage cannot be read (titanium blooms into its
+    surroundings, PEEK walls are bone-dense); they stay in the cross-section and take the
+    state of the nearest readable column at most one titanium margin away
+    (:func:`_fill_from_nearest`); only those farther from any readable column (e.g. the
+    gap between two close cages) are left out. Leaving the whole margin out instead
+    counted it at the level's mean, while bone packed around cages is denser than that:
+    0.571 read for 0.669 true beside two titanium cages (phantom seed 22 L5-S1).
+    ``instrumented``: the level has a cage, or screws in both of its vertebrae.
     """
     up = _vertebra(anatomy, level.upper)
     lo = _vertebra(anatomy, level.lower)
@@ -1457,9 +1466,11 @@ def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
                                    np.ascontiguousarray(volume.lps_to_kji(ends)), n_s, smooth,
                                    float(config.bone_threshold_hu))
         bridged[readable] = b_col
-        bridged, unfilled = _fill_from_nearest(bridged, readable, band, U.shape, step,
-                                               CAGE_MARGIN_TITANIUM_MM + step)
+        reach = max(CAGE_MARGIN_TITANIUM_MM, CAGE_MARGIN_PEEK_MM) + step
+        bridged, unfilled = _fill_from_nearest(bridged, readable, band, U.shape, step, reach)
         domain &= ~unfilled
+    else:
+        domain &= ~band  # nothing readable to take the margin's state from
     n_dom = int(domain.sum())
     frac = float(bridged.sum() / n_dom) if n_dom else 0.0
     screw_verts = {s.vertebra for s in anatomy.screws}
