@@ -1495,6 +1495,7 @@ def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
     band &= domain
     readable = domain & ~band
     bridged = np.zeros(len(pts), bool)
+    estimated = np.zeros(len(pts), bool)
     if readable.any() and up is not None and lo is not None:
         p = pts[readable]
         t_lo = _plane_hit(p, n, lo.superior_endplate) + BRIDGE_END_MARGIN_MM
@@ -1515,6 +1516,7 @@ def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
         reach = max(CAGE_MARGIN_TITANIUM_MM, CAGE_MARGIN_PEEK_MM) + step
         bridged, unfilled = _fill_from_nearest(bridged, readable, band, U.shape, step, reach)
         domain &= ~unfilled
+        estimated = band & ~unfilled
     else:
         domain &= ~band  # nothing readable to take the margin's state from
     n_dom = int(domain.sum())
@@ -1526,7 +1528,8 @@ def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
                             fusion=config.criteria.fusion_class(frac))
     origin = c - a * u - b * v + 0.5 * step * (u + v)
     ev = LevelEvidence(level=level.name, origin_lps_mm=tuple(origin), axis_u=tuple(u), axis_v=tuple(v),
-                       step_mm=step, domain=domain.reshape(U.shape), bridged=bridged.reshape(U.shape))
+                       step_mm=step, domain=domain.reshape(U.shape), bridged=bridged.reshape(U.shape),
+                       estimated=(estimated & domain).reshape(U.shape))
     return meas, ev
 
 

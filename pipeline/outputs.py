@@ -143,6 +143,8 @@ def evidence_arrays(result: StudyResult, evidence: Mapping, figures: Mapping[str
         elif isinstance(ev, LevelEvidence):
             vals = {"origin_lps_mm": ev.origin_lps_mm, "axis_u": ev.axis_u, "axis_v": ev.axis_v,
                     "step_mm": ev.step_mm, "domain": ev.domain, "bridged": ev.bridged}
+            if ev.estimated is not None:
+                vals["estimated"] = ev.estimated
         else:
             vals = {}
         for name, v in vals.items():

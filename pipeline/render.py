@@ -300,7 +300,9 @@ def cage_figures(volume: Volume, centroid_lps_mm, ev: CageEvidence, half_mm: flo
 def level_figure(volume: Volume, ev: LevelEvidence, scale_px_per_cell: int | None = None) -> Figure:
     """Bridging map of a disc level over the CT mid-disc slice: green where bone bridges
     from endplate to endplate, red where the domain is not bridged, outside the domain
-    (outside the body outline, or cage) left as plain CT."""
+    (outside the body outline, or cage) left as plain CT; cells whose state was estimated
+    from the nearest readable cell (beside a cage) are drawn paler, so a reader sees what
+    was measured."""
     dom = np.asarray(ev.domain, bool)
     bri = np.asarray(ev.bridged, bool) & dom
     nv, nu = dom.shape
@@ -317,9 +319,10 @@ def level_figure(volume: Volume, ev: LevelEvidence, scale_px_per_cell: int | Non
     alpha = 0.5
     green = np.array([40.0, 200.0, 80.0])
     red = np.array([220.0, 50.0, 50.0])
-    rgb[bri] = (1 - alpha) * rgb[bri] + alpha * green
-    nb = dom & ~bri
-    rgb[nb] = (1 - alpha) * rgb[nb] + alpha * red
+    est = (np.asarray(ev.estimated, bool) & dom) if ev.estimated is not None else np.zeros_like(dom)
+    for cells, colour in ((bri, green), (dom & ~bri, red)):
+        for sel, a_sel in ((cells & ~est, alpha), (cells & est, 0.5 * alpha)):
+            rgb[sel] = (1 - a_sel) * rgb[sel] + a_sel * colour
     img = Image.fromarray(rgb.astype(np.uint8))
     if scale_px_per_cell is None:
         scale_px_per_cell = max(1, int(360 // max(nu, nv, 1)))
@@ -327,5 +330,8 @@ def level_figure(volume: Volume, ev: LevelEvidence, scale_px_per_cell: int | Non
     frac = float(bri.sum()) / float(dom.sum()) if dom.any() else float("nan")
     caption = (f"Bridging map in the disc plane ({step:.2f} mm cells): green = bone continuous "
                f"from endplate to endplate, red = not bridged, uncoloured = outside the body "
-               f"outline or cage; map fraction {frac:.2f}.")
+               f"outline or cage"
+               + (f"; paler = estimated from the nearest readable cell (beside a cage, "
+                  f"{int(est.sum())} of {int(dom.sum())} cells)" if est.any() else "")
+               + f"; map fraction {frac:.2f}.")
     return Figure(caption, to_png(img))

@@ -357,7 +357,9 @@ class LevelEvidence:
     """The bridging map over the disc-space cross-section: a 2-D grid in the level's own
     plane, ``origin_lps_mm + u*step*axis_u + v*step*axis_v``; ``domain[v, u]`` is True inside
     the body outline with cage material excluded, ``bridged[v, u]`` where bone runs
-    continuously from the upper endplate to the lower."""
+    continuously from the upper endplate to the lower; ``estimated[v, u]`` (optional) marks
+    domain cells that could not be read (beside a cage, where its metal blooms) and took
+    the state of the nearest readable cell."""
 
     level: str
     origin_lps_mm: Vec3
@@ -366,3 +368,4 @@ class LevelEvidence:
     step_mm: float
     domain: np.ndarray
     bridged: np.ndarray
+    estimated: np.ndarray | None = None

@@ -75,3 +75,20 @@ def test_lordotic_level_with_cages_is_fused_on_detected_geometry_at_coarse_spaci
     # old code: 0.494, "partial" (error 0.175)
     assert m.fusion == "fused", m.bridging_fraction
     assert abs(m.bridging_fraction - tl["bridging_fraction"]) <= 0.12, m.bridging_fraction
+
+
+def test_cells_estimated_beside_cages_are_marked_in_the_evidence_and_the_figure():
+    """The margin cells that took their state from the nearest readable column are marked
+    (LevelEvidence.estimated) and drawn paler with a count in the caption, so the reader of
+    the bridging map sees which cells were measured; they lie within the titanium margin
+    (plus one cell) of a cage footprint."""
+    from pipeline.render import level_figure
+
+    vol, truth = _phantom((0.5, 0.5, 1.0))
+    anatomy = truth_anatomy(truth)
+    _, ev = measure_level(vol, _level(anatomy, LEVEL), anatomy, Config())
+    est = np.asarray(ev.estimated, bool)
+    assert est.shape == ev.domain.shape and est.any() and not np.any(est & ~ev.domain)
+    assert est.sum() < 0.5 * ev.domain.sum()
+    fig = level_figure(vol, ev)
+    assert f"{int(est.sum())} of {int(ev.domain.sum())} cells" in fig.caption
