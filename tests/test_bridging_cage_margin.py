@@ -80,8 +80,7 @@ def test_lordotic_level_with_cages_is_fused_on_detected_geometry_at_coarse_spaci
 def test_cells_estimated_beside_cages_are_marked_in_the_evidence_and_the_figure():
     """The margin cells that took their state from the nearest readable column are marked
     (LevelEvidence.estimated) and drawn paler with a count in the caption, so the reader of
-    the bridging map sees which cells were measured; they lie within the titanium margin
-    (plus one cell) of a cage footprint."""
+    the bridging map sees which cells were measured; they are a minority of the domain."""
     from pipeline.render import level_figure
 
     vol, truth = _phantom((0.5, 0.5, 1.0))
