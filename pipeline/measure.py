@@ -810,11 +810,10 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
         RIM_BEYOND_MM[0], RIM_BEYOND_MM[1], HALO_LOW_BONE_MARGIN_HU,
         HALO_DIRECT_FRACTION)
     # rays reading clearly less than their azimuth's sclerotic rim take the rim's reading,
-    # before unreadable rays take their readable neighbours' widths (so a rim read on the
-    # sharper directions also reaches the blurred ones, where it is censored)
-    # (not where the ray's own azimuth is clearly rim-free, under half the rim contrast: a
-    # halo-free azimuth beside a double halo took its rim-read width and a half double halo
-    # read 1.08 mm against 0.75)
+    # before unreadable rays take their readable neighbours' widths, so a rim read on the
+    # sharper directions also reaches the blurred ones (where it is censored); but not an
+    # azimuth that is clearly rim-free (contrast under half HALO_RIM_MIN_HU): a halo-free
+    # azimuth beside a half double halo took the rim's width (1.08 mm read for 0.75)
     rim_w, rim_contrast = _rim_widths(prof, rays, tail, bone_hu)
     W = w.copy().reshape(S, A)
     under = (np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2)
@@ -1353,14 +1352,13 @@ def _plane_hit(p: np.ndarray, n: np.ndarray, plane: Plane) -> np.ndarray:
 
 
 def _endplate_centre(v: Vertebra, plane: Plane) -> np.ndarray:
-    """Where a body's axis meets one of its endplate planes: the centre of its outline there."""
-    p = np.asarray(v.center_lps_mm)
-    d = np.asarray(v.axis_si)
-    nn = np.asarray(plane.normal)
-    denom = float(d @ nn)
-    if abs(denom) < 1e-6:
+    """Where a body's axis meets one of its endplate planes: the centre of its outline there
+    (the plane's own point when the axis runs along the plane)."""
+    p = np.asarray(v.center_lps_mm, float)
+    d = np.asarray(v.axis_si, float)
+    if abs(float(d @ np.asarray(plane.normal))) < 1e-6:
         return np.asarray(plane.point_lps_mm, float)
-    return p + (((np.asarray(plane.point_lps_mm) - p) @ nn) / denom) * d
+    return p + float(_plane_hit(p, d, plane)) * d
 
 
 def _outline_centre(level: DiscLevel, up: Vertebra | None, lo: Vertebra | None) -> np.ndarray:
