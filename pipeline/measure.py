@@ -1274,8 +1274,11 @@ def _deepest_point(face_pts: np.ndarray, cage: CageGeometry, sign: float, plane:
         if volume is not None and len(face_pts) >= FACE_PHASE_MIN_POINTS:
             base = face_pts - z[:, None] * o
             w = float(_blur_extent_mm(volume, o[None, :])[0])
+            # the grid axis that samples the face most coarsely (k, the slices, unless the
+            # study is oriented oddly): the phase is taken along it
+            axis_ijk = int(np.argmax(np.abs(o @ volume.direction) * volume.spacing_mm))
             for _ in range(2):   # the phase of the face plane at the current offset
-                phase = np.mod(volume.lps_to_kji(base + z_face * o)[:, 0], 1.0)
+                phase = np.mod(volume.lps_to_kji(base + z_face * o)[:, 2 - axis_ijk], 1.0)
                 z_face, _ = slice_phase_offset(z, phase, FACE_PHASE_PRIOR_FRACTION * w)
     else:
         z_face = float(h[0])
