@@ -1042,9 +1042,10 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     cage footprints and not between two cages (:func:`_between_cages`). Along the endplate
     normal, from the disc into the vertebra, each ray must meet a cortical endplate (a
     rising edge, ``kernels.subsidence.rising_edges`` at :func:`endplate_edge_fraction`);
-    its surface is read from the profile's moments (:func:`endplate_edge_moments`, which
-    does not depend on where the thin cortex falls within a thick slice, as the level
-    crossing does by up to 0.6 mm) and must agree with the crossing within
+    its surface is read from the profile's moments (:func:`endplate_edge_moments`, with the
+    voxel extent along the normal for their mean sampling loss; they depend less than the
+    level crossing, by up to 0.6 mm, on where the thin cortex falls within a thick slice,
+    though still by +-0.25 mm on 1.5 mm slices) and must agree with the crossing within
     ``RIM_MOMENT_AGREE_MM``. The plane is fitted to those surface points, offset and tilt
     (:func:`rim_plane_fit`).
 
@@ -1319,7 +1320,8 @@ def measure_cage(volume: Volume, cage: CageGeometry, anatomy: Anatomy,
     For each bearing face: the endplate plane is fitted to the endplate's intact rim beside
     the cage (:func:`fit_endplate_rim`, offset and tilt); the box turns with the level
     normal those fits imply (:func:`_cage_on_fitted_level`); the face is read from the
-    image (titanium: the cage's own half-max edge; PEEK: marker-pin ends plus
+    image (titanium: the cage's own metal edge, its points' offset averaged over the slice
+    phase, :func:`slice_phase_offset`; PEEK: marker-pin ends plus
     ``config.peek_marker_inset_mm``); the depth is how far the face's deepest point lies
     past the plane along its normal (0 when the cage does not reach through it). Graded on
     the larger of the two.
