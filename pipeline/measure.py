@@ -140,6 +140,9 @@ FACE_MARGIN_MM = 1.0          # face rays keep this far inside the face edges
 FACE_RAY_OUT_MM = 4.0         # face rays start this far outside the nominal face
 FACE_RAY_IN_MM = 3.0          # ... and end this far inside it
 FACE_TOL_MM = 2.5             # a face point farther than this from the nominal face is wrong
+FACE_PHASE_MIN_POINTS = 20    # face points needed to model their slice-phase error (slice_phase_offset)
+FACE_PHASE_PRIOR_FRACTION = 0.25  # prior spread of that error's harmonic, a fraction of the voxel
+                              # extent along the face normal (slice_phase_offset)
 PIN_DETECT_HU = 1500.0        # tantalum marker pins in PEEK
 SATURATED_EDGE_FRACTION = 0.75  # see _metal_edges
 SATURATION_MARGIN_HU = 100.0  # a metal plateau this close to the data maximum is clipped
@@ -948,15 +951,15 @@ def endplate_edge_fraction(volume: Volume, normal) -> float:
     return min(0.9, 0.5 + ENDPLATE_FRACTION_PER_MM * ext)
 
 
-def endplate_edge_moments(profile_hu: np.ndarray, s_mm: np.ndarray, cortex_half_mm: float) -> float:
+def endplate_edge_moments(profile_hu: np.ndarray, s_mm: np.ndarray, cortex_half_mm: float,
+                          sample_extent_mm: float = 0.0) -> float:
     """The endplate surface on a disc-to-vertebra profile from its first two moments.
 
     Model: disc level ``L`` before the surface ``e``, a thin cortex from ``e`` (its excess
     over trabecular bone, of unknown height and thickness, centred ``cortex_half_mm``
     past ``e``), trabecular level ``T`` beyond. ``L`` is read over the first 0.5 mm,
     ``T`` over the last 1.5 mm. The integral ``m0`` and first moment ``m1`` of
-    ``profile - L`` over the ray are unchanged by a symmetric blur and (up to the edge's
-    own asymmetry inside one voxel) by where the surface falls within a slice:
+    ``profile - L`` over the ray are unchanged by a symmetric blur:
 
         m0 = (T - L)(b - e) + K,   m1 = (T - L)(b^2 - e^2)/2 + K (e + h)
 
@@ -965,8 +968,20 @@ def endplate_edge_moments(profile_hu: np.ndarray, s_mm: np.ndarray, cortex_half_
     blurred peak depends on the slice phase when the endplate lies parallel to thick
     slices (its peak drops from 570 to 470 HU as the cortex splits between two 1.5 mm
     slices): 0.8x0.8x1.5 mm phantoms with an untilted L3 read its endplate -0.63 to +0.37
-    mm off. The moments read the same surface within 0.01 mm over the slice phase (1D
-    model of a 1 mm cortex, 1.5 mm slices), 0.08 mm towards the disc.
+    mm off.
+
+    Sampling: a profile interpolated linearly between voxels that each average the
+    image over ``sample_extent_mm`` (``w``, the voxel's extent along the ray) keeps
+    ``m0`` whatever the phase, but its ``m1`` is low by ``(T - L) w^2 / 8`` on average
+    over the phase (the interpolated ramp of a step sampled in boxes: ``w^2/24`` from the
+    ramp itself, ``w^2/12`` on average from where the step falls in its box); that mean is
+    added back. What remains depends on the phase and cannot be read from one profile:
+    a 1 mm cortex inside one 1.5 mm slice gives one sample whose value trades the cortex's
+    density against its position (1D model of the phantoms' painting, 1.5 mm slices:
+    -0.30 to +0.19 mm, mean -0.06 mm towards the disc without the term, -0.24 to +0.24,
+    mean -0.01 with it; 1.0 mm slices: -0.04 to -0.01, mean -0.03 without, -0.01 to
+    +0.01, mean -0.01 with).
+    ``sample_extent_mm=0`` leaves ``m1`` as sampled.
 
     The disc side may be denser than the vertebra (bone bridging the disc): the model
     holds for any ``T - L``; at ``T = L`` it is the cortex's centroid less ``h``. Of two
@@ -983,7 +998,7 @@ def endplate_edge_moments(profile_hu: np.ndarray, s_mm: np.ndarray, cortex_half_
     D = T - L
     x = p - L
     m0 = float(np.trapezoid(x, s))
-    m1 = float(np.trapezoid(s * x, s))
+    m1 = float(np.trapezoid(s * x, s)) + D * float(sample_extent_mm) ** 2 / 8.0
     h = float(cortex_half_mm)
     # (D/2) e^2 + (m0 - D b + D h) e + (D b^2 / 2 + m0 h - D b h - m1) = 0
     qa, qb, qc = 0.5 * D, m0 - D * b + D * h, 0.5 * D * b * b + m0 * h - D * b * h - m1
@@ -1075,9 +1090,10 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     cage footprints and not between two cages (:func:`_between_cages`). Along the endplate
     normal, from the disc into the vertebra, each ray must meet a cortical endplate (a
     rising edge, ``kernels.subsidence.rising_edges`` at :func:`endplate_edge_fraction`);
-    its surface is read from the profile's moments (:func:`endplate_edge_moments`, which
-    does not depend on where the thin cortex falls within a thick slice, as the level
-    crossing does by up to 0.6 mm) and must agree with the crossing within
+    its surface is read from the profile's moments (:func:`endplate_edge_moments`, with the
+    voxel extent along the normal for their mean sampling loss; they depend less than the
+    level crossing, by up to 0.6 mm, on where the thin cortex falls within a thick slice,
+    though still by +-0.25 mm on 1.5 mm slices) and must agree with the crossing within
     ``RIM_MOMENT_AGREE_MM``. The plane is fitted to those surface points, offset and tilt
     (:func:`rim_plane_fit`).
 
@@ -1117,7 +1133,8 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     prof = sample_rays(hu, np.ascontiguousarray(o[ok]), np.ascontiguousarray(dk[ok]), 0.0, step, n)
     s_mm = step * np.arange(n)
     e_mom = np.full(len(starts), np.nan)
-    e_mom[ok] = [endplate_edge_moments(p, s_mm, ENDPLATE_CORTEX_HALF_MM) for p in prof]
+    extent = float(_blur_extent_mm(volume, n0[None, :])[0])
+    e_mom[ok] = [endplate_edge_moments(p, s_mm, ENDPLATE_CORTEX_HALF_MM, extent) for p in prof]
     ok &= np.isfinite(e_mom)
     ok[ok] = np.abs(e_mom[ok] - edge[ok]) <= RIM_MOMENT_AGREE_MM
     if ok.sum() < 6:
@@ -1245,10 +1262,55 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
     return np.array(faces).reshape(-1, 3)
 
 
-def _deepest_point(face_pts: np.ndarray, cage: CageGeometry, sign: float, plane: Plane):
+def slice_phase_offset(z_mm: np.ndarray, phase: np.ndarray, amplitude_prior_mm: float,
+                       n_iter: int = 10) -> tuple[float, np.ndarray]:
+    """Offset of a flat surface from points whose error depends on their slice phase.
+
+    A thin surface read between slice centres (a level crossing or moments of a profile
+    sampled every ``w`` mm along it and interpolated linearly) is off by an amount that
+    repeats with the surface's position within a slice, ``phase`` in [0, 1) (0.8x0.8x1.5
+    mm phantoms: a titanium face reads -0.03 to +0.28 mm off over one slice; an endplate
+    beside it -0.25 to +0.2 mm). Where the surface is tilted to the slices its points see
+    many phases; their median is pulled to whichever phases they happen to cover (a face
+    2.6 deg to the slices covers 64 % of one). Here the error is modelled as its first
+    harmonic ``a cos(2 pi phase) + b sin(2 pi phase)``, fitted with the offset ``c``: ``c``
+    is the surface averaged over the slice phase. ``a`` and ``b`` are held by a Gaussian
+    prior of ``amplitude_prior_mm`` (ridge against the points' robust scatter) so that a
+    surface parallel to the slices (one phase) keeps its plain mean. Points farther than
+    max(3 robust SDs, 0.3 mm) from the fit are dropped and the fit repeated.
+
+    Returns
+    -------
+    c : float; the offset (mm).
+    keep : (n,) bool; the points used.
+    """
+    z = np.asarray(z_mm, float)
+    t = 2.0 * np.pi * np.asarray(phase, float)
+    A = np.c_[np.ones(len(z)), np.cos(t), np.sin(t)]
+    med = float(np.median(z))
+    keep = np.abs(z - med) <= max(3.0 * 1.4826 * float(np.median(np.abs(z - med))), 0.3)
+    coef = np.array([float(np.median(z[keep])), 0.0, 0.0])
+    for _ in range(n_iter):
+        Ak, zk = A[keep], z[keep]
+        r = zk - Ak @ coef
+        scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)
+        lam = scale * scale / max(amplitude_prior_mm, 1e-6) ** 2
+        coef = np.linalg.solve(Ak.T @ Ak + np.diag([0.0, lam, lam]), Ak.T @ zk)
+        r_all = z - A @ coef
+        new = np.abs(r_all) <= max(3.0 * scale, 0.3)
+        if new.sum() < 3 or np.array_equal(new, keep):
+            break
+        keep = new
+    return float(coef[0]), keep
+
+
+def _deepest_point(face_pts: np.ndarray, cage: CageGeometry, sign: float, plane: Plane,
+                   volume: Volume | None = None):
     """The cage's deepest point past ``plane``. The face is the cage box's own face (the
-    detected axes), placed at the robust median of the measured face points; its deepest
-    point past the plane is one of its four corners. Returns (depth_mm, point_lps)."""
+    detected axes), placed at the measured face points' offset along the box axis averaged
+    over the slice phase (:func:`slice_phase_offset`; with no ``volume``, or few points,
+    their robust median); its deepest point past the plane is one of its four corners.
+    Returns (depth_mm, point_lps)."""
     c = np.asarray(cage.centroid_lps_mm)
     A = np.asarray(cage.axes)
     h = np.asarray(cage.half_sizes_mm)
@@ -1258,6 +1320,15 @@ def _deepest_point(face_pts: np.ndarray, cage: CageGeometry, sign: float, plane:
         med = np.median(z)
         mad = 1.4826 * np.median(np.abs(z - med))
         z_face = float(np.median(z[np.abs(z - med) <= max(3 * mad, 0.3)]))
+        if volume is not None and len(face_pts) >= FACE_PHASE_MIN_POINTS:
+            base = face_pts - z[:, None] * o
+            w = float(_blur_extent_mm(volume, o[None, :])[0])
+            # the grid axis that samples the face most coarsely (k, the slices, unless the
+            # study is oriented oddly): the phase is taken along it
+            axis_ijk = int(np.argmax(np.abs(o @ volume.direction) * volume.spacing_mm))
+            for _ in range(2):   # the phase of the face plane at the current offset
+                phase = np.mod(volume.lps_to_kji(base + z_face * o)[:, 2 - axis_ijk], 1.0)
+                z_face, _ = slice_phase_offset(z, phase, FACE_PHASE_PRIOR_FRACTION * w)
     else:
         z_face = float(h[0])
     corners = np.array([c + z_face * o + s1 * h[1] * A[1] + s2 * h[2] * A[2]
@@ -1297,7 +1368,8 @@ def measure_cage(volume: Volume, cage: CageGeometry, anatomy: Anatomy,
     For each bearing face: the endplate plane is fitted to the endplate's intact rim beside
     the cage (:func:`fit_endplate_rim`, offset and tilt); the box turns with the level
     normal those fits imply (:func:`_cage_on_fitted_level`); the face is read from the
-    image (titanium: the cage's own half-max edge; PEEK: marker-pin ends plus
+    image (titanium: the cage's own metal edge, its points' offset averaged over the slice
+    phase, :func:`slice_phase_offset`; PEEK: marker-pin ends plus
     ``config.peek_marker_inset_mm``); the depth is how far the face's deepest point lies
     past the plane along its normal (0 when the cage does not reach through it). Graded on
     the larger of the two.
@@ -1327,7 +1399,7 @@ def measure_cage(volume: Volume, cage: CageGeometry, anatomy: Anatomy,
             face = _face_points_titanium(volume, hu, box, sign, config)
         else:
             face = _face_points_peek(volume, hu, box, sign, config)
-        depth, point = _deepest_point(face, box, sign, plane)
+        depth, point = _deepest_point(face, box, sign, plane, volume)
         depths.append(max(depth, 0.0))
         deepest.append(point)
     grade = config.criteria.subsidence_grade(max(depths))
