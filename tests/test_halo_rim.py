@@ -103,11 +103,12 @@ def _two_double_halos_spec(seed: int, spacing_mm) -> PhantomSpec:
 @pytest.mark.slow
 @pytest.mark.parametrize("spacing_mm", [(0.5, 0.5, 1.0), COARSE_MM])
 def test_whole_double_halos_are_called_loose(spacing_mm):
-    """Seeds 0-3 with a whole 1.5 mm double halo each: every one called loose, coverage at
-    least 0.6, mean within 0.15 mm at 0.5x0.5x1.0 mm and within 0.45 mm at 0.8x0.8x1.5 mm.
-    Before the rim reading (61a184b) 6 of these 8 read 0.00-0.47 mm and were not called
-    loose (coarse 0.00 / 0.02 / 0.30 / 0.23, standard seeds 1 and 3: 0.01 / 0.47)."""
-    tol = 0.15 if spacing_mm[2] < 1.2 else 0.45
+    """Seeds 0-3 with a whole 1.5 mm double halo each: every one called loose; halo_mean
+    error within 0.15 mm on each at 0.5x0.5x1.0 mm, mean absolute error over the four within
+    the issue's 0.25 mm at 0.8x0.8x1.5 mm. Before the rim reading (61a184b) 6 of these 8
+    read 0.00-0.47 mm and were not called loose (coarse 0.00 / 0.02 / 0.30 / 0.23, standard
+    seeds 1 and 3: 0.01 / 0.47)."""
+    errors = []
     for seed in range(4):
         vol, truth = make_phantom(_two_double_halos_spec(seed, spacing_mm))
         screws, _, _, _ = M.measure_study(vol, truth_anatomy(truth), Config())
@@ -116,5 +117,27 @@ def test_whole_double_halos_are_called_loose(spacing_mm):
         assert len(whole) == 1
         t = whole[0]
         m = got[t["id"]]
-        assert m.loosening and m.halo_coverage >= 0.6, (seed, t["id"], m.halo_mean_mm, m.halo_coverage)
-        assert abs(m.halo_mean_mm - t["halo_mean_mm"]) <= tol, (seed, t["id"], m.halo_mean_mm)
+        assert m.loosening, (seed, t["id"], m.halo_mean_mm, m.halo_coverage)
+        errors.append(abs(m.halo_mean_mm - t["halo_mean_mm"]))
+    if spacing_mm[2] < 1.2:
+        assert max(errors) <= 0.15, errors
+    else:
+        assert np.mean(errors) <= 0.25, errors
+
+
+def test_isolated_rim_like_peaks_leave_the_tail_references_alone():
+    """Uniform-set seed 6 at 0.35x0.35x0.6 mm, 40 HU: three 1.0-1.1 mm halos (whole, whole,
+    0.75). Taking every azimuth with a rim-like peak out of the halo-free references, even
+    isolated ones, left the metal tail to the halo rays and these read 0.52-0.70 mm; a rim
+    excludes its rays only where it is seen on HALO_RIM_MIN_AZIMUTHS neighbouring azimuths."""
+    from benchmarks.accuracy import uniform_set_overrides
+
+    spec = PhantomSpec(seed=6, spacing_mm=(0.35, 0.35, 0.6), noise_hu=40.0, streaks=True,
+                       blooming=True, **uniform_set_overrides(6))
+    vol, truth = make_phantom(spec)
+    screws, _, _, _ = M.measure_study(vol, truth_anatomy(truth), Config())
+    got = {m.id: m for m in screws}
+    for sid in ("L5-right", "S1-left", "S1-right"):
+        t = {s["id"]: s for s in truth["screws"]}[sid]
+        assert 1.0 <= t["halo_width_mm"] <= 1.15, (sid, t["halo_width_mm"])
+        assert abs(got[sid].halo_mean_mm - t["halo_mean_mm"]) <= 0.25, (sid, got[sid].halo_mean_mm)
