@@ -713,7 +713,8 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
     lucency's deficit, so the per-ray kernel reads such a double halo as none; the rim
     itself stays plain on the median of 30-40 stations.
 
-    A rim is the highest point within ``HALO_RIM_REACH_MM`` of ``d_vis``, at least
+    A rim is the highest point within ``HALO_RIM_REACH_MM`` of ``d_vis`` (not its last
+    one: a profile still rising there runs into a cortex), at least
     ``HALO_RIM_MIN_HU`` above the level beyond it (the lowest point ``HALO_RIM_VALLEY_MM``
     past the peak, before a pedicle cortex rises), with ordinary bone beyond it (within
     ``RIM_CLEAR_HU`` of ``bone_hu``; a pedicle wall has soft tissue beyond). The lucency
@@ -737,6 +738,8 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
         if idx.size < 2:
             continue
         k = idx[np.argmax(g[a, idx])]
+        if k == idx[-1]:
+            continue  # still rising at the end of the reach: a cortex beyond, not a rim's peak
         peak = g[a, k]
         win = (d >= d[k] + HALO_RIM_VALLEY_MM[0]) & (d <= d[k] + HALO_RIM_VALLEY_MM[1])
         if not win.any():
