@@ -248,12 +248,12 @@ def _analyse_ray(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     edge = 0.0
     status = 0
     gmin = g[s_vis]
-    # crossing mode when the profile is under the half-way level at d_vis, or when it is
-    # still lucent beyond the deficit window (step 2a): the lucency is then entered where
-    # the profile first falls under the half-way level
     # the median beyond the deficit window: step 2a's test and deficit mode's own bone level
     d_end = d_vis + window + 2.0 * sigma
     b_window = _window_median(g, d_start, step, d_end, d_end + far_len)
+    # crossing mode when the profile is under the half-way level at d_vis, or when it is
+    # still lucent beyond the deficit window (step 2a): the lucency is then entered where
+    # the profile first falls under the half-way level
     s_in = -1
     if g[s_vis] < half:
         s_in = s_vis

@@ -1143,7 +1143,8 @@ def fit_body(volume: Volume, centre0, axis0, disc_above_lps, disc_below_lps,
     takes the other's tilt, :func:`_plausible_wedge`); the new axis bisects the two
     endplate normals and the new centre lies midway between the planes. A round whose
     height leaves ``BODY_HEIGHT_RANGE_MM`` is discarded. Returns a dict with ``centre``,
-    ``si``, ``lr``, ``ap``, ``semi`` (LR, AP mm), ``superior`` / ``inferior`` (point, outward normal, or None when not found),
+    ``si``, ``lr``, ``ap``, ``semi`` (LR, AP mm), ``superior`` / ``inferior`` (point,
+    outward normal, or None when not found),
     ``disc_above_lps`` / ``disc_below_lps`` are the disc centres seen on the column profile
     (or a typical body height away at an end of the column);
     ``half_height`` and ``inside_hu``; None when no outline is found. With

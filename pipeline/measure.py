@@ -701,7 +701,7 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
 def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
                 bone_hu: float) -> tuple[np.ndarray, np.ndarray]:
     """Per azimuth, the halo width read from a sclerotic rim on the along-shaft median of the
-    screw's profiles ``prof`` (:func:`screw_profiles`), and whether a rim is seen there.
+    screw's profiles ``prof`` (:func:`screw_profiles`), and the rim's contrast there.
 
     Returns ``(width_mm, contrast_hu)``, (A,) each: the width, NaN where no rim is seen or
     where its inner edge cannot be read (censored); the peak's height over the level beyond
@@ -832,9 +832,12 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
     under = (np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2)
              & (W < rim_w[None, :] - HALO_RIM_UNDER_MM))
     W[under] = np.broadcast_to(rim_w[None, :], W.shape)[under]
-    w_rim = _fill_unreadable(W.ravel(), st, g_vis, rays, tail, bone_hu, known=under.ravel())
     w_plain = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu)
-    w = np.where(np.tile(rim_contrast >= 0.5 * HALO_RIM_MIN_HU, S), w_rim, w_plain)
+    if under.any():  # else the rim-aware fill is the plain one
+        w_rim = _fill_unreadable(W.ravel(), st, g_vis, rays, tail, bone_hu, known=under.ravel())
+        w = np.where(np.tile(rim_contrast >= 0.5 * HALO_RIM_MIN_HU, S), w_rim, w_plain)
+    else:
+        w = w_plain
     excl = (st == 2) | ~np.isfinite(w)
     excl |= _neighbour_outliers(np.where(excl, np.nan, w), rays.shape) & ~excl
     w[excl] = np.nan
@@ -1609,7 +1612,7 @@ def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
     origin = c - a * u - b * v + 0.5 * step * (u + v)
     ev = LevelEvidence(level=level.name, origin_lps_mm=tuple(origin), axis_u=tuple(u), axis_v=tuple(v),
                        step_mm=step, domain=domain.reshape(U.shape), bridged=bridged.reshape(U.shape),
-                       estimated=(estimated & domain).reshape(U.shape))
+                       estimated=estimated.reshape(U.shape))
     return meas, ev
 
 
