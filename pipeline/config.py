@@ -73,6 +73,11 @@ class Config:
     halo_station_step_mm: float = 1.0
     halo_radial_step_mm: float = 0.1
     halo_max_width_mm: float = 5.0
+    # Pedicle screws come in catalogue diameters (0.5 mm steps in the common systems); a
+    # traced shaft diameter within screw_diameter_snap_mm of one is taken as that size
+    # (pipeline.hardware.catalogue_diameter). An empty tuple keeps the traced diameter.
+    screw_diameter_sizes_mm: tuple = tuple(4.0 + 0.5 * k for k in range(13))
+    screw_diameter_snap_mm: float = 0.2
     # PEEK cages are found through their marker pins; pin ends sit this far inside the
     # cage's bearing faces (vendor-specific; set per cage model).
     peek_marker_inset_mm: float = 1.0
@@ -107,4 +112,6 @@ def load_config(path: str | Path | None) -> Config:
         raise InputError(path, f"unknown config setting(s): {', '.join(bad)}")
     if "subsidence_grades_mm" in crit_data:
         crit_data["subsidence_grades_mm"] = tuple(crit_data["subsidence_grades_mm"])
+    if "screw_diameter_sizes_mm" in data:
+        data["screw_diameter_sizes_mm"] = tuple(float(x) for x in data["screw_diameter_sizes_mm"])
     return replace(Config(), criteria=replace(Criteria(), **crit_data), **data)
