@@ -1229,9 +1229,9 @@ def marker_pin_ends(volume: Volume, hu: np.ndarray, cage: CageGeometry) -> list[
     profile can take more than 2 mm (up to two slices) to reach the clipped plateau. Within
     2 mm its peak then read below the clip, the end was taken at half-way to that peak
     instead of the clipped-edge level, and the pin read 0.6-1.15 mm long at that end
-    (seed 27's L3-L4 cage read 0.63-0.76 mm too deep). Read over the pin, every end of the
-    dev phantoms' pins at that spacing is within -0.30..+0.43 mm (what remains depends on
-    where the end falls within a slice).
+    (seed 27's L3-L4 cage read 0.63-0.76 mm too deep). Read over the pin, every pin end of
+    the development phantoms (seeds 0-35) at that spacing is within -0.25..+0.46 mm of the
+    true end (what remains depends on where the end falls within a slice).
 
     Returns
     -------
@@ -1287,8 +1287,8 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
     than it is by about the same amount at both ends (blur along the slice axis), which the
     centre cancels. The half height is the cage box's, unless the box is shorter than its
     own pins: the shortest pin's measured half length plus the inset is a floor for the
-    half height (a pin's end reads 0.03 mm long on average on 0.8x0.8x1.5 mm phantoms,
-    -0.30 to +0.43 mm with the slice phase). (A detected PEEK box is only as tall as the
+    half height (a pin's end reads 0.07 mm long on average on 0.8x0.8x1.5 mm phantoms,
+    -0.25 to +0.46 mm with the slice phase). (A detected PEEK box is only as tall as the
     detector read the pins: 0.6 mm short on the 0.6x0.6x1.2 mm demo study, which read its
     cages 0.5-0.6 mm shallow.) With one end only, the face point is that end plus the inset.
     """
