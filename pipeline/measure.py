@@ -1283,14 +1283,15 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
 
     The pins run from ``peek_marker_inset_mm`` inside one face to the same inset inside
     the other. Where both ends of a pin are found, the face point is put the cage's half
-    height from the pin's measured centre: a thin saturated pin reads longer or shorter
-    than it is by about the same amount at both ends (blur along the slice axis), which the
-    centre cancels. The half height is the cage box's, unless the box is shorter than its
-    own pins: the shortest pin's measured half length plus the inset is a floor for the
-    half height (a pin's end reads 0.07 mm long on average on 0.8x0.8x1.5 mm phantoms,
-    -0.25 to +0.46 mm with the slice phase). (A detected PEEK box is only as tall as the
-    detector read the pins: 0.6 mm short on the 0.6x0.6x1.2 mm demo study, which read its
-    cages 0.5-0.6 mm shallow.) With one end only, the face point is that end plus the inset.
+    height from the pin's measured centre: a thin saturated pin's ends read off by the blur
+    along the slice axis, alike at both ends, and by where each end falls within a slice;
+    the centre cancels the first and averages the second. The half height is the cage
+    box's, unless the box is shorter than its own pins: the shortest pin's measured half
+    length plus the inset is a floor for the half height (a pin's end reads 0.07 mm long
+    on average on 0.8x0.8x1.5 mm phantoms, -0.25 to +0.46 mm with the slice phase). (A
+    detected PEEK box is only as tall as the detector read the pins: 0.6 mm short on the
+    0.6x0.6x1.2 mm demo study, which read its cages 0.5-0.6 mm shallow.) With one end
+    only, the face point is that end plus the inset.
     """
     h = np.asarray(cage.half_sizes_mm)
     o = sign * np.asarray(cage.axes)[0]

@@ -43,7 +43,8 @@ def _assert_within_half_mm(vol, truth, cfg, material=None):
         assert abs(err_sup) <= 0.5 and abs(err_inf) <= 0.5, (tc["id"], tc["subsidence_superior_mm"],
                                                               tc["subsidence_inferior_mm"], err_sup, err_inf)
         if all(abs(tc["subsidence_mm"] - cut) >= 0.3 for cut in cfg.criteria.subsidence_grades_mm):
-            assert m.subsidence_grade == tc["subsidence_grade"], (tc["id"], m.subsidence_mm, tc["subsidence_mm"])
+            assert m.subsidence_grade == tc["subsidence_grade"], (tc["id"], m.subsidence_mm,
+                                                                  tc["subsidence_mm"])
         checked += 1
     return checked
 
