@@ -1159,7 +1159,7 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     return Plane(c_proj + coef[0] * n0, normal), surf
 
 
-def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu, peak_mm: float = 2.0) -> np.ndarray:
+def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu, clip_mm: float | None = None) -> np.ndarray:
     """Edge of metal reached from outside (mm along the ray): the crossing of the level
     ``SATURATED_EDGE_FRACTION`` (metal clipped at the top of the data range) or one half
     (unclipped) of the way from the surround to the metal's plateau.
@@ -1170,19 +1170,24 @@ def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu, peak_mm: float =
     (metal + surround) / 2 plus half the tail); the half-max of the clipped step would sit
     0.3-0.6 mm outside it.
 
-    The metal's plateau (and whether it is clipped) is read over ``peak_mm`` from the first
-    sample at ``detect_hu``.
+    The metal's plateau is its maximum over 2 mm from the first sample at ``detect_hu``;
+    whether it is clipped is judged, and the clipped edge's level read, over ``clip_mm``
+    from there instead when given (at least those 2 mm): a thin object on thick slices can
+    take longer than 2 mm to reach the clip (see :func:`marker_pin_ends`).
     """
     o = np.ascontiguousarray(origins_kji, dtype=float)
     d = np.ascontiguousarray(dirs_kji, dtype=float)
     n_low = max(int(round(0.5 / step)), 1)
-    n_peak = max(int(round(peak_mm / step)), 1)
+    n_peak = int(round(2.0 / step))
+    n_clip = n_peak if clip_mm is None else max(int(round(clip_mm / step)), n_peak)
     data_max = float(hu.max()) if hu.size else 0.0
     edge, low, peak = rising_edges(hu, o, d, 0.0, float(step), int(n), n_low, float(detect_hu), n_peak, 0.5)
+    if n_clip > n_peak:
+        _, _, peak = rising_edges(hu, o, d, 0.0, float(step), int(n), n_low, float(detect_hu), n_clip, 0.5)
     sat = np.isfinite(peak) & (peak >= data_max - SATURATION_MARGIN_HU)
     if sat.any():
         e2, _, _ = rising_edges(hu, o[sat], d[sat], 0.0, float(step), int(n), n_low, float(detect_hu),
-                                n_peak, SATURATED_EDGE_FRACTION)
+                                n_clip, SATURATED_EDGE_FRACTION)
         edge[sat] = e2
     return edge
 
@@ -1222,9 +1227,9 @@ def marker_pin_ends(volume: Volume, hu: np.ndarray, cage: CageGeometry) -> list[
     (``PIN_RAY_OUT_MM`` beyond it) a ray runs inward along that line to the pin's centre;
     the end is the ray's metal edge (:func:`_metal_edges`).
 
-    The metal's plateau, and whether it is clipped at the top of the data range, is read over
-    the whole ray up to the pin's centre, not just the first 2 mm past the detection level.
-    Why: a pin is thin (1 mm), so on thick slices the slice just beyond its end can be
+    Whether the pin is clipped at the top of the data range is judged over the whole ray up
+    to the pin's centre (``clip_mm`` of :func:`_metal_edges`), not just the first 2 mm past
+    the detection level. Why: a pin is thin (1 mm), so on thick slices the slice just beyond its end can be
     bright but unclipped (2000-2900 HU on 0.8x0.8x1.5 mm phantoms) and the interpolated
     profile can take more than 2 mm (up to two slices) to reach the clipped plateau. Within
     2 mm its peak then read below the clip, the end was taken at half-way to that peak
@@ -1271,7 +1276,7 @@ def marker_pin_ends(volume: Volume, hu: np.ndarray, cage: CageGeometry) -> list[
             oo = sg * A[0]
             start = cl + ray_mm * oo
             edge = _metal_edges(hu, volume.lps_to_kji(start[None]), volume.direction_lps_to_kji(-oo)[None],
-                                step, n, PIN_DETECT_HU, peak_mm=ray_mm)
+                                step, n, PIN_DETECT_HU, clip_mm=ray_mm)
             ends[sg] = start - edge[0] * oo if np.isfinite(edge[0]) else None
         out.append(ends)
     return out
