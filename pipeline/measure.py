@@ -1159,7 +1159,7 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     return Plane(c_proj + coef[0] * n0, normal), surf
 
 
-def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu) -> np.ndarray:
+def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu, clip_mm: float | None = None) -> np.ndarray:
     """Edge of metal reached from outside (mm along the ray): the crossing of the level
     ``SATURATED_EDGE_FRACTION`` (metal clipped at the top of the data range) or one half
     (unclipped) of the way from the surround to the metal's plateau.
@@ -1169,17 +1169,25 @@ def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu) -> np.ndarray:
     way up to the clip level (titanium ~3500 HU with a ~30 % blooming tail: at the surface
     (metal + surround) / 2 plus half the tail); the half-max of the clipped step would sit
     0.3-0.6 mm outside it.
+
+    The metal's plateau is its maximum over 2 mm from the first sample at ``detect_hu``;
+    whether it is clipped is judged, and the clipped edge's level read, over ``clip_mm``
+    from there instead when given (at least those 2 mm): a thin object on thick slices can
+    take longer than 2 mm to reach the clip (see :func:`marker_pin_ends`).
     """
     o = np.ascontiguousarray(origins_kji, dtype=float)
     d = np.ascontiguousarray(dirs_kji, dtype=float)
     n_low = max(int(round(0.5 / step)), 1)
     n_peak = int(round(2.0 / step))
+    n_clip = n_peak if clip_mm is None else max(int(round(clip_mm / step)), n_peak)
     data_max = float(hu.max()) if hu.size else 0.0
     edge, low, peak = rising_edges(hu, o, d, 0.0, float(step), int(n), n_low, float(detect_hu), n_peak, 0.5)
+    if n_clip > n_peak:
+        _, _, peak = rising_edges(hu, o, d, 0.0, float(step), int(n), n_low, float(detect_hu), n_clip, 0.5)
     sat = np.isfinite(peak) & (peak >= data_max - SATURATION_MARGIN_HU)
     if sat.any():
         e2, _, _ = rising_edges(hu, o[sat], d[sat], 0.0, float(step), int(n), n_low, float(detect_hu),
-                                n_peak, SATURATED_EDGE_FRACTION)
+                                n_clip, SATURATED_EDGE_FRACTION)
         edge[sat] = e2
     return edge
 
@@ -1211,33 +1219,40 @@ def _face_points_titanium(volume, hu, cage: CageGeometry, sign: float, config: C
     return face[good]
 
 
-def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Config):
-    """Points on one bearing face of a PEEK cage from its tantalum marker pins.
+def marker_pin_ends(volume: Volume, hu: np.ndarray, cage: CageGeometry) -> list[dict]:
+    """Both ends of each tantalum marker pin of a PEEK cage (LPS mm), read along the cage axis.
 
-    Each pin (bright voxels inside the cage box) is followed along the cage axis from
-    outside each face inward to its end (the metal-edge level of :func:`_metal_edges`).
-    The pins run from ``peek_marker_inset_mm`` inside one face to the same inset inside
-    the other. Where both ends of a pin are found, the face point is put the cage's half
-    height from the pin's measured centre: a thin saturated pin reads longer than it is by
-    about the same amount at both ends (blur along the slice axis), which the centre
-    cancels. The half height is the cage box's, unless the box is shorter than its own
-    pins: a pin reads at least as long as it is (blur and dense bone against an end only
-    lengthen it), so the shortest pin's measured half length plus the inset is a floor
-    for the half height. (A detected PEEK box is only as tall as the detector read the
-    pins: 0.6 mm short on the 0.6x0.6x1.2 mm demo study, which read its cages 0.5-0.6 mm
-    shallow.) With one end only, the face point is that end plus the inset.
+    A pin is a connected group of voxels at ``PIN_DETECT_HU`` or more inside the cage box
+    (+1 mm); its line runs along the box axis through its centroid. From outside each face
+    (``PIN_RAY_OUT_MM`` beyond it) a ray runs inward along that line to the pin's centre;
+    the end is the ray's metal edge (:func:`_metal_edges`).
+
+    Whether the pin is clipped at the top of the data range is judged over the whole ray up
+    to the pin's centre (``clip_mm`` of :func:`_metal_edges`), not just the first 2 mm past
+    the detection level. Why: a pin is thin (1 mm), so on thick slices the slice just beyond its end can be
+    bright but unclipped (2000-2900 HU on 0.8x0.8x1.5 mm phantoms) and the interpolated
+    profile can take more than 2 mm (up to two slices) to reach the clipped plateau. Within
+    2 mm its peak then read below the clip, the end was taken at half-way to that peak
+    instead of the clipped-edge level, and the pin read 0.6-1.15 mm long at that end
+    (seed 27's L3-L4 cage read 0.63-0.76 mm too deep). Read over the pin, every pin end of
+    the development phantoms (seeds 0-35) at that spacing is within -0.25..+0.46 mm of the
+    true end (what remains depends on where the end falls within a slice).
+
+    Returns
+    -------
+    list of dict, one per pin: ``{+1.0: end or None, -1.0: end or None}``, the ends beyond
+    ``+axes[0]`` and ``-axes[0]`` ((3,) arrays, None where no edge was found).
     """
     c = np.asarray(cage.centroid_lps_mm)
     A = np.asarray(cage.axes)
     h = np.asarray(cage.half_sizes_mm)
-    o = sign * A[0]
     # voxels inside the box (+1 mm) above the pin threshold
     corners = np.array([[s0, s1, s2] for s0 in (-1, 1) for s1 in (-1, 1) for s2 in (-1, 1)]) * (h + 1.0)
     kji = volume.lps_to_kji(c + corners @ A)
     lo = np.maximum(np.floor(kji.min(axis=0)).astype(int), 0)
     hi = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 1, np.array(hu.shape))
     if np.any(hi <= lo):
-        return np.empty((0, 3))
+        return []
     sub = hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     kk, jj, ii = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
     lps = volume.kji_to_lps(np.stack([kk, jj, ii], axis=-1).reshape(-1, 3)).reshape(sub.shape + (3,))
@@ -1246,8 +1261,9 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
     mask = inside & (sub >= PIN_DETECT_HU)
     lab, n_lab = ndimage.label(mask)
     step = min(0.05, 0.2 * float(volume.spacing_mm.min()))
-    n = int((h[0] + PIN_RAY_OUT_MM) / step) + 1
-    pins, one_end = [], []
+    ray_mm = float(h[0]) + PIN_RAY_OUT_MM
+    n = int(ray_mm / step) + 1
+    out = []
     for k in range(1, n_lab + 1):
         m = lab == k
         if m.sum() < 2:
@@ -1258,14 +1274,37 @@ def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Confi
         ends = {}
         for sg in (1.0, -1.0):
             oo = sg * A[0]
-            start = cl + (h[0] + PIN_RAY_OUT_MM) * oo
+            start = cl + ray_mm * oo
             edge = _metal_edges(hu, volume.lps_to_kji(start[None]), volume.direction_lps_to_kji(-oo)[None],
-                                step, n, PIN_DETECT_HU)
-            if np.isfinite(edge[0]):
-                ends[sg] = start - edge[0] * oo
-        if len(ends) == 2:
+                                step, n, PIN_DETECT_HU, clip_mm=ray_mm)
+            ends[sg] = start - edge[0] * oo if np.isfinite(edge[0]) else None
+        out.append(ends)
+    return out
+
+
+def _face_points_peek(volume, hu, cage: CageGeometry, sign: float, config: Config):
+    """Points on one bearing face of a PEEK cage from its tantalum marker pins
+    (:func:`marker_pin_ends`).
+
+    The pins run from ``peek_marker_inset_mm`` inside one face to the same inset inside
+    the other. Where both ends of a pin are found, the face point is put the cage's half
+    height from the pin's measured centre: a thin saturated pin's ends read off by the blur
+    along the slice axis, alike at both ends, and by where each end falls within a slice;
+    the centre cancels the first and averages the second. The half height is the cage
+    box's, unless the box is shorter than its own pins: the shortest pin's measured half
+    length plus the inset is a floor for the half height (a pin's end reads 0.07 mm long
+    on average on 0.8x0.8x1.5 mm phantoms, -0.25 to +0.46 mm with the slice phase). (A
+    detected PEEK box is only as tall as the detector read the pins: 0.6 mm short on the
+    0.6x0.6x1.2 mm demo study, which read its cages 0.5-0.6 mm shallow.) With one end
+    only, the face point is that end plus the inset.
+    """
+    h = np.asarray(cage.half_sizes_mm)
+    o = sign * np.asarray(cage.axes)[0]
+    pins, one_end = [], []
+    for ends in marker_pin_ends(volume, hu, cage):
+        if ends[1.0] is not None and ends[-1.0] is not None:
             pins.append((0.5 * (ends[1.0] + ends[-1.0]), 0.5 * float(np.linalg.norm(ends[1.0] - ends[-1.0]))))
-        elif sign in ends:
+        elif ends[sign] is not None:
             one_end.append(ends[sign])
     faces = []
     if pins:
