@@ -1159,7 +1159,8 @@ def fit_endplate_rim(volume: Volume, hu: np.ndarray, vert: Vertebra, prior: Plan
     return Plane(c_proj + coef[0] * n0, normal), surf
 
 
-def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu, clip_mm: float | None = None) -> np.ndarray:
+def _metal_edges(hu, origins_kji, dirs_kji, step, n, detect_hu,
+                 clip_mm: float | None = None) -> np.ndarray:
     """Edge of metal reached from outside (mm along the ray): the crossing of the level
     ``SATURATED_EDGE_FRACTION`` (metal clipped at the top of the data range) or one half
     (unclipped) of the way from the surround to the metal's plateau.
@@ -1229,9 +1230,10 @@ def marker_pin_ends(volume: Volume, hu: np.ndarray, cage: CageGeometry) -> list[
 
     Whether the pin is clipped at the top of the data range is judged over the whole ray up
     to the pin's centre (``clip_mm`` of :func:`_metal_edges`), not just the first 2 mm past
-    the detection level. Why: a pin is thin (1 mm), so on thick slices the slice just beyond its end can be
-    bright but unclipped (2000-2900 HU on 0.8x0.8x1.5 mm phantoms) and the interpolated
-    profile can take more than 2 mm (up to two slices) to reach the clipped plateau. Within
+    the detection level. Why: a pin is thin (1 mm), so on thick slices the slice just beyond
+    its end can be bright but unclipped (2000-2900 HU on 0.8x0.8x1.5 mm phantoms) and the
+    interpolated profile can take more than 2 mm (up to two slices) to reach the clipped
+    plateau. Within
     2 mm its peak then read below the clip, the end was taken at half-way to that peak
     instead of the clipped-edge level, and the pin read 0.6-1.15 mm long at that end
     (seed 27's L3-L4 cage read 0.63-0.76 mm too deep). Read over the pin, every pin end of
