@@ -23,6 +23,10 @@ def _quiet_prefect(debug: bool) -> None:
     # The embedded server takes seconds to start, more on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "DEBUG" if debug else "CRITICAL")
+    # the embedded server's services log under prefect.server at this level (WARNING by
+    # default, apart from PREFECT_LOGGING_LEVEL): shutting it down mid-flush after a refused
+    # input printed a 60-line traceback after the one error line
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING" if debug else "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "fusionct" / "numba"))
 

@@ -37,3 +37,32 @@ def test_refusal_is_one_stderr_line_even_when_prefect_services_warn_at_exit(tmp_
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("fusionct: cannot analyze") and "no DICOM files" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+SERVER_SCRIPT = """
+import logging, sys
+from flows.cli import main
+rc = main(["analyze", sys.argv[1], "-o", sys.argv[2]])
+logging.getLogger("prefect.server.services.task_run_recorder").error(
+    "Error flushing 1 events (1 to retry, 0 dropped)")
+sys.exit(rc)
+"""
+
+
+def test_refusal_is_one_stderr_line_when_the_embedded_server_logs_at_shutdown(tmp_path):
+    """The embedded Prefect server's services log under ``prefect.server`` at the level of
+    ``PREFECT_SERVER_LOGGING_LEVEL`` (WARNING by default), not ``PREFECT_LOGGING_LEVEL``: a
+    truncated DICOM file once printed the one error line and then the task-run recorder's
+    60-line "Error flushing 1 events" traceback as the server shut down (one run in four)."""
+    folder = tmp_path / "not dicom"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a DICOM file")
+    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", "/tmp/numba_cache"))
+    env.pop("PREFECT_SERVER_LOGGING_LEVEL", None)
+    run = subprocess.run([sys.executable, "-c", SERVER_SCRIPT, str(folder), str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert run.returncode == 2, run.stderr
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("fusionct: cannot analyze")
+    assert not (tmp_path / "out").exists()
