@@ -25,18 +25,26 @@ sys.exit(rc)
 """
 
 
-def test_refusal_is_one_stderr_line_even_when_prefect_services_warn_at_exit(tmp_path):
+def _refuse_not_dicom(tmp_path, script: str) -> list[str]:
+    """Run ``script`` (it calls the CLI on a folder without DICOM) in a fresh process with
+    the user's environment less ``PREFECT_SERVER_LOGGING_LEVEL``; check the refusal (exit 2,
+    no output folder) and return its non-empty stderr lines."""
     folder = tmp_path / "not dicom"
     folder.mkdir()
     (folder / "notes.txt").write_text("not a DICOM file")
     env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", "/tmp/numba_cache"))
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(tmp_path / "out")],
+    env.pop("PREFECT_SERVER_LOGGING_LEVEL", None)
+    run = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert run.returncode == 2, run.stderr
-    assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("fusionct: cannot analyze") and "no DICOM files" in lines[0]
     assert not (tmp_path / "out").exists()
+    return [ln for ln in run.stderr.splitlines() if ln.strip()]
+
+
+def test_refusal_is_one_stderr_line_even_when_prefect_services_warn_at_exit(tmp_path):
+    lines = _refuse_not_dicom(tmp_path, SCRIPT)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("fusionct: cannot analyze") and "no DICOM files" in lines[0]
 
 
 SERVER_SCRIPT = """
@@ -54,15 +62,6 @@ def test_refusal_is_one_stderr_line_when_the_embedded_server_logs_at_shutdown(tm
     ``PREFECT_SERVER_LOGGING_LEVEL`` (WARNING by default), not ``PREFECT_LOGGING_LEVEL``: a
     truncated DICOM file once printed the one error line and then the task-run recorder's
     60-line "Error flushing 1 events" traceback as the server shut down (one run in four)."""
-    folder = tmp_path / "not dicom"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("not a DICOM file")
-    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", "/tmp/numba_cache"))
-    env.pop("PREFECT_SERVER_LOGGING_LEVEL", None)
-    run = subprocess.run([sys.executable, "-c", SERVER_SCRIPT, str(folder), str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
-    assert run.returncode == 2, run.stderr
-    assert len(lines) == 1, run.stderr
+    lines = _refuse_not_dicom(tmp_path, SERVER_SCRIPT)
+    assert len(lines) == 1, lines
     assert lines[0].startswith("fusionct: cannot analyze")
-    assert not (tmp_path / "out").exists()
