@@ -936,17 +936,22 @@ def _endplate_for(cage: CageGeometry, anatomy: Anatomy, superior: bool):
     return level, vert, (vert.inferior_endplate if superior else vert.superior_endplate)
 
 
+def _footprint_excess(points: np.ndarray, cage: CageGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """How far (mm) points lie beyond a cage's footprint rectangle along its axes[1] and
+    axes[2]: ``|u| - half_u``, ``|v| - half_v`` (negative inside)."""
+    rel = points - np.asarray(cage.centroid_lps_mm)
+    h = cage.half_sizes_mm
+    return (np.abs(rel @ np.asarray(cage.axes[1])) - h[1],
+            np.abs(rel @ np.asarray(cage.axes[2])) - h[2])
+
+
 def _footprint_distance(points: np.ndarray, cages) -> np.ndarray:
     """Distance (mm) in the cages' own (axes[1], axes[2]) plane from points to the nearest
     cage footprint rectangle (0 inside)."""
     out = np.full(len(points), np.inf)
     for cg in cages:
-        rel = points - np.asarray(cg.centroid_lps_mm)
-        a1, a2 = np.asarray(cg.axes[1]), np.asarray(cg.axes[2])
-        h = cg.half_sizes_mm
-        du = np.maximum(np.abs(rel @ a1) - h[1], 0.0)
-        dv = np.maximum(np.abs(rel @ a2) - h[2], 0.0)
-        out = np.minimum(out, np.hypot(du, dv))
+        du, dv = _footprint_excess(points, cg)
+        out = np.minimum(out, np.hypot(np.maximum(du, 0.0), np.maximum(dv, 0.0)))
     return out
 
 
@@ -1549,13 +1554,9 @@ def _rim_off_bodies(volume: Volume, pts: np.ndarray, n: np.ndarray, up: Vertebra
 
 def _cage_box_distance(points: np.ndarray, cage: CageGeometry) -> np.ndarray:
     """In-plane distance (mm) of points from a cage's footprint, as the cage margins measure
-    it: ``max(|u| - half_u, |v| - half_v)`` along the cage's axes[1] and axes[2] (negative
-    inside the footprint; a margin ``m`` is the set where it is at most ``m``)."""
-    rel = points - np.asarray(cage.centroid_lps_mm)
-    h = cage.half_sizes_mm
-    du = np.abs(rel @ np.asarray(cage.axes[1])) - h[1]
-    dv = np.abs(rel @ np.asarray(cage.axes[2])) - h[2]
-    return np.maximum(du, dv)
+    it: the larger of the two :func:`_footprint_excess` (negative inside the footprint; a
+    margin ``m`` is the set where it is at most ``m``)."""
+    return np.maximum(*_footprint_excess(points, cage))
 
 
 def _cage_midline(dist_mm: np.ndarray, step_mm: float, min_mm: float) -> np.ndarray:
