@@ -1239,10 +1239,9 @@ def marker_pin_ends(volume: Volume, hu: np.ndarray, cage: CageGeometry) -> list[
     the detection level. Why: a pin is thin (1 mm), so on thick slices the slice just beyond
     its end can be bright but unclipped (2000-2900 HU on 0.8x0.8x1.5 mm phantoms) and the
     interpolated profile can take more than 2 mm (up to two slices) to reach the clipped
-    plateau. Within
-    2 mm its peak then read below the clip, the end was taken at half-way to that peak
-    instead of the clipped-edge level, and the pin read 0.6-1.15 mm long at that end
-    (seed 27's L3-L4 cage read 0.63-0.76 mm too deep). Read over the pin, every pin end of
+    plateau. Within 2 mm its peak then read below the clip, the end was taken at half-way
+    to that peak instead of the clipped-edge level, and the pin read 0.6-1.15 mm long at
+    that end (seed 27's L3-L4 cage read 0.63-0.76 mm too deep). Read over the pin, every pin end of
     the development phantoms (seeds 0-35) at that spacing is within -0.25..+0.46 mm of the
     true end (what remains depends on where the end falls within a slice).
 
