@@ -450,11 +450,13 @@ def find_screws(volume: Volume, config: Config, vertebrae,
         for side in ("left", "right"):
             if side in found:
                 tr = found[side][1]
-                diameter = catalogue_diameter(2.0 * tr["radius"], config.screw_diameter_sizes_mm,
+                traced = 2.0 * float(tr["radius"])
+                diameter = catalogue_diameter(traced, config.screw_diameter_sizes_mm,
                                               config.screw_diameter_snap_mm)
                 screws.append(ScrewGeometry(id=f"{v.name}-{side}", head_lps_mm=tr["head"],
                                             tip_lps_mm=tr["tip"], diameter_mm=diameter,
-                                            vertebra=v.name, side=side))
+                                            vertebra=v.name, side=side,
+                                            traced_diameter_mm=traced if diameter != traced else None))
     return screws
 
 

@@ -866,7 +866,8 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
         length_mm=screw.length_mm, diameter_mm=float(screw.diameter_mm),
         halo_mean_mm=max(mean, 0.0), halo_max_mm=max(p95, 0.0), halo_coverage=cov,
         loosening=bool(n_used > 0 and cov >= crit.halo_coverage_for_loosening),
-        double_halo=double, rays_used=n_used, rays_excluded=int(len(w) - n_used))
+        double_halo=double, rays_used=n_used, rays_excluded=int(len(w) - n_used),
+        traced_diameter_mm=screw.traced_diameter_mm)
     ev = ScrewEvidence(id=screw.id, widths_mm=w.reshape(rays.shape),
                        station_lps_mm=rays.stations_lps, azimuth_dirs=rays.dirs_lps,
                        true_radius_mm=rays.radius_mm)

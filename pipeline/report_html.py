@@ -237,6 +237,15 @@ def level_table(result: StudyResult) -> str:
     return f'<table id="levels">{head}{"".join(rows)}</table>{extra}'
 
 
+def diameter_summary(s) -> str:
+    """The shaft diameter the halo was measured from, and where it came from: a catalogue
+    size taken for a traced diameter within the snap tolerance says so, with the traced
+    value, so a reviewer can check it against the implant record."""
+    if s.traced_diameter_mm is None:
+        return fmt_mm(s.diameter_mm)
+    return f"{fmt_mm(s.diameter_mm)} (catalogue size; traced {s.traced_diameter_mm:.2f} mm)"
+
+
 def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -> str:
     """One block per screw, cage and level with its value, its images and its status."""
     out = ["<h2>Screws</h2>"]
@@ -254,7 +263,7 @@ def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -
             mig += f"<br>Halo change since prior: {fmt_mm(s.halo_change_mm)}."
         out.append(f'<div class="finding" id="{esc(key)}"><b>{esc(screw_summary(s))}</b> '
                    f"{_badge(result.status)}<br>Length {fmt_mm(s.length_mm)}, diameter "
-                   f"{fmt_mm(s.diameter_mm)}.{breach}{excl}{mig}<br>{figs or '<i>no image</i>'}</div>")
+                   f"{esc(diameter_summary(s))}.{breach}{excl}{mig}<br>{figs or '<i>no image</i>'}</div>")
     if not result.screws:
         out.append("<p>No screws found.</p>")
     out.append("<h2>Cages</h2>")

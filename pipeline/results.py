@@ -104,7 +104,11 @@ class DiscLevel:
 
 @dataclass(frozen=True)
 class ScrewGeometry:
-    """One pedicle screw shaft as detected: head (posterior end where it leaves bone), tip."""
+    """One pedicle screw shaft as detected: head (posterior end where it leaves bone), tip.
+
+    ``traced_diameter_mm`` is the diameter traced from the image when the nearest catalogue
+    size was taken as ``diameter_mm`` instead (``pipeline.hardware.catalogue_diameter``);
+    None when ``diameter_mm`` is itself the traced (or given) diameter."""
 
     id: str
     head_lps_mm: Vec3
@@ -112,6 +116,7 @@ class ScrewGeometry:
     diameter_mm: float
     vertebra: str | None = None
     side: Literal["left", "right"] | None = None
+    traced_diameter_mm: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "head_lps_mm", vec3(self.head_lps_mm))
@@ -202,6 +207,8 @@ class ScrewMeasurement:
     breach_mm: float | None = None
     breach_grade: Literal["A", "B", "C", "D", "E"] | None = None
     breach_direction: str | None = None
+    # the diameter traced from the image when the catalogue size was taken (ScrewGeometry)
+    traced_diameter_mm: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "head_lps_mm", vec3(self.head_lps_mm))

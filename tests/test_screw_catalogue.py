@@ -74,3 +74,34 @@ def test_halo_free_and_thin_halo_screws_not_called_loose_on_detected_geometry(co
     for t in truth["screws"]:
         assert got[t["id"]].loosening == t["loosening"], t["id"]
         assert abs(got[t["id"]].halo_coverage - t["halo_coverage"]) <= 0.35, t["id"]
+
+
+def test_catalogue_diameter_is_reported_with_the_traced_one(coarse_seed6):
+    """A reviewer must see that the diameter the halo was read from is a catalogue size,
+    and what was traced, to check it against the implant record: the detected geometry
+    keeps the traced diameter, the measurement carries it into measurements.json (valid
+    against the contract's schema, read back unchanged) and report.html says so. Without a
+    catalogue the field stays empty."""
+    from pipeline.report_html import diameter_summary
+    from pipeline.report_json import build_measurements, result_from_measurements, validate_measurements
+    from pipeline.results import StudyResult
+
+    vol, truth = coarse_seed6
+    true_d = {s["id"]: s["diameter_mm"] for s in truth["screws"]}
+    an = detect(vol, Config())
+    traced = {s.id: s.diameter_mm for s in detect(vol, Config(screw_diameter_sizes_mm=())).screws}
+    for s in an.screws:
+        assert s.traced_diameter_mm == pytest.approx(traced[s.id])
+    screws, cages, levels, _ = measure_study(vol, an, Config())
+    for m in screws:
+        assert m.diameter_mm == true_d[m.id]
+        assert m.traced_diameter_mm == pytest.approx(traced[m.id])
+        assert diameter_summary(m) == (f"{m.diameter_mm:.1f} mm (catalogue size; traced "
+                                       f"{traced[m.id]:.2f} mm)")
+    result = StudyResult(tuple(screws), tuple(cages), tuple(levels), input={},
+                         criteria=Config().criteria.to_json())
+    doc = build_measurements(result, vol)
+    validate_measurements(doc)
+    back = result_from_measurements(doc)
+    assert [s.traced_diameter_mm for s in back.screws] == pytest.approx([s.traced_diameter_mm for s in screws])
+    assert all(s.traced_diameter_mm is None for s in detect(vol, Config(screw_diameter_sizes_mm=())).screws)
