@@ -1457,11 +1457,8 @@ def _plane_in_volume(volume: Volume, point, normal, semi_mm=(0.0, 0.0), margin_m
 
 def _plane_hit(plane: Plane, origin, direction) -> np.ndarray:
     """Where the line ``origin + t * direction`` meets the plane."""
-    n = np.asarray(plane.normal)
-    p0 = np.asarray(plane.point_lps_mm)
     d = np.asarray(direction, float)
-    t = ((p0 - origin) @ n) / (d @ n)
-    return origin + t * d
+    return origin + plane.line_parameter(origin, d) * d
 
 
 def disc_levels(vertebrae: list[Vertebra]) -> list[DiscLevel]:

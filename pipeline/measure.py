@@ -1474,15 +1474,6 @@ def measure_cage(volume: Volume, cage: CageGeometry, anatomy: Anatomy,
 
 
 # ============================================================================ bridging
-def _plane_hit(p: np.ndarray, n: np.ndarray, plane: Plane) -> np.ndarray:
-    """Parameter t where p + t*n meets the plane (per point)."""
-    nn = np.asarray(plane.normal)
-    denom = float(n @ nn)
-    if abs(denom) < 1e-6:
-        denom = 1e-6
-    return ((np.asarray(plane.point_lps_mm) - p) @ nn) / denom
-
-
 def _endplate_centre(v: Vertebra, plane: Plane) -> np.ndarray:
     """Where a body's axis meets one of its endplate planes: the centre of its outline there
     (the plane's own point when the axis runs along the plane)."""
@@ -1490,7 +1481,7 @@ def _endplate_centre(v: Vertebra, plane: Plane) -> np.ndarray:
     d = np.asarray(v.axis_si, float)
     if abs(float(d @ np.asarray(plane.normal))) < 1e-6:
         return np.asarray(plane.point_lps_mm, float)
-    return p + float(_plane_hit(p, d, plane)) * d
+    return p + float(plane.line_parameter(p, d)) * d
 
 
 def _outline_centre(level: DiscLevel, up: Vertebra | None, lo: Vertebra | None) -> np.ndarray:
@@ -1520,7 +1511,7 @@ def _endplate_level_hu(volume: Volume, pts: np.ndarray, n: np.ndarray, up: Verte
     hu = _hu(volume)
     level = np.zeros(len(pts))
     for plane, sign in ((up.inferior_endplate, 1.0), (lo.superior_endplate, -1.0)):
-        t = _plane_hit(pts, n, plane)[:, None] + sign * s[None, :]
+        t = plane.line_parameter(pts, n)[:, None] + sign * s[None, :]
         q = pts[:, None, :] + t[..., None] * n
         vals = sample_points(hu, np.ascontiguousarray(volume.lps_to_kji(q.reshape(-1, 3))))
         level += 0.5 * vals.reshape(t.shape).max(axis=1)
@@ -1655,8 +1646,8 @@ def measure_level(volume: Volume, level: DiscLevel, anatomy: Anatomy,
     estimated = np.zeros(len(pts), bool)
     if readable.any() and up is not None and lo is not None:
         p = pts[readable]
-        t_lo = _plane_hit(p, n, lo.superior_endplate) + BRIDGE_END_MARGIN_MM
-        t_up = _plane_hit(p, n, up.inferior_endplate) - BRIDGE_END_MARGIN_MM
+        t_lo = lo.superior_endplate.line_parameter(p, n) + BRIDGE_END_MARGIN_MM
+        t_up = up.inferior_endplate.line_parameter(p, n) - BRIDGE_END_MARGIN_MM
         mid = 0.5 * (t_lo + t_up)
         short = t_up - t_lo < BRIDGE_SAMPLE_MM * 2
         t_lo = np.where(short, mid - BRIDGE_SAMPLE_MM, t_lo)

@@ -59,6 +59,14 @@ class Plane:
         """Distance of points (..., 3) from the plane along its normal (positive outside)."""
         return (np.asarray(p_lps, float) - np.asarray(self.point_lps_mm)) @ np.asarray(self.normal)
 
+    def line_parameter(self, origin_lps, direction) -> np.ndarray:
+        """``t`` where the line ``origin + t * direction`` meets the plane, for points
+        (..., 3); a line within 1e-6 of parallel to the plane is taken as that close
+        (finite, far off)."""
+        denom = float(np.asarray(direction, float) @ np.asarray(self.normal))
+        denom = math.copysign(max(abs(denom), 1e-6), denom)
+        return -self.signed_distance_mm(origin_lps) / denom
+
 
 @dataclass(frozen=True)
 class Vertebra:
