@@ -348,6 +348,7 @@ def build_result(volume: Volume, anatomy: Anatomy, screws, cages, levels, config
     """Gather measurements into the one object every writer reads; alignment (lordosis,
     disc height, adjacent segments) comes from the endplates detection fitted."""
     from pipeline.alignment import annotate_levels
+    from pipeline.borderline import borderline_notes
 
     levels = annotate_levels(levels, anatomy)
     meta = volume.meta
@@ -363,6 +364,8 @@ def build_result(volume: Volume, anatomy: Anatomy, screws, cages, levels, config
     notes = list(anatomy.notes) + list(extra_notes)
     if not anatomy.screws and not anatomy.cages:
         notes.append("No spinal hardware found in this study.")
+    else:
+        notes += borderline_notes(screws, cages, levels, config.criteria, volume.spacing_mm)
     extras = {"software_version": __version__}
     if baseline is not None:
         extras["baseline"] = baseline

@@ -1,0 +1,90 @@
+"""Calls near their cut: which findings the surgeon should check on the images first.
+
+Every call fusionct proposes is a threshold on a measured number (CONTRACT.md): loosening
+on the halo coverage (0.5), the subsidence grade on each endplate's depth (2 and 4 mm),
+the fusion class on the bridging fraction (0.1 and 0.5). A number closer to its cut than
+the measurement's own error can fall on either side of it: on the phantoms a screw whose
+halo covers exactly half of its shaft read coverage 0.37-0.69 (5th-95th percentile) at
+0.8x0.8x1.5 mm, so its call was a coin toss. Such a call is not wrong, but it is not
+evidence either; the report says so, and says when the voxels are coarser than any the
+accuracy was measured at.
+
+The margins are the 90th percentile of the absolute error measured against phantom ground
+truth on detected geometry, rounded to two decimals (README "Accuracy": seeds 0-47 of both
+phantom sets, 25 HU noise, streaks and blooming, ``python -m benchmarks.accuracy
+--detected``), by the study's coarsest voxel extent. There, 75-82 % of the wrong loosening
+calls lay inside the coverage band, and outside it 98 % of the calls were right (wrong:
+2.2-2.4 % of unflagged screws at each spacing, 26-45 % of flagged ones).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import Criteria
+
+
+@dataclass(frozen=True)
+class MeasuredError:
+    """90th-percentile absolute errors of one spacing class (see module docstring)."""
+
+    voxel_up_to_mm: float   # coarsest voxel extent this row was measured at
+    coverage: float         # halo_coverage
+    subsidence_mm: float    # per endplate
+    bridging: float         # bridging_fraction
+
+
+MEASURED_ERRORS = (
+    MeasuredError(0.6, 0.07, 0.22, 0.03),   # 0.35x0.35x0.6 mm
+    MeasuredError(1.0, 0.12, 0.23, 0.03),   # 0.5x0.5x1.0 mm
+    MeasuredError(1.5, 0.22, 0.27, 0.02),   # 0.8x0.8x1.5 mm
+)
+
+
+def measured_error(spacing_mm) -> MeasuredError | None:
+    """The measured errors for a study's voxel spacing: the row of the finest measured
+    spacing class its coarsest voxel extent fits in (5 % tolerance); None when it is
+    coarser than every measured one."""
+    coarsest = max(float(s) for s in spacing_mm)
+    for row in MEASURED_ERRORS:
+        if coarsest <= 1.05 * row.voxel_up_to_mm:
+            return row
+    return None
+
+
+def near_cut(value: float, cuts, margin: float) -> bool:
+    """Whether ``value`` lies within ``margin`` of any of the ``cuts``."""
+    return any(abs(value - c) <= margin for c in cuts)
+
+
+def borderline_notes(screws, cages, levels, criteria: Criteria, spacing_mm) -> list[str]:
+    """One note per call whose number lies within the measured error of its cut, and one
+    for voxels coarser than the accuracy was measured at (module docstring)."""
+    err = measured_error(spacing_mm)
+    if err is None:
+        coarsest = max(float(s) for s in spacing_mm)
+        return [f"Voxels up to {coarsest:.2f} mm: coarser than the "
+                f"{MEASURED_ERRORS[-1].voxel_up_to_mm:.1f} mm at which fusionct's accuracy was "
+                "measured; check every call on the images."]
+    notes = []
+    cut = criteria.halo_coverage_for_loosening
+    for s in screws:
+        if s.rays_used and near_cut(s.halo_coverage, (cut,), err.coverage):
+            notes.append(f"Screw {s.id}: loosening call borderline (halo coverage "
+                         f"{100 * s.halo_coverage:.0f} % against the {100 * cut:.0f} % cut; "
+                         f"measured coverage error up to {err.coverage:.2f} at this voxel size).")
+    for c in cages:
+        depths = {"superior": c.subsidence_superior_mm, "inferior": c.subsidence_inferior_mm}
+        close = [f"{side} {depth:.1f} mm" for side, depth in depths.items()
+                 if near_cut(depth, criteria.subsidence_grades_mm, err.subsidence_mm)]
+        if close:
+            cuts = " and ".join(f"{x:g}" for x in criteria.subsidence_grades_mm)
+            notes.append(f"Cage {c.id}: subsidence grade borderline ({', '.join(close)} against the "
+                         f"{cuts} mm cuts; measured error up to {err.subsidence_mm:.2f} mm).")
+    fusion_cuts = (criteria.bridging_partial, criteria.bridging_fused)
+    for lv in levels:
+        if near_cut(lv.bridging_fraction, fusion_cuts, err.bridging):
+            notes.append(f"Level {lv.level}: fusion class borderline (bridging "
+                         f"{100 * lv.bridging_fraction:.0f} % against the "
+                         f"{' and '.join(f'{100 * x:.0f}' for x in fusion_cuts)} % cuts; measured "
+                         f"error up to {err.bridging:.2f}).")
+    return notes

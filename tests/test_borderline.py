@@ -1,0 +1,110 @@
+"""Calls near their cut are flagged for the surgeon (pipeline.borderline).
+
+A number closer to its cut than the measurement's error can fall either side of it; the
+report says which calls those are. The margins are the measured 90th-percentile errors of
+README "Accuracy"; the phantom test below checks, on detected geometry at 0.8x0.8x1.5 mm,
+that they hold and that the wrong loosening calls are the flagged ones.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/numba_cache")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from benchmarks.accuracy import SPACINGS, uniform_set_overrides  # noqa: E402
+from pipeline.borderline import MEASURED_ERRORS, borderline_notes, measured_error  # noqa: E402
+from pipeline.config import Config, Criteria  # noqa: E402
+from pipeline.results import CageMeasurement, LevelMeasurement, ScrewMeasurement  # noqa: E402
+
+COARSE = (0.8, 0.8, 1.5)
+FINE = (0.35, 0.35, 0.6)
+
+
+def _screw(sid, coverage, rays_used=1000):
+    return ScrewMeasurement(id=sid, vertebra="L4", side="left", head_lps_mm=(0, 0, 0),
+                            tip_lps_mm=(0, 40, 0), length_mm=40.0, diameter_mm=6.5,
+                            halo_mean_mm=1.0, halo_max_mm=1.5, halo_coverage=coverage,
+                            loosening=coverage >= 0.5, rays_used=rays_used)
+
+
+def _cage(cid, superior_mm, inferior_mm):
+    grade = Criteria().subsidence_grade(max(superior_mm, inferior_mm))
+    return CageMeasurement(id=cid, level="L4-L5", material="titanium", centroid_lps_mm=(0, 0, 0),
+                           subsidence_superior_mm=superior_mm, subsidence_inferior_mm=inferior_mm,
+                           subsidence_grade=grade)
+
+
+def _level(name, fraction):
+    return LevelMeasurement(level=name, center_lps_mm=(0, 0, 0), instrumented=True,
+                            bridging_fraction=fraction, fusion=Criteria().fusion_class(fraction))
+
+
+def test_spacing_classes_follow_the_coarsest_voxel_extent():
+    assert measured_error(FINE) is MEASURED_ERRORS[0]
+    assert measured_error((0.5, 0.5, 1.0)) is MEASURED_ERRORS[1]
+    assert measured_error(COARSE) is MEASURED_ERRORS[2]
+    assert measured_error((0.78, 0.78, 3.0)) is None
+
+
+def test_calls_within_the_measured_error_of_their_cut_are_flagged():
+    screws = [_screw("A", 0.47), _screw("B", 0.25), _screw("C", 0.47, rays_used=0)]
+    cages = [_cage("cage1", 2.1, 0.4), _cage("cage2", 3.0, 0.2)]
+    levels = [_level("L4-L5", 0.51), _level("L5-S1", 0.30)]
+    notes = borderline_notes(screws, cages, levels, Criteria(), COARSE)
+    assert [n.split(":")[0] for n in notes] == ["Screw A", "Cage cage1", "Level L4-L5"]
+    assert "47 % against the 50 % cut" in notes[0]
+    assert "superior 2.1 mm" in notes[1] and "inferior" not in notes[1]
+    # the finer the voxels, the narrower the band: 0.47 still, 0.40 no longer
+    fine = borderline_notes([_screw("A", 0.47), _screw("D", 0.40)], [], [], Criteria(), FINE)
+    assert [n.split(":")[0] for n in fine] == ["Screw A"]
+
+
+def test_cuts_come_from_the_site_criteria():
+    crit = Criteria(halo_coverage_for_loosening=0.3)
+    assert borderline_notes([_screw("B", 0.25)], [], [], crit, FINE)
+    assert not borderline_notes([_screw("A", 0.47)], [], [], crit, FINE)
+
+
+def test_voxels_coarser_than_measured_get_one_note_saying_so():
+    notes = borderline_notes([_screw("A", 0.9)], [], [], Criteria(), (0.78, 0.78, 3.0))
+    assert len(notes) == 1 and "3.00 mm" in notes[0] and "check every call" in notes[0]
+
+
+@pytest.fixture(scope="module")
+def coarse_detected():
+    """(truth coverage, measured coverage, truth loosening, measured loosening) per screw;
+    detected geometry, 0.8x0.8x1.5 mm, 25 HU, streaks and blooming, seeds 0-11 of both
+    phantom sets (ground truth: sample_data)."""
+    from pipeline.detect import detect
+    from pipeline.measure import measure_study
+    from sample_data.phantom import PhantomSpec, make_phantom
+
+    rows = []
+    for seed in range(12):
+        for kw in ({}, uniform_set_overrides(seed)):
+            vol, truth = make_phantom(PhantomSpec(seed=seed, spacing_mm=SPACINGS["coarse"],
+                                                  noise_hu=25.0, streaks=True, blooming=True, **kw))
+            screws, _, _, _ = measure_study(vol, detect(vol, Config()), Config())
+            got = {s.id: s for s in screws}
+            for t in truth["screws"]:
+                m = got[t["id"]]
+                rows.append((t["halo_coverage"], m.halo_coverage, t["loosening"], m.loosening))
+    return np.array(rows, float)
+
+
+def test_coverage_margin_holds_and_the_wrong_calls_gather_inside_it(coarse_detected):
+    """At 0.8x0.8x1.5 mm the coverage margin (0.22) is the measured 90th percentile over
+    seeds 0-47; on seeds 0-11 87 % of screws read within it (at least 80 % asserted). The
+    flag must mark where the calls fail: here 15 % of flagged screws' calls are wrong
+    against 3.7 % of the others (at least 2.5x asserted, and at most 5 % outside)."""
+    cov_t, cov_m, loose_t, loose_m = coarse_detected.T
+    margin = measured_error(COARSE).coverage
+    assert np.mean(np.abs(cov_m - cov_t) <= margin) >= 0.80
+    wrong = loose_t != loose_m
+    flagged = np.abs(cov_m - Criteria().halo_coverage_for_loosening) <= margin
+    assert flagged.any() and (~flagged).any()
+    assert np.mean(wrong[~flagged]) <= 0.05, wrong[~flagged].sum()
+    assert np.mean(wrong[flagged]) >= 2.5 * np.mean(wrong[~flagged]), (wrong[flagged].sum(), flagged.sum())
