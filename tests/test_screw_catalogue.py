@@ -89,7 +89,8 @@ def test_catalogue_diameter_is_reported_with_the_traced_one(coarse_seed6):
     vol, truth = coarse_seed6
     true_d = {s["id"]: s["diameter_mm"] for s in truth["screws"]}
     an = detect(vol, Config())
-    traced = {s.id: s.diameter_mm for s in detect(vol, Config(screw_diameter_sizes_mm=())).screws}
+    as_traced = detect(vol, Config(screw_diameter_sizes_mm=())).screws
+    traced = {s.id: s.diameter_mm for s in as_traced}
     for s in an.screws:
         assert s.traced_diameter_mm == pytest.approx(traced[s.id])
     screws, cages, levels, _ = measure_study(vol, an, Config())
@@ -104,4 +105,4 @@ def test_catalogue_diameter_is_reported_with_the_traced_one(coarse_seed6):
     validate_measurements(doc)
     back = result_from_measurements(doc)
     assert [s.traced_diameter_mm for s in back.screws] == pytest.approx([s.traced_diameter_mm for s in screws])
-    assert all(s.traced_diameter_mm is None for s in detect(vol, Config(screw_diameter_sizes_mm=())).screws)
+    assert all(s.traced_diameter_mm is None for s in as_traced)
