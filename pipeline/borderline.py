@@ -56,35 +56,44 @@ def near_cut(value: float, cuts, margin: float) -> bool:
     return any(abs(value - c) <= margin for c in cuts)
 
 
-def borderline_notes(screws, cages, levels, criteria: Criteria, spacing_mm) -> list[str]:
-    """One note per call whose number lies within the measured error of its cut, and one
-    for voxels coarser than the accuracy was measured at (module docstring)."""
+def borderline_findings(screws, cages, levels, criteria: Criteria,
+                        spacing_mm) -> list[tuple[str, str, str]]:
+    """``(kind, id, note)`` for every call whose number lies within the measured error of
+    its cut (kind ``screw``, ``cage`` or ``level``), or one ``("study", "", note)`` for
+    voxels coarser than the accuracy was measured at (module docstring)."""
     err = measured_error(spacing_mm)
     if err is None:
         coarsest = max(float(s) for s in spacing_mm)
-        return [f"Voxels up to {coarsest:.2f} mm: coarser than the "
-                f"{MEASURED_ERRORS[-1].voxel_up_to_mm:.1f} mm at which fusionct's accuracy was "
-                "measured; check every call on the images."]
-    notes = []
+        return [("study", "", f"Voxels up to {coarsest:.2f} mm: coarser than the "
+                 f"{MEASURED_ERRORS[-1].voxel_up_to_mm:.1f} mm at which fusionct's accuracy was "
+                 "measured; check every call on the images.")]
+    out = []
     cut = criteria.halo_coverage_for_loosening
     for s in screws:
         if s.rays_used and near_cut(s.halo_coverage, (cut,), err.coverage):
-            notes.append(f"Screw {s.id}: loosening call borderline (halo coverage "
-                         f"{100 * s.halo_coverage:.0f} % against the {100 * cut:.0f} % cut; "
-                         f"measured coverage error up to {err.coverage:.2f} at this voxel size).")
+            out.append(("screw", s.id, f"Screw {s.id}: loosening call borderline (halo coverage "
+                        f"{100 * s.halo_coverage:.0f} % against the {100 * cut:.0f} % cut; "
+                        f"measured coverage error up to {err.coverage:.2f} at this voxel size)."))
     for c in cages:
         depths = {"superior": c.subsidence_superior_mm, "inferior": c.subsidence_inferior_mm}
         close = [f"{side} {depth:.1f} mm" for side, depth in depths.items()
                  if near_cut(depth, criteria.subsidence_grades_mm, err.subsidence_mm)]
         if close:
             cuts = " and ".join(f"{x:g}" for x in criteria.subsidence_grades_mm)
-            notes.append(f"Cage {c.id}: subsidence grade borderline ({', '.join(close)} against the "
-                         f"{cuts} mm cuts; measured error up to {err.subsidence_mm:.2f} mm).")
+            out.append(("cage", c.id, f"Cage {c.id}: subsidence grade borderline "
+                        f"({', '.join(close)} against the {cuts} mm cuts; measured error up to "
+                        f"{err.subsidence_mm:.2f} mm)."))
     fusion_cuts = (criteria.bridging_partial, criteria.bridging_fused)
     for lv in levels:
         if near_cut(lv.bridging_fraction, fusion_cuts, err.bridging):
-            notes.append(f"Level {lv.level}: fusion class borderline (bridging "
-                         f"{100 * lv.bridging_fraction:.0f} % against the "
-                         f"{' and '.join(f'{100 * x:.0f}' for x in fusion_cuts)} % cuts; measured "
-                         f"error up to {err.bridging:.2f}).")
-    return notes
+            out.append(("level", lv.level, f"Level {lv.level}: fusion class borderline (bridging "
+                        f"{100 * lv.bridging_fraction:.0f} % against the "
+                        f"{' and '.join(f'{100 * x:.0f}' for x in fusion_cuts)} % cuts; measured "
+                        f"error up to {err.bridging:.2f})."))
+    return out
+
+
+def borderline_notes(screws, cages, levels, criteria: Criteria, spacing_mm) -> list[str]:
+    """The notes of :func:`borderline_findings`, for the report's list of what the
+    analysis was unsure of."""
+    return [note for _, _, note in borderline_findings(screws, cages, levels, criteria, spacing_mm)]

@@ -58,6 +58,15 @@ class Criteria:
         d["subsidence_grades_mm"] = list(self.subsidence_grades_mm)
         return d
 
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Criteria":
+        """The criteria a results document was made with (``to_json``); keys it does not
+        know are ignored, missing ones take the defaults."""
+        known = {k: v for k, v in dict(d or {}).items() if k in cls.__dataclass_fields__}
+        if "subsidence_grades_mm" in known:
+            known["subsidence_grades_mm"] = tuple(known["subsidence_grades_mm"])
+        return cls(**known)
+
 
 @dataclass(frozen=True)
 class Config:

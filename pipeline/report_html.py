@@ -16,6 +16,8 @@ import math
 from collections.abc import Mapping
 
 from pipeline import __version__
+from pipeline.borderline import borderline_findings
+from pipeline.config import Criteria
 from pipeline.render import Figure, cage_figures, level_figure, screw_axis_figure, screw_cross_figure
 from pipeline.results import (
     CageEvidence,
@@ -145,6 +147,23 @@ def _badge(status: str) -> str:
     return f'<span class="badge {cls}">{esc(label)}</span>'
 
 
+def borderline_keys(result: StudyResult) -> set[tuple[str, str]]:
+    """``(kind, id)`` of the findings whose call lies within the measured error of its cut
+    (:mod:`pipeline.borderline`), from the study's spacing and criteria; none when the
+    spacing is not recorded."""
+    spacing = (result.input or {}).get("spacing_mm")
+    if not spacing:
+        return set()
+    found = borderline_findings(result.screws, result.cages, result.levels,
+                                Criteria.from_json(result.criteria), spacing)
+    return {(kind, ident) for kind, ident, _ in found if kind != "study"}
+
+
+def borderline_badge(keys: set, kind: str, ident: str) -> str:
+    """A "borderline" badge beside a call that could fall either side of its cut."""
+    return ' <span class="badge border">borderline</span>' if (kind, ident) in keys else ""
+
+
 def img_tag(fig: Figure, alt: str) -> str:
     data = base64.b64encode(fig.png).decode("ascii")
     return (f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
@@ -158,6 +177,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding
 vertical-align:top;text-align:left;font-size:.9em}th{background:#eee}
 .badge{font-size:.75em;padding:.1em .4em;border-radius:.3em;white-space:nowrap}
 .await{background:#fff2c2;border:1px solid #d9b200}.ok{background:#d6f5d6;border:1px solid #3a3}
+.border{background:#ffe3cc;border:1px solid #c65f00}
 .flag{color:#b00;font-weight:bold}figure{display:inline-block;margin:.4em;vertical-align:top;
 max-width:480px}figure img{max-width:480px;image-rendering:pixelated;border:1px solid #444}
 figcaption{font-size:.8em;color:#333}.finding{border:1px solid #ddd;padding:.5em;margin:.6em 0}
@@ -207,25 +227,29 @@ def level_table(result: StudyResult) -> str:
             "<th>Cages (subsidence)</th><th>Screws, upper vertebra</th>"
             "<th>Screws, lower vertebra</th><th>Alignment</th></tr>")
     rows = []
+    near = borderline_keys(result)
     for lv in result.levels:
         up, low = _vertebrae_of(lv.level)
         cages = [c for c in result.cages if c.level == lv.level]
         cage_html = "<br>".join(
             (f'<span class="flag">{esc(cage_summary(c))}</span>' if c.subsidence_grade != "none"
-             else esc(cage_summary(c))) + " " + _badge(result.status) for c in cages) or "–"
+             else esc(cage_summary(c))) + " " + _badge(result.status)
+            + borderline_badge(near, "cage", c.id) for c in cages) or "–"
 
         def screws_of(v):
             ss = [s for s in result.screws if s.vertebra == v]
             return "<br>".join(
                 (f'<span class="flag">{esc(screw_summary(s))}</span>' if s.loosening
-                 else esc(screw_summary(s))) + " " + _badge(result.status) for s in ss) or "–"
+                 else esc(screw_summary(s))) + " " + _badge(result.status)
+                + borderline_badge(near, "screw", s.id) for s in ss) or "–"
 
         fusion = esc(lv.fusion.replace("_", " "))
         if lv.fusion != "fused":
             fusion = f'<span class="flag">{fusion}</span>'
+        fusion += " " + _badge(result.status) + borderline_badge(near, "level", lv.level)
         rows.append(
             f'<tr id="row-{esc(lv.level)}"><td>{esc(lv.level)}</td><td>{"yes" if lv.instrumented else "no"}</td>'
-            f"<td>{fmt_frac(lv.bridging_fraction)}</td><td>{fusion} {_badge(result.status)}</td>"
+            f"<td>{fmt_frac(lv.bridging_fraction)}</td><td>{fusion}</td>"
             f"<td>{cage_html}</td><td>{screws_of(up)}</td><td>{screws_of(low)}</td>"
             f"<td>{esc(alignment_summary(lv)) or '–'}</td></tr>")
     listed = {v for lv in result.levels for v in _vertebrae_of(lv.level)}
@@ -249,6 +273,7 @@ def diameter_summary(s) -> str:
 def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -> str:
     """One block per screw, cage and level with its value, its images and its status."""
     out = ["<h2>Screws</h2>"]
+    near = borderline_keys(result)
     for s in result.screws:
         key = finding_key("screw", s.id)
         figs = "".join(img_tag(f, f"screw {s.id}") for f in figures.get(key, []))
@@ -262,7 +287,8 @@ def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -
         if s.halo_change_mm is not None:
             mig += f"<br>Halo change since prior: {fmt_mm(s.halo_change_mm)}."
         out.append(f'<div class="finding" id="{esc(key)}"><b>{esc(screw_summary(s))}</b> '
-                   f"{_badge(result.status)}<br>Length {fmt_mm(s.length_mm)}, diameter "
+                   f"{_badge(result.status)}{borderline_badge(near, 'screw', s.id)}<br>Length "
+                   f"{fmt_mm(s.length_mm)}, diameter "
                    f"{esc(diameter_summary(s))}.{breach}{excl}{mig}<br>{figs or '<i>no image</i>'}</div>")
     if not result.screws:
         out.append("<p>No screws found.</p>")
@@ -273,7 +299,8 @@ def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -
         chg = (f"<br>Change since prior: {fmt_mm(c.subsidence_change_mm)}."
                if c.subsidence_change_mm is not None else "")
         out.append(f'<div class="finding" id="{esc(key)}"><b>{esc(c.level or "?")}: '
-                   f"{esc(cage_summary(c))}</b> {_badge(result.status)}{chg}<br>"
+                   f"{esc(cage_summary(c))}</b> {_badge(result.status)}"
+                   f"{borderline_badge(near, 'cage', c.id)}{chg}<br>"
                    f"{figs or '<i>no image</i>'}</div>")
     if not result.cages:
         out.append("<p>No cages found.</p>")
@@ -283,7 +310,8 @@ def finding_sections(result: StudyResult, figures: Mapping[str, list[Figure]]) -
         figs = "".join(img_tag(f, f"level {lv.level}") for f in figures.get(key, []))
         align = alignment_summary(lv)
         out.append(f'<div class="finding" id="{esc(key)}"><b>{esc(lv.level)}: '
-                   f"{esc(level_summary(lv))}</b> {_badge(result.status)}<br>"
+                   f"{esc(level_summary(lv))}</b> {_badge(result.status)}"
+                   f"{borderline_badge(near, 'level', lv.level)}<br>"
                    f"{esc(align) + '.<br>' if align else ''}{figs or '<i>no image</i>'}</div>")
     out.append(fracture_section(result))
     return "".join(out)

@@ -61,7 +61,7 @@ from pipeline.outputs import (
     load_evidence_index,
     load_figures,
 )
-from pipeline.report_html import CSS, esc, finding_key, img_tag
+from pipeline.report_html import CSS, borderline_badge, borderline_keys, esc, finding_key, img_tag
 from pipeline.report_json import result_from_measurements
 
 log = logging.getLogger("fusionct.review")
@@ -223,19 +223,11 @@ def derive_class(kind: str, value: float, original_class: str, criteria: Criteri
     return original_class
 
 
-def _criteria_of(doc: dict) -> Criteria:
-    c = dict(doc.get("criteria") or {})
-    known = {k: v for k, v in c.items() if k in Criteria.__dataclass_fields__}
-    if "subsidence_grades_mm" in known:
-        known["subsidence_grades_mm"] = tuple(known["subsidence_grades_mm"])
-    return Criteria(**known)
-
-
 def corrected_result(doc: dict, decisions: list[dict]):
     """The StudyResult the verified SR reports: corrections applied, rejected findings
     removed. Returns ``(result, any_rejected)``."""
     result = result_from_measurements(doc)
-    crit = _criteria_of(doc)
+    crit = Criteria.from_json(doc.get("criteria"))
     by_key = {(d["kind"], d["id"]): d for d in decisions}
     rejected = False
 
@@ -436,6 +428,7 @@ def render_page(doc: dict, figures: dict, token: str, form: dict | None = None,
         err = ('<div id="problems" style="border:2px solid #b00;padding:.5em"><b>Not signed:</b><ul>'
                + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul></div>")
     blocks = []
+    near = borderline_keys(result_from_measurements(doc))
     for n, f in enumerate(findings):
         figs = "".join(img_tag(fig, f["title"]) for fig in figures.get(f["key"], []))
         chosen = form.get(f"d{n}", "")
@@ -449,7 +442,8 @@ def render_page(doc: dict, figures: dict, token: str, form: dict | None = None,
         ov = f["original_value"]
         blocks.append(
             f'<div class="finding" id="finding-{n}" data-key="{esc(f["key"])}">'
-            f'<b>{esc(f["title"])}</b>: {esc(f["summary"])} <span class="badge await">awaiting confirmation</span><br>'
+            f'<b>{esc(f["title"])}</b>: {esc(f["summary"])} <span class="badge await">awaiting confirmation</span>'
+            + borderline_badge(near, f["kind"], f["id"]) + "<br>"
             f"{figs}<div>{radios}</div>"
             f'<div id="corr{n}">Corrected {esc(f["quantity"])} ({esc(f["unit"])}, was '
             f'{esc(round(ov, 3) if isinstance(ov, float) else ov)}): '

@@ -108,3 +108,28 @@ def test_coverage_margin_holds_and_the_wrong_calls_gather_inside_it(coarse_detec
     assert flagged.any() and (~flagged).any()
     assert np.mean(wrong[~flagged]) <= 0.05, wrong[~flagged].sum()
     assert np.mean(wrong[flagged]) >= 2.5 * np.mean(wrong[~flagged]), (wrong[flagged].sum(), flagged.sum())
+
+
+def test_report_and_review_page_badge_the_borderline_findings():
+    """The badge stands beside the call where the surgeon reads and confirms it: in the
+    report's per-level table and finding blocks, and on the review page."""
+    from pipeline.report_html import finding_sections, level_table
+    from pipeline.report_json import build_measurements
+    from pipeline.results import StudyResult
+    from pipeline.review import render_page
+
+    result = StudyResult(screws=(_screw("L4-left", 0.47), _screw("L4-right", 0.25)), cages=(),
+                         levels=(_level("L4-L5", 0.51),),
+                         input={"spacing_mm": list(COARSE), "shape": [64, 64, 40]},
+                         criteria=Criteria().to_json())
+    badge = '<span class="badge border">borderline</span>'
+    for html in (level_table(result), finding_sections(result, {})):
+        assert html.count(badge) == 2
+        assert badge not in html.split("L4-right")[1].split("<br>")[0]
+    page = render_page(build_measurements(result), {}, token="t")
+    blocks = {b.split('"')[0]: b for b in page.split('data-key="')[1:]}
+    assert badge in blocks["screw:L4-left"] and badge in blocks["level:L4-L5"]
+    assert badge not in blocks["screw:L4-right"]
+    # without a recorded spacing nothing is badged (the margins depend on it)
+    assert badge not in level_table(StudyResult(result.screws, (), result.levels, input={},
+                                                criteria=Criteria().to_json()))
