@@ -119,8 +119,6 @@ def load_config(path: str | Path | None) -> Config:
     bad = sorted(set(data) - known) + sorted(f"criteria.{k}" for k in set(crit_data) - known_crit)
     if bad:
         raise InputError(path, f"unknown config setting(s): {', '.join(bad)}")
-    if "subsidence_grades_mm" in crit_data:
-        crit_data["subsidence_grades_mm"] = tuple(crit_data["subsidence_grades_mm"])
     if "screw_diameter_sizes_mm" in data:
         data["screw_diameter_sizes_mm"] = tuple(float(x) for x in data["screw_diameter_sizes_mm"])
-    return replace(Config(), criteria=replace(Criteria(), **crit_data), **data)
+    return replace(Config(), criteria=Criteria.from_json(crit_data), **data)
