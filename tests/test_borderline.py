@@ -15,7 +15,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from benchmarks.accuracy import SPACINGS, uniform_set_overrides  # noqa: E402
-from pipeline.borderline import MEASURED_ERRORS, borderline_notes, measured_error  # noqa: E402
+from pipeline.borderline import (  # noqa: E402
+    MEASURED_ERRORS,
+    borderline_notes,
+    measured_error,
+    no_reference_screw_note,
+)
 from pipeline.config import Config, Criteria  # noqa: E402
 from pipeline.results import CageMeasurement, LevelMeasurement, ScrewMeasurement  # noqa: E402
 
@@ -23,10 +28,10 @@ COARSE = (0.8, 0.8, 1.5)
 FINE = (0.35, 0.35, 0.6)
 
 
-def _screw(sid, coverage, rays_used=1000):
+def _screw(sid, coverage, rays_used=1000, mean_mm=1.0):
     return ScrewMeasurement(id=sid, vertebra="L4", side="left", head_lps_mm=(0, 0, 0),
                             tip_lps_mm=(0, 40, 0), length_mm=40.0, diameter_mm=6.5,
-                            halo_mean_mm=1.0, halo_max_mm=1.5, halo_coverage=coverage,
+                            halo_mean_mm=mean_mm, halo_max_mm=1.5 * mean_mm, halo_coverage=coverage,
                             loosening=coverage >= 0.5, rays_used=rays_used)
 
 
@@ -50,7 +55,9 @@ def test_spacing_classes_follow_the_coarsest_voxel_extent():
 
 
 def test_calls_within_the_measured_error_of_their_cut_are_flagged():
-    screws = [_screw("A", 0.47), _screw("B", 0.25), _screw("C", 0.47, rays_used=0)]
+    # D reads halo-free, so the study-wide note on the blooming calibration stays out
+    screws = [_screw("A", 0.47), _screw("B", 0.25), _screw("C", 0.47, rays_used=0),
+              _screw("D", 0.0, mean_mm=0.05)]
     cages = [_cage("cage1", 2.1, 0.4), _cage("cage2", 3.0, 0.2)]
     levels = [_level("L4-L5", 0.51), _level("L5-S1", 0.30)]
     notes = borderline_notes(screws, cages, levels, Criteria(), COARSE)
@@ -71,6 +78,41 @@ def test_cuts_come_from_the_site_criteria():
 def test_voxels_coarser_than_measured_get_one_note_saying_so():
     notes = borderline_notes([_screw("A", 0.9)], [], [], Criteria(), (0.78, 0.78, 3.0))
     assert len(notes) == 1 and "3.00 mm" in notes[0] and "check every call" in notes[0]
+
+
+def test_a_study_without_a_halo_free_screw_gets_a_note_at_coarse_voxels():
+    """No screw reading halo-free (halo_mean under 0.3 mm and coverage under 0.25): the
+    metal's blooming had no clean bone to be calibrated on. The note comes only where that
+    was measured to matter (voxels coarser than 1 mm) and never for unmeasured screws."""
+    loose = [_screw("A", 0.9), _screw("B", 0.6, mean_mm=0.4)]
+    note = no_reference_screw_note(loose, COARSE)
+    assert note and "no halo-free screw" in note and "check every screw" in note
+    assert borderline_notes(loose, [], [], Criteria(), COARSE)[0] == note
+    assert no_reference_screw_note(loose + [_screw("C", 0.1, mean_mm=0.2)], COARSE) is None
+    assert no_reference_screw_note(loose, (0.5, 0.5, 1.0)) is None
+    assert no_reference_screw_note([_screw("A", 0.9, rays_used=0)], COARSE) is None
+    assert no_reference_screw_note([], COARSE) is None
+    # a thin lucency round the screw is still not a reference: mean 0.3 mm or coverage 0.25
+    assert no_reference_screw_note([_screw("T", 0.0, mean_mm=0.3)], COARSE)
+    assert no_reference_screw_note([_screw("T", 0.25, mean_mm=0.1)], COARSE)
+
+
+def test_study_wide_loosening_at_coarse_voxels_gets_the_note():
+    """A 1.5 mm halo round every screw (study-wide loosening, as in infection), seed 1 at
+    0.8x0.8x1.5 mm, 25 HU, true geometry: the halo-free rays that calibrate the blooming
+    are haloed, and halos read narrow (1.5 mm whole halos read 0.9-1.2 mm here; with
+    detected geometry 2 of 4 screws read under the loosening cut). The study says so."""
+    from pipeline.measure import measure_study
+    from sample_data.phantom import PhantomSpec, make_phantom, resolve_spec, truth_anatomy
+
+    ids = list(resolve_spec(PhantomSpec(seed=1))["screws"])
+    vol, truth = make_phantom(PhantomSpec(
+        seed=1, spacing_mm=SPACINGS["coarse"], noise_hu=25.0, streaks=True, blooming=True,
+        halo_widths_mm={i: 1.5 for i in ids}, halo_fractions={i: 1.0 for i in ids},
+        double_halo={i: False for i in ids}))
+    screws, _, _, _ = measure_study(vol, truth_anatomy(truth), Config())
+    assert all(s.halo_mean_mm < 1.5 for s in screws)  # the under-read the note warns of
+    assert no_reference_screw_note(screws, vol.spacing_mm)
 
 
 @pytest.fixture(scope="module")
