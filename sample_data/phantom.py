@@ -169,6 +169,9 @@ class PhantomSpec:
         drives noise, streaks and UIDs): a follow-up of the same patient keeps it.
     study_date : ``YYYYMMDD`` for the DICOM study; None derives one from the seed.
     z_offset_mm : table position: the mean vertebral centre sits at this z.
+    streak_bands : with ``streaks``, whether the dark bands joining two pieces of metal in a
+        slice are drawn (False keeps only the radial streaks: the accuracy harness's
+        ``--no-streak-bands`` measures what the bands do to the halo reading).
     """
 
     seed: int = 0
@@ -203,6 +206,7 @@ class PhantomSpec:
     z_offset_mm: float = -120.0
     fov_x_mm: tuple = (-55.0, 55.0)
     fov_y_mm: tuple = (-35.0, 65.0)
+    streak_bands: bool = True
 
     @property
     def findings_seed(self) -> int:
@@ -1311,11 +1315,11 @@ def _streak_window(xs, ys, p, q, pad):
     return slice(j0, j1), slice(i0, i1)
 
 
-def _apply_streaks(hu, lab, grid: _Grid, seed: int):
+def _apply_streaks(hu, lab, grid: _Grid, seed: int, bands: bool = True):
     """Beam-hardening streaks per axial slice: dark bands along the lines joining pairs of
-    metal objects (the classic dark streak between two screws, which can imitate a halo)
-    and a few bright or dark radial streaks from each object, decaying with distance.
-    Deterministic from the seed and the slice index."""
+    metal objects (the classic dark streak between two screws, which can imitate a halo;
+    left out when ``bands`` is False) and a few bright or dark radial streaks from each
+    object, decaying with distance. Deterministic from the seed and the slice index."""
     nk, nj, ni = hu.shape
     sx, sy = grid.spacing[0], grid.spacing[1]
     xs = (grid.origin[0] + sx * np.arange(ni)).astype(np.float32)
@@ -1339,7 +1343,7 @@ def _apply_streaks(hu, lab, grid: _Grid, seed: int):
         rng = _rng(seed, "streaks", int(k))
         sl2 = np.zeros((nj, ni), np.float32)
         m = len(cen)
-        for a in range(m):
+        for a in range(m if bands else 0):
             for b in range(a + 1, m):
                 Ls = float(np.hypot(*(cen[b] - cen[a])))
                 if Ls < 3.0:
@@ -1489,6 +1493,7 @@ def _truth_dict(spec, res, geo, g) -> dict:
             "spacing_mm": [float(s) for s in spec.spacing_mm],
             "noise_hu": float(spec.noise_hu),
             "streaks": bool(spec.streaks),
+            "streak_bands": bool(spec.streaks and spec.streak_bands),
             "blooming": bool(spec.blooming),
             "blooming_sigma_mm": BLOOM_SIGMA_MM if spec.blooming else 0.0,
             "blooming_weight": BLOOM_WEIGHT if spec.blooming else 0.0,
@@ -1532,7 +1537,7 @@ def apply_imaging(layers: PhantomLayers, spec: PhantomSpec) -> np.ndarray:
         hu = ndimage.gaussian_filter(hu, (psf / layers.spacing_mm)[::-1], mode="nearest",
                                      truncate=3.0)
     if spec.streaks:
-        _apply_streaks(hu, layers.labels, g, spec.seed)
+        _apply_streaks(hu, layers.labels, g, spec.seed, bands=spec.streak_bands)
     if spec.noise_hu > 0:
         rng = _rng(spec.seed, "noise")
         hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(spec.noise_hu)

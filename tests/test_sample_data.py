@@ -494,6 +494,21 @@ def test_streaks_darken_the_line_between_screws():
     assert diff.min() < -50 and np.count_nonzero(diff < -20) > 100
 
 
+def test_streak_bands_can_be_left_out_keeping_the_radial_streaks():
+    """``streak_bands=False`` (the accuracy harness's ``--no-streak-bands``) removes exactly
+    the dark bands joining two pieces of metal: what it removes only darkens, and the radial
+    streaks that remain are those of the full image."""
+    spec = small_spec(noise_hu=0.0, instrumented_levels=("L4-L5",))
+    layers = make_phantom_layers(spec)
+    full = apply_imaging(layers, spec)
+    radial = apply_imaging(layers, replace(spec, streak_bands=False))
+    none = apply_imaging(layers, replace(spec, streaks=False))
+    bands = full - radial
+    assert bands.max() <= 1.0 and bands.min() < -50  # bands darken (1 HU: rounding)
+    assert np.count_nonzero(radial - none) > 100     # the radial streaks are still there
+    assert not make_phantom(replace(spec, streak_bands=False))[1]["imaging"]["streak_bands"]
+
+
 def test_feet_first_volume_is_the_same_patient_flipped():
     v_hf, t_hf = make_phantom(small_spec())
     v_ff, t_ff = make_phantom(small_spec(feet_first=True))
