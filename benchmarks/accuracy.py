@@ -193,8 +193,9 @@ HALF_HALO_VARIANTS = ("0.5", "0.4/0.6", "0.25")
 def half_halo_fractions(seed: int, variant: str, **spec_kw) -> dict:
     """Per-screw halo fractions that move the half-circumference halos of the phantom
     ``PhantomSpec(seed=seed, **spec_kw)`` (true coverage exactly the 0.5 loosening cut) off
-    the cut: ``"0.4/0.6"`` alternately to 0.4 and 0.6 in the phantom's screw order, ``"0.25"``
-    to quarter halos, ``"0.5"`` leaves them. Other screws keep theirs."""
+    the cut: ``"0.4/0.6"`` to 0.4 on screws at even positions of the phantom's screw order
+    and 0.6 at odd ones, ``"0.25"`` to quarter halos, ``"0.5"`` leaves them. Other screws
+    keep theirs."""
     from sample_data.phantom import PhantomSpec, resolve_spec
 
     if variant not in HALF_HALO_VARIANTS:
