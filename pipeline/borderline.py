@@ -52,15 +52,23 @@ REFERENCE_SCREW_COVERAGE = 0.25
 UNCALIBRATED_FROM_VOXEL_MM = 1.0
 
 
+def coarsest_voxel_mm(spacing_mm) -> float:
+    """A study's coarsest voxel extent, which decides its spacing class."""
+    return max(float(s) for s in spacing_mm)
+
+
+def voxels_within(spacing_mm, up_to_mm: float) -> bool:
+    """Whether a study's coarsest voxel extent fits a spacing class measured up to
+    ``up_to_mm`` (5 % tolerance)."""
+    return coarsest_voxel_mm(spacing_mm) <= 1.05 * up_to_mm
+
+
 def measured_error(spacing_mm) -> MeasuredError | None:
     """The measured errors for a study's voxel spacing: the row of the finest measured
-    spacing class its coarsest voxel extent fits in (5 % tolerance); None when it is
-    coarser than every measured one."""
-    coarsest = max(float(s) for s in spacing_mm)
-    for row in MEASURED_ERRORS:
-        if coarsest <= 1.05 * row.voxel_up_to_mm:
-            return row
-    return None
+    spacing class its coarsest voxel extent fits in; None when it is coarser than every
+    measured one."""
+    return next((row for row in MEASURED_ERRORS if voxels_within(spacing_mm, row.voxel_up_to_mm)),
+                None)
 
 
 def near_cut(value: float, cuts, margin: float) -> bool:
@@ -77,10 +85,9 @@ def borderline_findings(screws, cages, levels, criteria: Criteria,
     docstring)."""
     err = measured_error(spacing_mm)
     if err is None:
-        coarsest = max(float(s) for s in spacing_mm)
-        return [("study", "", f"Voxels up to {coarsest:.2f} mm: coarser than the "
-                 f"{MEASURED_ERRORS[-1].voxel_up_to_mm:.1f} mm at which fusionct's accuracy was "
-                 "measured; check every call on the images.")]
+        return [("study", "", f"Voxels up to {coarsest_voxel_mm(spacing_mm):.2f} mm: coarser "
+                 f"than the {MEASURED_ERRORS[-1].voxel_up_to_mm:.1f} mm at which fusionct's "
+                 "accuracy was measured; check every call on the images.")]
     out = []
     note = no_reference_screw_note(screws, spacing_mm)
     if note:
@@ -125,7 +132,7 @@ def no_reference_screw_note(screws, spacing_mm) -> str | None:
     no difference (no wrong call in either group). With a 1.5 mm halo round every screw of
     seeds 0-3 at 0.8x0.8x1.5 mm, 6 of 18 screws read under the loosening cut."""
     measured = [s for s in screws if s.rays_used]
-    if not measured or max(float(x) for x in spacing_mm) <= 1.05 * UNCALIBRATED_FROM_VOXEL_MM:
+    if not measured or voxels_within(spacing_mm, UNCALIBRATED_FROM_VOXEL_MM):
         return None
     if any(s.halo_mean_mm < REFERENCE_SCREW_MEAN_MM and s.halo_coverage < REFERENCE_SCREW_COVERAGE
            for s in measured):
