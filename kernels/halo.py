@@ -362,6 +362,58 @@ def halo_widths(g, d_start, step, d_vis, lucent_hu, bone_hu, sigma, max_width,
     return width, status, gmin, rim, edge
 
 
+@numba.njit(cache=True, parallel=True)
+def fill_contradicted(g, d_start, step, fill_mm, d_vis, sigma, window, lucent_hu, bone_hu,
+                      margin_mm):
+    """Per ray, whether its own profile refutes a halo ``fill_mm`` wide that it was given
+    from its neighbours: the lucency it holds in its deficit window ``[d_vis, d_end = d_vis +
+    window + 2 sigma]`` (the positive part of ``bone_hu - g``, in mm of the lucent-to-bone
+    step) falls short of what that halo, blurred by ``sigma``, would put there
+    (:func:`blurred_box_integral`) by more than ``margin_mm``.
+
+    Why: a ray along the slice axis of a thick-slice scan cannot read a loosening-size halo
+    from its own profile and takes its neighbours' width around the circumference; beyond
+    ``d_vis`` its profile still shows whether a halo of that width reaches it. Only the
+    positive part of the deficit counts, so a denser speck (a trabecula, a bright streak)
+    does not cancel a lucency elsewhere in the window. Rays with ``fill_mm`` NaN or not
+    above zero are never contradicted.
+
+    Parameters
+    ----------
+    g : (n_rays, n_steps) float64
+        Tail-corrected profiles, ``d = d_start + s * step`` mm from the true metal surface.
+    fill_mm, d_vis, sigma : (n_rays,) float64
+        The width given to each ray, its readable distance and its edge blur (mm).
+    window, margin_mm : float
+        Deficit window beyond ``d_vis`` (mm, as in :func:`halo_widths`) and the shortfall
+        (mm-equivalent) that refutes the fill.
+
+    Returns
+    -------
+    (n_rays,) bool
+    """
+    n_rays, n = g.shape
+    out = np.zeros(n_rays, np.bool_)
+    contrast = bone_hu - lucent_hu
+    if contrast <= 0.0:
+        return out
+    for r in numba.prange(n_rays):
+        f = fill_mm[r]
+        if not (f > 0.0):
+            continue
+        d_end = d_vis[r] + window + 2.0 * sigma[r]
+        s = int(math.ceil((d_vis[r] - d_start) / step - 1e-9))
+        s = min(max(s, 0), n - 1)
+        acc = 0.0
+        while s < n and d_start + s * step <= d_end + 1e-9:
+            if g[r, s] < bone_hu:
+                acc += (bone_hu - g[r, s]) * step
+            s += 1
+        expected = blurred_box_integral(f, sigma[r], d_vis[r], d_end)
+        out[r] = expected - acc / contrast > margin_mm
+    return out
+
+
 # ----------------------------------------------------------------------------- reference
 def blurred_box_integral_reference(w, sigma, a, b):
     """Same definition as :func:`blurred_box_integral` by numerical quadrature (SciPy)."""
@@ -373,6 +425,28 @@ def blurred_box_integral_reference(w, sigma, a, b):
         return max(min(b, w) - max(a, 0.0), 0.0)
     f = lambda d: special.ndtr((w - d) / sigma) - special.ndtr(-d / sigma)  # noqa: E731
     return integrate.quad(f, a, b, limit=200)[0]
+
+
+def fill_contradicted_reference(g, d_start, step, fill_mm, d_vis, sigma, window, lucent_hu,
+                                bone_hu, margin_mm):
+    """Same definition as :func:`fill_contradicted`, vectorised NumPy with the blurred box
+    integrated by quadrature (:func:`blurred_box_integral_reference`)."""
+    g = np.asarray(g, float)
+    n_rays, n = g.shape
+    contrast = bone_hu - lucent_hu
+    out = np.zeros(n_rays, bool)
+    if contrast <= 0:
+        return out
+    d = d_start + step * np.arange(n)
+    d_end = np.asarray(d_vis, float) + window + 2.0 * np.asarray(sigma, float)
+    s_vis = np.clip(np.ceil((np.asarray(d_vis, float) - d_start) / step - 1e-9).astype(int), 0, n - 1)
+    in_win = (np.arange(n)[None, :] >= s_vis[:, None]) & (d[None, :] <= d_end[:, None] + 1e-9)
+    held = np.where(in_win, np.maximum(bone_hu - g, 0.0), 0.0).sum(axis=1) * step / contrast
+    for r in np.flatnonzero(np.asarray(fill_mm, float) > 0):
+        expected = blurred_box_integral_reference(float(fill_mm[r]), float(sigma[r]),
+                                                  float(d_vis[r]), float(d_end[r]))
+        out[r] = expected - held[r] > margin_mm
+    return out
 
 
 def _first_crossing_vec(g, sv, s_max, level, n_settle):

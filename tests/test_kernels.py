@@ -269,6 +269,40 @@ def test_halo_kernel_matches_reference_on_random_and_synthetic_profiles():
             np.testing.assert_allclose(a, b, atol=1e-5, equal_nan=True)
 
 
+def test_fill_contradicted_refuses_a_width_the_rays_own_deficit_cannot_hold():
+    """A ray given a 2.5 mm width by its neighbours: its own halo-free profile refutes it,
+    a 2.5 mm halo's profile and a thin halo's shortfall under the margin do not."""
+    from kernels.halo import fill_contradicted
+
+    d_vis, sigma = 1.5, 0.9
+    g = np.array([_halo_profile(0.0, sigma), _halo_profile(2.5, sigma), _halo_profile(2.2, sigma),
+                  _halo_profile(0.0, sigma)])
+    fill = np.array([2.5, 2.5, 2.5, np.nan])
+    got = fill_contradicted(g, D_START, STEP, fill, np.full(4, d_vis), np.full(4, sigma),
+                            0.3, 25.0, 230.0, 0.4)
+    assert got.tolist() == [True, False, False, False]
+
+
+def test_fill_contradicted_matches_reference_on_random_and_synthetic_profiles():
+    from kernels.halo import fill_contradicted, fill_contradicted_reference
+
+    rng = np.random.default_rng(11)
+    synth = [_halo_profile(w, s, rim_hu=r) for w in (0, 0.5, 1.2, 2.0, 3.0)
+             for s in (0.3, 0.9) for r in (0.0, 400.0)]
+    g = np.vstack([np.array(synth) + rng.normal(0, 25, (len(synth), len(D))),
+                   rng.normal(150, 120, (40, len(D)))])
+    n = len(g)
+    fill = rng.uniform(-0.5, 3.0, n)
+    fill[::7] = np.nan
+    for d_vis, sigma, margin in ((1.5, 0.9, 0.4), (1.0, 0.5, 0.2), (0.3, 0.25, 0.0)):
+        dv = np.full(n, d_vis) + rng.uniform(-0.2, 0.2, n)
+        sg = np.full(n, sigma)
+        got = fill_contradicted(g, D_START, STEP, fill, dv, sg, 0.3, 25.0, 230.0, margin)
+        ref = fill_contradicted_reference(g, D_START, STEP, fill, dv, sg, 0.3, 25.0, 230.0, margin)
+        np.testing.assert_array_equal(got, ref)
+        assert 0 < got.sum() < n
+
+
 def test_fused_screw_halo_kernel_matches_reference_on_a_synthetic_screw():
     from kernels.halo import halo_screw, halo_screw_reference
 
