@@ -15,6 +15,9 @@ workload built from the phantom's true geometry:
   cross-section outside the cages, both directions, 120 samples of 0.1 mm;
 * ``bridged_columns``: one column per 0.5 mm of the disc cross-section from the upper to
   the lower endplate, 100 samples, 5-sample smoothing;
+* ``fill_contradicted``: the halo rays of a 0.8x0.8x1.5 mm study with 10 screws (15120
+  rays of 70 samples, blurred-box halos 0-3 mm with 25 HU noise, half of them given a
+  neighbour's width), since the 0.5 mm bench study reads every ray itself;
 * ``blurred_box_integral``: 2000 scalar calls over typical widths, blurs and windows, from a
   compiled loop (as halo_widths calls it; from Python each call would time the dispatch).
 
@@ -194,6 +197,20 @@ def build_workload(name: str, volume, truth, scale: float = 1.0):
         args = (hu, s, e, n_samples, 5, 200.0)
         n = len(s) * n_samples
         return args, f"{len(s)} columns x {n_samples}", _trilinear_bytes(n, 0.0, len(s) * 9 + s.nbytes + e.nbytes)
+    if name == "fill_contradicted":
+        # what one 0.8x0.8x1.5 mm study with 10 screws asks of it (the shipped bench study at
+        # 0.5 mm reads every ray itself, so the pipeline does not call it there): 42 stations x
+        # 36 azimuths per screw, 70 samples of 0.1 mm, half the rays given a neighbour's width
+        rng = np.random.default_rng(0)
+        n_rays, n_steps = max(int(15120 * min(scale, 1.0)), 100), 70
+        d = -0.5 + 0.1 * np.arange(n_steps)
+        w = rng.uniform(0.0, 3.0, n_rays)[:, None]
+        g = (230.0 - 205.0 * ((d[None, :] > 0) & (d[None, :] < w))
+             + rng.normal(0.0, 25.0, (n_rays, n_steps)))
+        fill = np.where(rng.uniform(size=n_rays) < 0.5, rng.uniform(0.5, 3.0, n_rays), np.nan)
+        args = (np.ascontiguousarray(g), -0.5, 0.1, fill, rng.uniform(1.2, 2.1, n_rays),
+                np.full(n_rays, 0.9), 0.3, 25.0, 230.0, 0.4)
+        return args, f"{n_rays} rays x {n_steps}", float(g.nbytes + 3 * n_rays * 8 + n_rays)
     if name == "blurred_box_integral":
         rng = np.random.default_rng(0)
         n = max(int(2000 * min(scale, 1.0)), 20)

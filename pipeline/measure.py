@@ -671,10 +671,11 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     ``HALO_FILL_SHORTFALL_MM`` less lucency than that width would put there
     (``kernels.halo.fill_contradicted``): the halo-free part of a partial halo lying along
     the slice axis took its lucent neighbours' width. (0.8x0.8x1.5 mm, detected geometry,
-    seeds 0-11: 2-3 mm half halos read coverage 0.55-0.71; quarter-circumference halos
-    moved in their place were called loose on 11 % of the uniform set's screws, 3 % with
-    the refusal.) The rim-aware fill (``known``) is given no ``g``: a sclerotic rim's excess
-    in the window offsets the lucency's deficit.
+    seeds 0-11, both phantom sets: 2-3 mm half halos read coverage 0.55-0.71; with
+    quarter-circumference halos 1-3 mm wide in their place, true coverage 0.25, 4 of 19 read
+    0.50-0.54 and were called loose, 1 of 19 with the refusal.) The rim-aware fill
+    (``known``) is given no ``g``: a sclerotic rim's excess in the window offsets the
+    lucency's deficit.
     """
     d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm)
     direct = (st == 1) & (g_vis < tail.lucent_hu + HALO_DIRECT_FRACTION * (bone_hu - tail.lucent_hu))
