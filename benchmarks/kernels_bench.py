@@ -209,7 +209,7 @@ def build_workload(name: str, volume, truth, scale: float = 1.0):
              + rng.normal(0.0, 25.0, (n_rays, n_steps)))
         fill = np.where(rng.uniform(size=n_rays) < 0.5, rng.uniform(0.5, 3.0, n_rays), np.nan)
         args = (np.ascontiguousarray(g), -0.5, 0.1, fill, rng.uniform(1.2, 2.1, n_rays),
-                np.full(n_rays, 0.9), 0.3, 25.0, 230.0, 0.4)
+                np.full(n_rays, 0.9), 0.3, 25.0, 230.0, 0.4, 380.0)
         return args, f"{n_rays} rays x {n_steps}", float(g.nbytes + 3 * n_rays * 8 + n_rays)
     if name == "blurred_box_integral":
         rng = np.random.default_rng(0)

@@ -87,6 +87,7 @@ HALO_FILL_REFUTE_SIGMAS = 1.0  # a filled width this far (edge blurs) past the r
                               # must show at d_vis (see _fill_unreadable)
 HALO_FILL_SHORTFALL_MM = 0.4  # ... and the ray's deficit window may hold at most this much
                               # less lucency than the filled width would put there
+                              # (unless a sclerotic rim shows there: RIM_CLEAR_HU over bone)
 HALO_DIRECT_FRACTION = 0.3    # a ray reads its lucency directly when at d_vis it is within this
                               # fraction of the lucent-to-bone step above the lucent level
 HALO_LOW_BONE_MARGIN_HU = HALO_TAIL_SPREAD_HU  # a ray's own bone level this far under the
@@ -673,9 +674,11 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     the slice axis took its lucent neighbours' width. (0.8x0.8x1.5 mm, detected geometry,
     seeds 0-11, both phantom sets: 2-3 mm half halos read coverage 0.55-0.71; with
     quarter-circumference halos 1-3 mm wide in their place, true coverage 0.25, 4 of 19 read
-    0.50-0.54 and were called loose, 1 of 19 with the refusal.) The rim-aware fill
-    (``known``) is given no ``g``: a sclerotic rim's excess in the window offsets the
-    lucency's deficit.
+    0.50-0.54 and were called loose, 1 of 19 with the refusal.) A sclerotic rim's blur
+    offsets the lucency's deficit, so a ray that rises ``RIM_CLEAR_HU`` over bone in its
+    window refutes nothing (without that, seed 29's 3 mm double halos on 0.75 of the
+    circumference read 1.5 mm for 2.25), and the rim-aware fill (``known``) is given no
+    ``g``.
     """
     d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm)
     direct = (st == 1) & (g_vis < tail.lucent_hu + HALO_DIRECT_FRACTION * (bone_hu - tail.lucent_hu))
@@ -715,7 +718,7 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
         refuted |= fill_contradicted(np.ascontiguousarray(g, dtype=np.float64), float(rays.d_mm[0]),
                                      float(rays.d_mm[1] - rays.d_mm[0]), gave, d_vis, sigma,
                                      HALO_DEFICIT_WINDOW_MM, float(tail.lucent_hu), float(bone_hu),
-                                     HALO_FILL_SHORTFALL_MM)
+                                     HALO_FILL_SHORTFALL_MM, float(bone_hu) + RIM_CLEAR_HU)
     refuted = refuted.reshape(S, A)
     out[refuted] = W[refuted]
     return out.ravel()

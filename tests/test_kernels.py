@@ -279,8 +279,14 @@ def test_fill_contradicted_refuses_a_width_the_rays_own_deficit_cannot_hold():
                   _halo_profile(0.0, sigma)])
     fill = np.array([2.5, 2.5, 2.5, np.nan])
     got = fill_contradicted(g, D_START, STEP, fill, np.full(4, d_vis), np.full(4, sigma),
-                            0.3, 25.0, 230.0, 0.4)
+                            0.3, 25.0, 230.0, 0.4, np.inf)
     assert got.tolist() == [True, False, False, False]
+    # a 2.5 mm lucency inside a 650 HU sclerotic rim: the rim's blur fills its deficit, so
+    # its profile does not refute the width; without the rim check it would
+    ring = _halo_profile(2.5, sigma, rim_hu=650.0)[None, :]
+    args = (D_START, STEP, np.array([2.5]), np.array([d_vis]), np.array([sigma]), 0.3, 25.0, 230.0, 0.4)
+    assert not fill_contradicted(ring, *args, 380.0)[0]
+    assert fill_contradicted(ring, *args, np.inf)[0]
 
 
 def test_fill_contradicted_matches_reference_on_random_and_synthetic_profiles():
@@ -297,10 +303,13 @@ def test_fill_contradicted_matches_reference_on_random_and_synthetic_profiles():
     for d_vis, sigma, margin in ((1.5, 0.9, 0.4), (1.0, 0.5, 0.2), (0.3, 0.25, 0.0)):
         dv = np.full(n, d_vis) + rng.uniform(-0.2, 0.2, n)
         sg = np.full(n, sigma)
-        got = fill_contradicted(g, D_START, STEP, fill, dv, sg, 0.3, 25.0, 230.0, margin)
-        ref = fill_contradicted_reference(g, D_START, STEP, fill, dv, sg, 0.3, 25.0, 230.0, margin)
-        np.testing.assert_array_equal(got, ref)
-        assert 0 < got.sum() < n
+        for rim_hu in (np.inf, 380.0):
+            got = fill_contradicted(g, D_START, STEP, fill, dv, sg, 0.3, 25.0, 230.0, margin,
+                                    rim_hu)
+            ref = fill_contradicted_reference(g, D_START, STEP, fill, dv, sg, 0.3, 25.0, 230.0,
+                                              margin, rim_hu)
+            np.testing.assert_array_equal(got, ref)
+            assert 0 < got.sum() < n
 
 
 def test_fused_screw_halo_kernel_matches_reference_on_a_synthetic_screw():
