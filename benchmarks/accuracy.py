@@ -27,13 +27,16 @@ Two variants measure what the README's known limits say: ``--half-halos 0.4/0.6`
 ``0.25`` moves the generator's half-circumference halos off the coverage cut
 (:func:`half_halo_fractions`), and ``--no-streak-bands`` leaves out the dark bands joining
 two pieces of metal in a slice, keeping the radial streaks (``PhantomSpec.streak_bands``).
+``--known-metal all | tail | streaks`` (true geometry, screws only) subtracts the hardware's
+exact footprint in the image, or one part of it, before measuring (:func:`metal_footprint`):
+the halo reader's ceiling when the metal's tail, its streaks or both are known exactly.
 
 Seeds 0-11 by default (about 2 min per noise level and set for the three spacings, about
 10 min for the whole table of both sets, more when the 2-core machine is shared).
 
 Usage: ``python -m benchmarks.accuracy [--seeds 0 1 2] [--noise 10 25 40]
 [--spacings fine standard coarse] [--sets default uniform] [--detected]
-[--half-halos 0.4/0.6 | 0.25] [--no-streak-bands]``
+[--half-halos 0.4/0.6 | 0.25] [--no-streak-bands] [--known-metal all | tail | streaks]``
 """
 from __future__ import annotations
 
@@ -217,14 +220,69 @@ def uniform_set_overrides(seed: int) -> dict:
     return {"halo_widths_mm": widths, "double_halo": uniform_double_halo(seed, widths)}
 
 
+KNOWN_METAL = ("none", "all", "tail", "streaks")
+
+
+def metal_footprint(spec, part: str) -> np.ndarray:
+    """The exact, noise-free footprint of a phantom's hardware in its image (canonical grid):
+    ``"all"`` everything the screws, rods and cages add (blur of the metal's edge,
+    blooming, partial volume and streaks), ``"tail"`` all but the streaks, ``"streaks"``
+    the streaks alone. The study rendered with ``hardware=False`` (same anatomy, same halos)
+    is the reference.
+
+    Why: a measured ceiling. Subtracting it from the noisy study leaves anatomy, halos and
+    noise, so the halo reader's remaining error is its own (noise, blur) and not the metal
+    model's; subtracting one part says how much knowing that part would give."""
+    from dataclasses import replace
+
+    from sample_data.phantom import apply_imaging, make_phantom_layers
+
+    if part not in KNOWN_METAL[1:]:
+        raise ValueError(f"known-metal part must be one of {KNOWN_METAL[1:]}")
+    clean = replace(spec, noise_hu=0.0)
+    layers = make_phantom_layers(spec)
+    no_streaks = apply_imaging(layers, replace(clean, streaks=False))
+    if part == "streaks":
+        return apply_imaging(layers, clean) - no_streaks
+    bare = apply_imaging(make_phantom_layers(replace(clean, hardware=False)), clean)
+    return (apply_imaging(layers, clean) if part == "all" else no_streaks) - bare
+
+
+def _known_metal_study(spec, part: str):
+    """(volume, truth) of a phantom with ``metal_footprint(spec, part)`` subtracted."""
+    from sample_data.phantom import _oriented, apply_imaging, make_phantom_layers
+    from pipeline.volume import Volume
+
+    layers = make_phantom_layers(spec)
+    hu = apply_imaging(layers, spec) - metal_footprint(spec, part)
+    arr, origin, direction = _oriented(hu, layers.origin_lps_mm, layers.spacing_mm, spec.feet_first)
+    vol = Volume(np.ascontiguousarray(arr, np.float32), origin, layers.spacing_mm, direction,
+                 meta={"source": "fusionct phantom, hardware footprint subtracted",
+                       "seed": int(spec.seed)})
+    return vol, layers.truth
+
+
 def run_phantom(seed: int, spacing: str, noise_hu: float, detected: bool = False,
-                config: Config | None = None, **spec_kw) -> Errors:
-    """Make one phantom, measure it (true or detected geometry) and compare with its truth."""
+                config: Config | None = None, known_metal: str = "none", **spec_kw) -> Errors:
+    """Make one phantom, measure it (true or detected geometry) and compare with its truth.
+
+    ``known_metal`` other than ``"none"``: the hardware's footprint (:func:`metal_footprint`)
+    is subtracted first, only screws are measured (the cages' metal is gone) and only on
+    true geometry (detection needs the metal)."""
+    from dataclasses import replace
+
     from sample_data.phantom import PhantomSpec, make_phantom, truth_anatomy
 
     config = config or Config()
     spec = PhantomSpec(seed=seed, spacing_mm=SPACINGS[spacing], noise_hu=noise_hu,
                        streaks=True, blooming=True, **spec_kw)
+    if known_metal != "none":
+        if detected:
+            raise ValueError("known_metal needs true geometry: detection finds the metal")
+        vol, truth = _known_metal_study(spec, known_metal)
+        anatomy = replace(truth_anatomy(truth), cages=(), levels=())
+        screws, _, _, _ = measure_study(vol, anatomy, config)
+        return compare({**truth, "cages": [], "levels": []}, screws, [], [], config)
     vol, truth = make_phantom(spec)
     if detected:
         from pipeline.detect import detect
@@ -250,14 +308,22 @@ def main(argv=None) -> int:
                     help="move the generator's half-circumference halos off the coverage cut")
     ap.add_argument("--no-streak-bands", action="store_true",
                     help="leave out the dark streak bands joining two pieces of metal")
+    ap.add_argument("--known-metal", default="none", choices=list(KNOWN_METAL),
+                    help="subtract the hardware's exact footprint (all), its tail or its streaks "
+                         "before measuring: the halo reader's ceiling (true geometry, screws only)")
     ap.add_argument("--verbose", action="store_true", help="print every object")
     args = ap.parse_args(argv)
     geom = "detected" if args.detected else "true"
     print(f"fusionct measurement accuracy vs phantom truth ({geom} geometry, streaks + blooming on, "
           f"seeds {args.seeds})")
+    if args.known_metal != "none" and args.detected:
+        ap.error("--known-metal needs true geometry (detection finds the metal)")
     if args.half_halos != "0.5" or args.no_streak_bands:
         print(f"variant: half halos {args.half_halos}"
               + ("; no streak bands (radial streaks kept)" if args.no_streak_bands else ""))
+    if args.known_metal != "none":
+        print(f"known metal: the hardware's exact footprint ({args.known_metal}) subtracted; "
+              "screws only")
     if "uniform" in args.sets:
         print("uniform set: halo widths uniform in [0, 3] mm per screw; sclerotic rim only where "
               "the width is >= 1.5 mm (the generator's rule)")
@@ -276,7 +342,7 @@ def main(argv=None) -> int:
                 kw["halo_fractions"] = fractions
             if args.no_streak_bands:
                 kw["streak_bands"] = False
-            e = run_phantom(seed, sp, nz, detected=args.detected, **kw)
+            e = run_phantom(seed, sp, nz, detected=args.detected, known_metal=args.known_metal, **kw)
             tot.extend(e)
             if args.verbose:
                 for row in e.rows:

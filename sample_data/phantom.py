@@ -172,6 +172,10 @@ class PhantomSpec:
     streak_bands : with ``streaks``, whether the dark bands joining two pieces of metal in a
         slice are drawn (False keeps only the radial streaks: the accuracy harness's
         ``--no-streak-bands`` measures what the bands do to the halo reading).
+    hardware : False renders the same study without its screws, rods and cages (halos,
+        sclerotic rims and the truth unchanged): the hardware's exact footprint in the image
+        (blur, blooming, streaks) is the difference, which the accuracy harness's
+        ``--known-metal`` subtracts to measure the halo reader's ceiling.
     """
 
     seed: int = 0
@@ -207,6 +211,7 @@ class PhantomSpec:
     fov_x_mm: tuple = (-55.0, 55.0)
     fov_y_mm: tuple = (-35.0, 65.0)
     streak_bands: bool = True
+    hardware: bool = True
 
     @property
     def findings_seed(self) -> int:
@@ -1445,12 +1450,13 @@ def make_phantom_layers(spec: PhantomSpec) -> PhantomLayers:
         _paint_vertebra(g, hu, lab, v, geo["screws"], spec.findings_seed)
     for s in geo["screws"]:
         _paint_screw(g, hu, lab, s, halo_only=True)
-    for cg in geo["cages"]:
-        _paint_cage(g, hu, lab, cg)
-    for rod in geo["rods"]:
-        _paint_rod(g, hu, lab, rod)
-    for s in geo["screws"]:
-        _paint_screw(g, hu, lab, s, halo_only=False)
+    if spec.hardware:
+        for cg in geo["cages"]:
+            _paint_cage(g, hu, lab, cg)
+        for rod in geo["rods"]:
+            _paint_rod(g, hu, lab, rod)
+        for s in geo["screws"]:
+            _paint_screw(g, hu, lab, s, halo_only=False)
 
     crit = Criteria()
     for level in geo["levels"]:
