@@ -674,7 +674,7 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     the slice axis took its lucent neighbours' width. (0.8x0.8x1.5 mm, detected geometry,
     seeds 0-11, both phantom sets: 2-3 mm half halos read coverage 0.55-0.71; with
     quarter-circumference halos 1-3 mm wide in their place, true coverage 0.25, 4 of 19 read
-    0.50-0.54 and were called loose, 1 of 19 with the refusal.) A sclerotic rim's blur
+    0.50-0.54 and were called loose, 2 of 19 with the refusal.) A sclerotic rim's blur
     offsets the lucency's deficit, so a ray that rises ``RIM_CLEAR_HU`` over bone in its
     window refutes nothing (without that, seed 29's 3 mm double halos on 0.75 of the
     circumference read 1.5 mm for 2.25), and the rim-aware fill (``known``) is given no
