@@ -126,11 +126,11 @@ def no_reference_screw_note(screws, spacing_mm) -> str | None:
     (a study-wide loosening, as in infection) that estimate absorbs part of the halos. A
     screw counts as a reference when its halo_mean is under ``REFERENCE_SCREW_MEAN_MM``
     and its coverage under ``REFERENCE_SCREW_COVERAGE``. Measured on detected geometry,
-    seeds 0-47 of both phantom sets at 25 HU: at 0.8x0.8x1.5 mm the 18 studies with no
-    such screw had 5 of 47 clear loosening calls wrong (10.6 %, 3 missed and 2 false)
-    against 3 of 260 (1.2 %) in the other 78 studies; at 0.5x0.5x1.0 mm and finer there was
+    seeds 0-47 of both phantom sets at 25 HU: at 0.8x0.8x1.5 mm the 17 studies with no
+    such screw had 5 of 44 clear loosening calls wrong (11.4 %, 3 missed and 2 false)
+    against 3 of 263 (1.1 %) in the other 79 studies; at 0.5x0.5x1.0 mm and finer there was
     no difference (no wrong call in either group). With a 1.5 mm halo round every screw of
-    seeds 0-3 at 0.8x0.8x1.5 mm, 6 of 18 screws read under the loosening cut."""
+    seeds 0-3 at 0.8x0.8x1.5 mm, 5 of 18 screws read under the loosening cut."""
     measured = [s for s in screws if s.rays_used]
     if not measured or voxels_within(spacing_mm, UNCALIBRATED_FROM_VOXEL_MM):
         return None
