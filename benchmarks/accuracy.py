@@ -223,12 +223,13 @@ def uniform_set_overrides(seed: int) -> dict:
 KNOWN_METAL = ("none", "all", "tail", "streaks")
 
 
-def metal_footprint(spec, part: str) -> np.ndarray:
+def metal_footprint(spec, part: str, layers=None) -> np.ndarray:
     """The exact, noise-free footprint of a phantom's hardware in its image (canonical grid):
     ``"all"`` everything the screws, rods and cages add (blur of the metal's edge,
     blooming, partial volume and streaks), ``"tail"`` all but the streaks, ``"streaks"``
     the streaks alone. The study rendered with ``hardware=False`` (same anatomy, same halos)
-    is the reference.
+    is the reference. ``layers``: the phantom's ``make_phantom_layers(spec)`` when already
+    made.
 
     Why: a measured ceiling. Subtracting it from the noisy study leaves anatomy, halos and
     noise, so the halo reader's remaining error is its own (noise, blur) and not the metal
@@ -240,7 +241,7 @@ def metal_footprint(spec, part: str) -> np.ndarray:
     if part not in KNOWN_METAL[1:]:
         raise ValueError(f"known-metal part must be one of {KNOWN_METAL[1:]}")
     clean = replace(spec, noise_hu=0.0)
-    layers = make_phantom_layers(spec)
+    layers = make_phantom_layers(spec) if layers is None else layers
     no_streaks = apply_imaging(layers, replace(clean, streaks=False))
     if part == "streaks":
         return apply_imaging(layers, clean) - no_streaks
@@ -254,7 +255,7 @@ def _known_metal_study(spec, part: str):
     from pipeline.volume import Volume
 
     layers = make_phantom_layers(spec)
-    hu = apply_imaging(layers, spec) - metal_footprint(spec, part)
+    hu = apply_imaging(layers, spec) - metal_footprint(spec, part, layers)
     arr, origin, direction = _oriented(hu, layers.origin_lps_mm, layers.spacing_mm, spec.feet_first)
     vol = Volume(np.ascontiguousarray(arr, np.float32), origin, layers.spacing_mm, direction,
                  meta={"source": "fusionct phantom, hardware footprint subtracted",

@@ -638,7 +638,7 @@ def _along_shaft_median(widths: np.ndarray, shape: tuple[int, int],
 
 def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: ScrewRays,
                      tail: MetalTail, bone_hu: float, known: np.ndarray | None = None,
-                     g: np.ndarray | None = None) -> np.ndarray:
+                     prof: np.ndarray | None = None) -> np.ndarray:
     """Widths for rays that cannot tell a halo of the loosening size from none.
 
     Along the slice axis of a thick-slice scan the metal's tail stays irreproducible
@@ -667,7 +667,7 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     stretch of slice-axis rays at 0.8x0.8x1.5 mm, took 2.5 mm from both sides, and the screw
     read coverage 1.0.)
 
-    With the ray's tail-corrected profiles ``g`` (:func:`_analyse`), a filled width is also
+    With the screw's profiles ``prof`` (:func:`screw_profiles`), a filled width is also
     refused where the ray's deficit window beyond ``d_vis`` holds more than
     ``HALO_FILL_SHORTFALL_MM`` less lucency than that width would put there
     (``kernels.halo.fill_contradicted``): the halo-free part of a partial halo lying along
@@ -678,7 +678,7 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     offsets the lucency's deficit, so a ray that rises ``RIM_CLEAR_HU`` over bone in its
     window refutes nothing (without that, seed 29's 3 mm double halos on 0.75 of the
     circumference read 1.5 mm for 2.25), and the rim-aware fill (``known``) is given no
-    ``g``.
+    ``prof``.
     """
     d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm)
     direct = (st == 1) & (g_vis < tail.lucent_hu + HALO_DIRECT_FRACTION * (bone_hu - tail.lucent_hu))
@@ -712,7 +712,8 @@ def _fill_unreadable(w: np.ndarray, st: np.ndarray, g_vis: np.ndarray, rays: Scr
     half = 0.5 * (tail.lucent_hu + bone_hu)
     filled = out.ravel()
     refuted = unreadable & (g_vis >= half) & (filled > d_vis + HALO_FILL_REFUTE_SIGMAS * sigma)
-    if g is not None:
+    if prof is not None:
+        g = _smooth_rays(prof - tail.tail_for(rays.blur_mm), rays.shape)  # what halo_screw read
         own = np.where(np.isfinite(w), w, 0.0)
         gave = np.where(unreadable & (filled > own), filled, np.nan)
         refuted |= fill_contradicted(np.ascontiguousarray(g, dtype=np.float64), float(rays.d_mm[0]),
@@ -858,8 +859,7 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
     under = (np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2)
              & (W < rim_w[None, :] - HALO_RIM_UNDER_MM))
     W[under] = np.broadcast_to(rim_w[None, :], W.shape)[under]
-    g = _smooth_rays(prof - tail.tail_for(rays.blur_mm), rays.shape)  # what halo_screw read
-    w_plain = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu, g=g)
+    w_plain = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu, prof=prof)
     if under.any():  # else the rim-aware fill is the plain one
         w_rim = _fill_unreadable(W.ravel(), st, g_vis, rays, tail, bone_hu, known=under.ravel())
         w = np.where(np.tile(rim_contrast >= 0.5 * HALO_RIM_MIN_HU, S), w_rim, w_plain)
