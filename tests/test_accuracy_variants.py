@@ -1,5 +1,7 @@
 """The accuracy harness's variants (benchmarks.accuracy): half-circumference halos moved off
-the coverage cut, for the README's measurement of the loosening column off the cut."""
+the coverage cut, for the README's measurement of the loosening column off the cut, and the
+hardware's exact footprint subtracted (``--known-metal``), for the measured ceiling of the
+halo reader."""
 from __future__ import annotations
 
 import os
