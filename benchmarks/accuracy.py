@@ -242,25 +242,18 @@ def metal_footprint(spec, part: str, layers=None) -> np.ndarray:
         raise ValueError(f"known-metal part must be one of {KNOWN_METAL[1:]}")
     clean = replace(spec, noise_hu=0.0)
     layers = make_phantom_layers(spec) if layers is None else layers
-    no_streaks = apply_imaging(layers, replace(clean, streaks=False))
+    image = apply_imaging(layers, clean if part != "tail" else replace(clean, streaks=False))
     if part == "streaks":
-        return apply_imaging(layers, clean) - no_streaks
-    bare = apply_imaging(make_phantom_layers(replace(clean, hardware=False)), clean)
-    return (apply_imaging(layers, clean) if part == "all" else no_streaks) - bare
+        return image - apply_imaging(layers, replace(clean, streaks=False))
+    return image - apply_imaging(make_phantom_layers(replace(clean, hardware=False)), clean)
 
 
 def _known_metal_study(spec, part: str):
     """(volume, truth) of a phantom with ``metal_footprint(spec, part)`` subtracted."""
-    from sample_data.phantom import _oriented, apply_imaging, make_phantom_layers
-    from pipeline.volume import Volume
+    from sample_data.phantom import apply_imaging, make_phantom_layers, phantom_volume
 
     layers = make_phantom_layers(spec)
-    hu = apply_imaging(layers, spec) - metal_footprint(spec, part, layers)
-    arr, origin, direction = _oriented(hu, layers.origin_lps_mm, layers.spacing_mm, spec.feet_first)
-    vol = Volume(np.ascontiguousarray(arr, np.float32), origin, layers.spacing_mm, direction,
-                 meta={"source": "fusionct phantom, hardware footprint subtracted",
-                       "seed": int(spec.seed)})
-    return vol, layers.truth
+    return phantom_volume(layers, spec, apply_imaging(layers, spec) - metal_footprint(spec, part, layers))
 
 
 def run_phantom(seed: int, spacing: str, noise_hu: float, detected: bool = False,

@@ -1582,7 +1582,14 @@ def make_phantom(spec: PhantomSpec) -> tuple[Volume, dict]:
         JSON-ready ground truth (see the module docstring of ``sample_data``).
     """
     layers = make_phantom_layers(spec)
-    hu = apply_imaging(layers, spec)
+    return phantom_volume(layers, spec, apply_imaging(layers, spec))
+
+
+def phantom_volume(layers: PhantomLayers, spec: PhantomSpec, hu: np.ndarray) -> tuple[Volume, dict]:
+    """An image ``hu`` on the phantom's canonical grid as acquired (``spec.feet_first``), with
+    the truth, whose ``volume`` entry gives that geometry: :func:`make_phantom`'s last step,
+    also for an image made from the layers otherwise (the accuracy harness's known-metal
+    study)."""
     arr, origin, direction = _oriented(hu, layers.origin_lps_mm, layers.spacing_mm, spec.feet_first)
     truth = layers.truth
     truth["volume"] = {
