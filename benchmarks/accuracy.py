@@ -4,7 +4,9 @@ Prints the README accuracy table: for each spacing (fine 0.35x0.35x0.6, standard
 0.5x0.5x1.0, coarse 0.8x0.8x1.5 mm) and noise level (HU), with beam-hardening streaks and
 metal blooming on, the errors of the three measurements over several seeded phantoms:
 
-* halo: mean absolute error of ``halo_mean_mm``, of ``halo_coverage``, and how often the
+* halo: mean absolute error of ``halo_mean_mm``, of ``halo_coverage`` (in brackets the same
+  without screws whose true width lies within ``COVERAGE_NEAR_THRESHOLD_MM`` of the 1 mm
+  loosening threshold, and their number), and how often the
   loosening call is right where the truth is clear (true halo <= 0.5 mm or >= 1.5 mm);
   in brackets the same without screws whose true coverage sits on the coverage cut
   (a half-circumference halo has coverage exactly 0.5, where the call is a coin toss);
@@ -63,6 +65,7 @@ class Errors:
 
     halo_mean_err: list = field(default_factory=list)
     halo_cov_err: list = field(default_factory=list)
+    halo_cov_off_threshold_err: list = field(default_factory=list)  # width not near the threshold
     loosening_ok: list = field(default_factory=list)  # only where the truth is clear
     loosening_off_cut_ok: list = field(default_factory=list)  # ... and coverage not at its cut
     double_ok: list = field(default_factory=list)
@@ -90,6 +93,8 @@ class Errors:
             "halo_mean_max_mm": worst(self.halo_mean_err),
             "halo_cov_mae": mean(self.halo_cov_err),
             "halo_cov_max": worst(self.halo_cov_err),
+            "halo_cov_off_threshold_mae": mean(self.halo_cov_off_threshold_err),
+            "halo_cov_off_threshold_n": len(self.halo_cov_off_threshold_err),
             "loosening_right": mean(self.loosening_ok),
             "loosening_n": len(self.loosening_ok),
             "loosening_off_cut_right": mean(self.loosening_off_cut_ok),
@@ -107,6 +112,15 @@ class Errors:
             "fusion_n": len(self.fusion_ok),
             "missing": len(self.missing),
         }
+
+
+# A halo whose true width lies within this of the loosening threshold (1 mm) has its
+# coverage decided ray by ray by errors of that size, a fifth of the 0.8 mm in-plane voxel
+# and well inside the 0.25 mm halo_mean target: on seed 6 (0.8x0.8x1.5 mm, uniform set)
+# three halos 1.03-1.12 mm wide read coverage 0.39-0.45 for 0.75-1.0 even with the metal's
+# tail known exactly (--known-metal tail). The coverage column shows in brackets the MAE
+# without them, as the loosening column does for halos whose coverage sits on its cut.
+COVERAGE_NEAR_THRESHOLD_MM = 0.15
 
 
 def _near_cut(x: float, cuts, margin: float) -> bool:
@@ -134,6 +148,8 @@ def compare(truth: dict, screws, cages, levels, config: Config | None = None) ->
         e.halo_mean_err.append(abs(m.halo_mean_mm - ts["halo_mean_mm"]))
         e.halo_cov_err.append(abs(m.halo_coverage - ts["halo_coverage"]))
         w = ts["halo_width_mm"]
+        if ts["halo_fraction"] <= 0 or not _near_cut(w, (crit.halo_threshold_mm,), COVERAGE_NEAR_THRESHOLD_MM):
+            e.halo_cov_off_threshold_err.append(abs(m.halo_coverage - ts["halo_coverage"]))
         if w <= 0.5 or w >= 1.5:
             e.loosening_ok.append(m.loosening == ts["loosening"])
             if not _near_cut(ts["halo_coverage"], (crit.halo_coverage_for_loosening,), 0.05):
@@ -321,7 +337,8 @@ def main(argv=None) -> int:
     if "uniform" in args.sets:
         print("uniform set: halo widths uniform in [0, 3] mm per screw; sclerotic rim only where "
               "the width is >= 1.5 mm (the generator's rule)")
-    hdr = ("| set | spacing | noise HU | screws | halo_mean MAE mm | coverage MAE | loosening right "
+    hdr = ("| set | spacing | noise HU | screws | halo_mean MAE mm | coverage MAE (width off the "
+           "threshold) | loosening right "
            "(coverage off its cut) | double halo right | "
            "endplates | subsidence MAE (max) mm | grade right | levels | bridging MAE (max) | fusion right |")
     print(hdr)
@@ -342,7 +359,8 @@ def main(argv=None) -> int:
                 for row in e.rows:
                     print("   ", kind, seed, sp, nz, row, file=sys.stderr)
         s = tot.summary()
-        print(f"| {kind} | {sp} | {nz:g} | {s['screws']} | {s['halo_mean_mae_mm']:.3f} | {s['halo_cov_mae']:.3f} | "
+        print(f"| {kind} | {sp} | {nz:g} | {s['screws']} | {s['halo_mean_mae_mm']:.3f} | {s['halo_cov_mae']:.3f} "
+              f"({s['halo_cov_off_threshold_mae']:.3f} of {s['halo_cov_off_threshold_n']}) | "
               f"{s['loosening_right']:.0%} of {s['loosening_n']} "
               f"({s['loosening_off_cut_right']:.0%} of {s['loosening_off_cut_n']}) | "
               f"{s['double_halo_right']:.0%} | {s['endplates']} | "

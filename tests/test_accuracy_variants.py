@@ -71,3 +71,25 @@ def test_known_metal_run_measures_screws_only_and_needs_true_geometry():
         run_phantom(0, "coarse", 25.0, detected=True, known_metal="all")
     with pytest.raises(ValueError):
         run_phantom(0, "coarse", 25.0, known_metal="rods")
+
+
+def test_coverage_off_the_threshold_leaves_out_only_widths_near_it():
+    from types import SimpleNamespace
+
+    from benchmarks.accuracy import COVERAGE_NEAR_THRESHOLD_MM, compare
+
+    widths = {"a": (0.0, 0.0), "b": (1.05, 1.0), "c": (0.9, 0.5), "d": (2.0, 0.75), "e": (1.1, 0.0)}
+    truth = {"screws": [{"id": k, "halo_width_mm": w, "halo_fraction": f, "halo_mean_mm": w * f,
+                         "halo_coverage": f if w >= 1.0 else 0.0, "loosening": f >= 0.5 and w >= 1.0,
+                         "double_halo": False} for k, (w, f) in widths.items()],
+             "cages": [], "levels": []}
+    read = {"a": 0.1, "b": 0.4, "c": 0.3, "d": 0.7, "e": 0.2}
+    screws = [SimpleNamespace(id=k, halo_mean_mm=0.0, halo_coverage=c, halo_max_mm=0.0,
+                              loosening=c >= 0.5, double_halo=False, rays_excluded=0)
+              for k, c in read.items()]
+    s = compare(truth, screws, [], []).summary()
+    assert COVERAGE_NEAR_THRESHOLD_MM == 0.15
+    # b (1.05 mm) and c (0.9 mm) lie within 0.15 mm of the 1 mm threshold; e has no halo
+    assert s["halo_cov_off_threshold_n"] == 3
+    assert s["halo_cov_off_threshold_mae"] == pytest.approx((0.1 + 0.05 + 0.2) / 3)
+    assert s["halo_cov_mae"] == pytest.approx((0.1 + 0.6 + 0.3 + 0.05 + 0.2) / 5)
