@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 from benchmarks.accuracy import SPACINGS, uniform_set_overrides  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.detect import detect  # noqa: E402
-from pipeline.measure import _along_shaft_median, measure_study  # noqa: E402
+from pipeline.measure import _along_shaft_width, measure_study  # noqa: E402
 from sample_data.phantom import PhantomSpec, make_phantom  # noqa: E402
 
 SEED = 10  # uniform set: L4-left carries a 2.87 mm halo on half its circumference
@@ -73,7 +73,7 @@ def test_rays_inside_a_wide_partial_halo_are_read_on_detected_geometry(detected_
         # rays inside the halo are not dropped more often than the rays outside it
         assert in_excl <= out_excl + 0.02, (t["id"], in_excl, out_excl)
         # and the sector's rays read the halo (the coverage decision's along-shaft width)
-        med = _along_shaft_median(W.ravel(), W.shape).reshape(W.shape)
+        med = _along_shaft_width(W.ravel(), W.shape).reshape(W.shape)
         used_in = np.isfinite(W) & ins[None, :]
         assert np.mean(med[used_in] >= 1.0) >= 0.95, (t["id"], np.mean(med[used_in] >= 1.0))
 

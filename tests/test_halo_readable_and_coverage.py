@@ -13,7 +13,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/numba_cache")
 import numpy as np  # noqa: E402
 
 from pipeline.config import Config  # noqa: E402
-from pipeline.measure import HALO_COVERAGE_STATIONS, _along_shaft_median, measure_study  # noqa: E402
+from pipeline.measure import HALO_COVERAGE_STATIONS, _along_shaft_width, measure_study  # noqa: E402
 from sample_data.phantom import PhantomSpec, make_phantom, truth_anatomy  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def test_halo_just_under_the_threshold_is_not_part_covered_by_noise():
     S, A = 36, 36
     w = _noisy_widths(np.full((S, A), 0.85), 0.25, seed=1)
     per_ray = float(np.mean(w >= 1.0))
-    smoothed = float(np.mean(_along_shaft_median(w.ravel(), (S, A)) >= 1.0))
+    smoothed = float(np.mean(_along_shaft_width(w.ravel(), (S, A)) >= 1.0))
     assert per_ray > 0.15
     assert smoothed < 0.05
 
@@ -64,10 +64,10 @@ def test_partial_halo_sector_and_a_track_along_part_of_the_shaft_keep_their_exte
     w = _noisy_widths(true_w, 0.2, seed=2)
     w[5, 3] = np.nan   # excluded rays are ignored, not counted as zero
     used = np.isfinite(w.ravel())
-    cov = float(np.mean(_along_shaft_median(w.ravel(), (S, A))[used] >= 1.0))
+    cov = float(np.mean(_along_shaft_width(w.ravel(), (S, A))[used] >= 1.0))
     # a running median keeps a step's position along the shaft (window shorter than the track)
     assert HALO_COVERAGE_STATIONS < 20
     assert abs(cov - 20 * 18 / (S * A)) <= 0.02
     # the window keeps azimuths apart: sector edges stay where they were
-    med = _along_shaft_median(w.ravel(), (S, A)).reshape(S, A)
+    med = _along_shaft_width(w.ravel(), (S, A)).reshape(S, A)
     assert np.all(med[:12, :18] >= 1.0) and np.all(med[:, 18:] < 1.0)
