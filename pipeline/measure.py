@@ -94,8 +94,8 @@ HALO_LOW_BONE_MARGIN_HU = HALO_TAIL_SPREAD_HU  # a ray's own bone level this far
 #   study's is not noise: its lucency is read against it (kernels.halo, step 2b); and a ray
 #   within HALO_DIRECT_FRACTION of the lucent level beyond the deficit window is inside a
 #   lucency wider than the window: read to its edge, not through its deficit (step 2a)
-HALO_COVERAGE_STATIONS = 15   # coverage decided on the along-shaft width (interquartile mean) over this
-                              # many stations (see _along_shaft_width)
+HALO_COVERAGE_STATIONS = 15   # coverage decided on the along-shaft width (interquartile
+                              # mean) over this many stations (see _along_shaft_width)
 HALO_OUTLIER_MM = 1.0         # a ray this far from its neighbours' median is an artefact
 ROD_STATION_STEP_MM = 1.0     # rod tail: stations along each rod segment
 ROD_END_MARGIN_MM = 3.0       # ... this far from the rod's two ends
@@ -948,8 +948,8 @@ def measure_screw(volume: Volume, screw: ScrewGeometry, config: Config, *,
         ``halo_mean_mm`` is the mean width over used rays, ``halo_max_mm`` the 95th
         percentile, ``halo_coverage`` the fraction of used rays at least
         ``criteria.halo_threshold_mm`` wide, each ray's width for this decision being the
-        interquartile mean of its azimuth's widths over ``HALO_COVERAGE_STATIONS`` stations along the
-        shaft (:func:`_along_shaft_width`); ``rays_excluded`` counts rays recognised as
+        interquartile mean of its azimuth's widths over ``HALO_COVERAGE_STATIONS`` stations
+        along the shaft (:func:`_along_shaft_width`); ``rays_excluded`` counts rays recognised as
         crossing a streak or leaving bone (NaN in ``ScrewEvidence.widths_mm``).
     """
     if screw.diameter_mm <= 0 or screw.length_mm <= 0:
