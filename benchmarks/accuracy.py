@@ -146,10 +146,12 @@ def compare(truth: dict, screws, cages, levels, config: Config | None = None) ->
     e = Errors()
     for ts, m in _matched(truth["screws"], screws, "id", "screw", e):
         e.halo_mean_err.append(abs(m.halo_mean_mm - ts["halo_mean_mm"]))
-        e.halo_cov_err.append(abs(m.halo_coverage - ts["halo_coverage"]))
+        cov_err = abs(m.halo_coverage - ts["halo_coverage"])
+        e.halo_cov_err.append(cov_err)
         w = ts["halo_width_mm"]
-        if ts["halo_fraction"] <= 0 or not _near_cut(w, (crit.halo_threshold_mm,), COVERAGE_NEAR_THRESHOLD_MM):
-            e.halo_cov_off_threshold_err.append(abs(m.halo_coverage - ts["halo_coverage"]))
+        if ts["halo_fraction"] <= 0 or not _near_cut(w, (crit.halo_threshold_mm,),
+                                                     COVERAGE_NEAR_THRESHOLD_MM):
+            e.halo_cov_off_threshold_err.append(cov_err)
         if w <= 0.5 or w >= 1.5:
             e.loosening_ok.append(m.loosening == ts["loosening"])
             if not _near_cut(ts["halo_coverage"], (crit.halo_coverage_for_loosening,), 0.05):

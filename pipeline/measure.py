@@ -636,7 +636,7 @@ def _along_shaft_width(widths: np.ndarray, shape: tuple[int, int],
     pad[h:h + S] = W
     stack = np.stack([pad[k:k + S] for k in range(2 * h + 1)])
     # a window with no used ray (NaN there; never asked for: a used ray is in its own
-    # window) is filled before the median rather than silenced: warnings.catch_warnings
+    # window) is filled before the percentiles rather than silenced: warnings.catch_warnings
     # is process-wide and the measurement runs beside the integrity checks in threads
     empty = ~np.isfinite(stack).any(axis=0)
     stack[:, empty] = 0.0

@@ -2,7 +2,7 @@
 along-shaft coverage decision (pipeline.measure).
 
 Ground truth: the phantom's (sample_data.phantom) for the study test; the along-shaft
-median tests build width maps whose true coverage is known by construction.
+window tests build width maps whose true coverage is known by construction.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_halo_just_under_the_threshold_is_not_part_covered_by_noise():
 
 def test_partial_halo_sector_and_a_track_along_part_of_the_shaft_keep_their_extent():
     # 1.6 mm over half the circumference on stations 0-19 of 36 (a track along part of the
-    # shaft, longer than the median window); true coverage 20 * 18 / (36 * 36)
+    # shaft, longer than the along-shaft window); true coverage 20 * 18 / (36 * 36)
     S, A = 36, 36
     true_w = np.zeros((S, A))
     true_w[:20, :18] = 1.6
@@ -65,7 +65,7 @@ def test_partial_halo_sector_and_a_track_along_part_of_the_shaft_keep_their_exte
     w[5, 3] = np.nan   # excluded rays are ignored, not counted as zero
     used = np.isfinite(w.ravel())
     cov = float(np.mean(_along_shaft_width(w.ravel(), (S, A))[used] >= 1.0))
-    # a running median keeps a step's position along the shaft (window shorter than the track)
+    # a running window keeps a step's position along the shaft (window shorter than the track)
     assert HALO_COVERAGE_STATIONS < 20
     assert abs(cov - 20 * 18 / (S * A)) <= 0.02
     # the window keeps azimuths apart: sector edges stay where they were
