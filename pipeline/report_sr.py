@@ -499,6 +499,7 @@ class SRWorker:
             [sys.executable, "-c", "from pipeline.report_sr import _worker_main; _worker_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
             cwd=root, close_fds=True)
+        self._sender = None  # the thread that hands over the result (see build)
         pickle.dump(self.paths, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         self._proc.stdin.flush()
 
@@ -517,8 +518,9 @@ class SRWorker:
                 raise RuntimeError("source files changed since the SR helper read them")
             # sent from a thread: a helper that is alive but stuck reads nothing, and a
             # result larger than the pipe's buffer would block here for ever
-            threading.Thread(target=self._send, args=(result,), daemon=True,
-                             name="fusionct-sr-send").start()
+            self._sender = threading.Thread(target=self._send, args=(result,), daemon=True,
+                                            name="fusionct-sr-send")
+            self._sender.start()
             ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
             if not ready:
                 raise RuntimeError(f"SR helper gave no answer in {timeout_s:g} s")
@@ -545,16 +547,20 @@ class SRWorker:
             pass
 
     def close(self) -> None:
-        """Stop the helper (idempotent). It is stopped before its pipes are closed: a
-        send still blocked on a full pipe then fails at once instead of holding the pipe."""
+        """Stop the helper (idempotent). It is stopped first, so a send still blocked on a
+        full pipe fails at once; the send is then waited for before the pipes are closed,
+        because closing a buffered pipe while another thread writes to it is a race that
+        CPython reports as ValueError (seen in CI)."""
         p = self._proc
         if p.poll() is None:
             p.kill()
             p.wait()
+        if self._sender is not None:
+            self._sender.join(timeout=10.0)
         for fh in (p.stdin, p.stdout):
             try:
                 fh.close()
-            except OSError:
+            except (OSError, ValueError):
                 pass
 
 

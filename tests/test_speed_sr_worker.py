@@ -149,3 +149,27 @@ def test_no_helper_for_nifti_input():
     assert prefetch_sources({"input_kind": "dicom"}) is False
     assert prefetch_sources(None) is False
     np.testing.assert_equal(len(outputs_mod._WORKERS) <= outputs_mod._WORKERS_KEEP, True)
+
+
+def test_the_pipes_are_closed_only_after_the_send_has_ended(sources, monkeypatch):
+    """Closing a buffered pipe while the sending thread still writes to it is a race
+    (CPython raised ValueError from close() in CI): close() waits for the send first."""
+    import time
+
+    _, vol, truth = sources
+    worker = SRWorker(vol.meta["source_paths"])
+    worker._proc.kill()
+    worker._proc.wait()
+    seen = {}
+    send = worker._send
+
+    def slow_send(result):
+        time.sleep(0.5)  # still sending when build() has seen the helper's end
+        seen["stdin_open_during_send"] = not worker._proc.stdin.closed
+        send(result)
+
+    monkeypatch.setattr(worker, "_send", slow_send)
+    with pytest.raises(RuntimeError):
+        worker.build(truth_result(truth))
+    assert seen == {"stdin_open_during_send": True}
+    assert not worker._sender.is_alive() and worker._proc.stdin.closed
