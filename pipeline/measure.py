@@ -119,6 +119,8 @@ HALO_RIM_MIN_AZIMUTHS = 3     # ... on at least this many neighbouring azimuths 
 HALO_RIM_REF_MIN_AZIMUTHS = 2  # ... and on at least this many to keep its rays out of the tail's
                               # halo-free references (_rim_rays)
 HALO_RIM_UNDER_MM = 0.5       # rays reading this much less than their azimuth's rim take it
+HALO_RIM_SECTOR_FRACTION = 0.35  # an azimuth beside a seen rim holds it at this fraction of the
+                              # way from the bone beyond the rim to the rim's own level (_rim_sector)
 DOUBLE_HALO_MIN_FRACTION = 0.3
 DOUBLE_HALO_MIN_RAYS = 10
 
@@ -763,14 +765,29 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
     level and the peak read 0.05-0.65 mm short). A crossing at or before ``d_vis`` is not
     read (censored; the rim is seen), nor a width over ``HALO_RIM_MAX_WIDTH_MM`` (wider
     lucencies are read directly; a cortex beyond trabecular bone is not a rim: not seen)."""
+    width, contrast, _, _ = _rim_readings(_median_profiles(prof, rays, tail), rays, tail, bone_hu)
+    return width, contrast
+
+
+def _median_profiles(prof: np.ndarray, rays: ScrewRays, tail: MetalTail) -> np.ndarray:
+    """Per azimuth, the along-shaft median of the screw's profiles less the metal's tail
+    (A, n): a sclerotic rim stays plain on it where single rays are lost in noise."""
     S, A = rays.shape
+    return np.median(prof.reshape(S, A, -1), axis=0) - tail.tail_for(rays.blur_mm[:A])
+
+
+def _rim_readings(g: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float):
+    """:func:`_rim_widths` on the median profiles ``g`` (:func:`_median_profiles`):
+    ``(width_mm, contrast_hu, peak_hu, beyond_hu)`` per azimuth, the last two NaN where no
+    peak was read."""
+    _, A = rays.shape
     d = rays.d_mm
     step = float(d[1] - d[0])
-    blur_a = rays.blur_mm[:A]
-    g = np.median(prof.reshape(S, A, -1), axis=0) - tail.tail_for(blur_a)
-    d_vis = tail.per_ray(tail.d_vis_mm, blur_a)
+    d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm[:A])
     out = np.full(A, np.nan)
     contrast = np.zeros(A)
+    peaks = np.full(A, np.nan)
+    beyonds = np.full(A, np.nan)
     for a in range(A):
         idx = np.flatnonzero((d >= d_vis[a]) & (d <= d_vis[a] + HALO_RIM_REACH_MM))
         if idx.size < 2:
@@ -785,6 +802,7 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
         beyond = float(np.min(g[a, win]))
         if abs(beyond - bone_hu) >= RIM_CLEAR_HU:
             continue
+        peaks[a], beyonds[a] = peak, beyond
         contrast[a] = peak - beyond
         level = 0.5 * (beyond + peak)
         if contrast[a] < HALO_RIM_MIN_HU or g[a, idx[0]] >= level:
@@ -802,7 +820,53 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
     # it is a cortex or a bone island beside the shaft, not a rim
     seen = contrast >= HALO_RIM_MIN_HU
     out[~_in_long_runs(seen, HALO_RIM_MIN_AZIMUTHS)] = np.nan
-    return out, contrast
+    return out, contrast, peaks, beyonds
+
+
+def _rim_sector(g: np.ndarray, rays: ScrewRays, rim_w: np.ndarray, beyond_hu: np.ndarray) -> np.ndarray:
+    """Rim widths carried from the azimuths where a sclerotic rim was read (``rim_w``
+    finite, :func:`_rim_widths`) round the circumference to the neighbouring azimuths that
+    still hold the rim: their median profile ``g`` (:func:`_median_profiles`), averaged over
+    ``RIM_WINDOW_MM`` past the carried width, lies at least ``HALO_RIM_SECTOR_FRACTION`` of
+    the way from the bone beyond the read rims up to the read rims' own level there. The
+    walk stops at the first azimuth that does not (the sector's edge). Returns the widths
+    (A,), NaN where no rim is read or carried.
+
+    Why: a double halo (lucency inside a sclerotic rim) is a sign of loosening (CLINICAL.md).
+    At 0.8x0.8x1.5 mm its rim is read only on the sharpest directions: along the slice
+    axis the blurred rim shows no peak over a pedicle cortex 2-3 mm beyond it, and the
+    lucency is hidden inside the readable distance, so those directions read no halo and a
+    2 mm double halo on 0.75 of the circumference read coverage 0.31-0.38 (not loose). Yet
+    the rim's density is still plain there, 300-420 HU at the rim's distance where the
+    rim-free part of the same screw reads 160-275 HU (true geometry, 25 HU; seeds 0, 27,
+    29 and 34); it marks the double halo's sector."""
+    A = len(rim_w)
+    seen = np.isfinite(rim_w)
+    out = rim_w.copy()
+    if not seen.any() or seen.all():
+        return out
+    d = rays.d_mm
+
+    def level(a: int, width: float) -> float:
+        win = (d >= width + RIM_WINDOW_MM[0]) & (d <= width + RIM_WINDOW_MM[1])
+        return float(np.mean(g[a, win])) if win.any() else -np.inf
+
+    idx = np.flatnonzero(seen)
+    bone = float(np.nanmedian(beyond_hu[idx]))
+    rim = float(np.median([level(a, rim_w[a]) for a in idx]))
+    cut = bone + HALO_RIM_SECTOR_FRACTION * (rim - bone)
+    if not np.isfinite(cut) or rim <= bone:
+        return out
+    for step in (1, -1):  # walk outwards from every read azimuth, both ways
+        for a0 in idx:
+            if seen[(a0 + step) % A]:
+                continue  # not the end of its run
+            width = rim_w[a0]
+            a = (a0 + step) % A
+            while not seen[a] and np.isnan(out[a]) and level(a, width) >= cut:
+                out[a] = width
+                a = (a + step) % A
+    return out
 
 
 def _in_long_runs(mask: np.ndarray, min_len: int) -> np.ndarray:
@@ -865,7 +929,11 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
     # sharper directions also reaches the blurred ones (where it is censored); but not an
     # azimuth that is clearly rim-free (contrast under half HALO_RIM_MIN_HU): a halo-free
     # azimuth beside a half double halo took the rim's width (1.08 mm read for 0.75)
-    rim_w, rim_contrast = _rim_widths(prof, rays, tail, bone_hu)
+    g_med = _median_profiles(prof, rays, tail)
+    rim_w, rim_contrast, _, rim_beyond = _rim_readings(g_med, rays, tail, bone_hu)
+    rim_w_read = rim_w
+    rim_w = _rim_sector(g_med, rays, rim_w, rim_beyond)
+    rim_side = (rim_contrast >= 0.5 * HALO_RIM_MIN_HU) | (np.isfinite(rim_w) & ~np.isfinite(rim_w_read))
     W = w.copy().reshape(S, A)
     under = (np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2)
              & (W < rim_w[None, :] - HALO_RIM_UNDER_MM))
@@ -873,7 +941,7 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
     w_plain = _fill_unreadable(w.copy(), st, g_vis, rays, tail, bone_hu, prof=prof)
     if under.any():  # else the rim-aware fill is the plain one
         w_rim = _fill_unreadable(W.ravel(), st, g_vis, rays, tail, bone_hu, known=under.ravel())
-        w = np.where(np.tile(rim_contrast >= 0.5 * HALO_RIM_MIN_HU, S), w_rim, w_plain)
+        w = np.where(np.tile(rim_side, S), w_rim, w_plain)
     else:
         w = w_plain
     excl = (st == 2) | ~np.isfinite(w)
