@@ -765,7 +765,7 @@ def _rim_widths(prof: np.ndarray, rays: ScrewRays, tail: MetalTail,
     level and the peak read 0.05-0.65 mm short). A crossing at or before ``d_vis`` is not
     read (censored; the rim is seen), nor a width over ``HALO_RIM_MAX_WIDTH_MM`` (wider
     lucencies are read directly; a cortex beyond trabecular bone is not a rim: not seen)."""
-    width, contrast, _, _ = _rim_readings(_median_profiles(prof, rays, tail), rays, tail, bone_hu)
+    width, contrast, _ = _rim_readings(_median_profiles(prof, rays, tail), rays, tail, bone_hu)
     return width, contrast
 
 
@@ -778,15 +778,14 @@ def _median_profiles(prof: np.ndarray, rays: ScrewRays, tail: MetalTail) -> np.n
 
 def _rim_readings(g: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: float):
     """:func:`_rim_widths` on the median profiles ``g`` (:func:`_median_profiles`):
-    ``(width_mm, contrast_hu, peak_hu, beyond_hu)`` per azimuth, the last two NaN where no
-    peak was read."""
+    ``(width_mm, contrast_hu, beyond_hu)`` per azimuth, the level beyond the rim NaN where
+    no peak with ordinary bone beyond it was read."""
     _, A = rays.shape
     d = rays.d_mm
     step = float(d[1] - d[0])
     d_vis = tail.per_ray(tail.d_vis_mm, rays.blur_mm[:A])
     out = np.full(A, np.nan)
     contrast = np.zeros(A)
-    peaks = np.full(A, np.nan)
     beyonds = np.full(A, np.nan)
     for a in range(A):
         idx = np.flatnonzero((d >= d_vis[a]) & (d <= d_vis[a] + HALO_RIM_REACH_MM))
@@ -802,7 +801,7 @@ def _rim_readings(g: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: floa
         beyond = float(np.min(g[a, win]))
         if abs(beyond - bone_hu) >= RIM_CLEAR_HU:
             continue
-        peaks[a], beyonds[a] = peak, beyond
+        beyonds[a] = beyond
         contrast[a] = peak - beyond
         level = 0.5 * (beyond + peak)
         if contrast[a] < HALO_RIM_MIN_HU or g[a, idx[0]] >= level:
@@ -820,7 +819,7 @@ def _rim_readings(g: np.ndarray, rays: ScrewRays, tail: MetalTail, bone_hu: floa
     # it is a cortex or a bone island beside the shaft, not a rim
     seen = contrast >= HALO_RIM_MIN_HU
     out[~_in_long_runs(seen, HALO_RIM_MIN_AZIMUTHS)] = np.nan
-    return out, contrast, peaks, beyonds
+    return out, contrast, beyonds
 
 
 def _rim_sector(g: np.ndarray, rays: ScrewRays, rim_w: np.ndarray, beyond_hu: np.ndarray) -> np.ndarray:
@@ -837,7 +836,7 @@ def _rim_sector(g: np.ndarray, rays: ScrewRays, rim_w: np.ndarray, beyond_hu: np
     axis the blurred rim shows no peak over a pedicle cortex 2-3 mm beyond it, and the
     lucency is hidden inside the readable distance, so those directions read no halo and a
     2 mm double halo on 0.75 of the circumference read coverage 0.31-0.38 (not loose). Yet
-    the rim's density is still plain there, 300-420 HU at the rim's distance where the
+    the rim's density is still plain there, 290-420 HU at the rim's distance where the
     rim-free part of the same screw reads 160-275 HU (true geometry, 25 HU; seeds 0, 27,
     29 and 34); it marks the double halo's sector."""
     A = len(rim_w)
@@ -929,11 +928,12 @@ def _screw_result(rays: ScrewRays, hu: np.ndarray, prof: np.ndarray, tail: Metal
     # sharper directions also reaches the blurred ones (where it is censored); but not an
     # azimuth that is clearly rim-free (contrast under half HALO_RIM_MIN_HU): a halo-free
     # azimuth beside a half double halo took the rim's width (1.08 mm read for 0.75)
+    # (and on the azimuths beside a read rim that still hold its level, _rim_sector)
     g_med = _median_profiles(prof, rays, tail)
-    rim_w, rim_contrast, _, rim_beyond = _rim_readings(g_med, rays, tail, bone_hu)
-    rim_w_read = rim_w
-    rim_w = _rim_sector(g_med, rays, rim_w, rim_beyond)
-    rim_side = (rim_contrast >= 0.5 * HALO_RIM_MIN_HU) | (np.isfinite(rim_w) & ~np.isfinite(rim_w_read))
+    rim_read, rim_contrast, rim_beyond = _rim_readings(g_med, rays, tail, bone_hu)
+    rim_w = _rim_sector(g_med, rays, rim_read, rim_beyond)
+    carried = np.isfinite(rim_w) & ~np.isfinite(rim_read)
+    rim_side = (rim_contrast >= 0.5 * HALO_RIM_MIN_HU) | carried
     W = w.copy().reshape(S, A)
     under = (np.isfinite(rim_w)[None, :] & (st.reshape(S, A) != 2)
              & (W < rim_w[None, :] - HALO_RIM_UNDER_MM))
