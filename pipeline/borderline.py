@@ -16,7 +16,7 @@ phantom sets, 25 HU noise, streaks and blooming, ``python -m benchmarks.accuracy
 calls lay inside the coverage band, and outside it 96.8-98.4 % of the calls were right
 (wrong: 1.6-3.2 % of unflagged screws at each spacing, 23-45 % of flagged ones). The 0.8x0.8x1.5
 mm coverage margin was re-measured after the rim sector (pipeline.measure._rim_sector): 90th
-percentile 0.186, was 0.202-0.210.
+percentile 0.184, was 0.202-0.210.
 
 One condition makes every halo call of a study less reliable rather than one of them: no
 screw reading halo-free at voxels coarser than 1 mm, where the metal's blooming tail has no
