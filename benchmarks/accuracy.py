@@ -178,6 +178,27 @@ def compare(truth: dict, screws, cages, levels, config: Config | None = None) ->
 PHANTOM_SETS = ("default", "uniform")
 
 
+def seed_bootstrap_ci(per_seed_errors, level: float = 0.95, n_boot: int = 4000,
+                      rng_seed: int = 0) -> tuple[float, float]:
+    """Interval of a pooled mean error when the phantoms are drawn again: the seeds are
+    resampled with replacement (``n_boot`` times) and each draw's errors pooled.
+
+    Why seeds and not objects: the screws of one study share its metal tail, bone level and
+    streaks, so their errors are not independent, and a 12-seed table row is one draw of
+    such a set. ``per_seed_errors``: one sequence of per-object errors per seed (empty ones
+    are skipped). Returns (low, high); (nan, nan) without errors."""
+    groups = [np.asarray(g, float) for g in per_seed_errors if len(g)]
+    if not groups:
+        return float("nan"), float("nan")
+    sums = np.array([g.sum() for g in groups])
+    counts = np.array([len(g) for g in groups])
+    pick = np.random.default_rng(rng_seed).integers(0, len(groups), (n_boot, len(groups)))
+    means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    tail = 50.0 * (1.0 - level)
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
 def uniform_halo_widths(seed: int) -> dict:
     """Per-screw halo widths drawn uniformly from [0, 3] mm (``numpy.random.default_rng(seed)``
     over the phantom's screw ids in their order), for the phantom set ``uniform``.
@@ -345,8 +366,10 @@ def main(argv=None) -> int:
            "endplates | subsidence MAE (max) mm | grade right | levels | bridging MAE (max) | fusion right |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
+    intervals = []
     for sp, nz, kind in itertools.product(args.spacings, args.noise, args.sets):
         tot = Errors()
+        cov_by_seed = []
         t0 = time.time()
         for seed in args.seeds:
             kw = uniform_set_overrides(seed) if kind == "uniform" else {}
@@ -357,6 +380,7 @@ def main(argv=None) -> int:
                 kw["streak_bands"] = False
             e = run_phantom(seed, sp, nz, detected=args.detected, known_metal=args.known_metal, **kw)
             tot.extend(e)
+            cov_by_seed.append(e.halo_cov_err)
             if args.verbose:
                 for row in e.rows:
                     print("   ", kind, seed, sp, nz, row, file=sys.stderr)
@@ -373,6 +397,11 @@ def main(argv=None) -> int:
               + (f" missing {s['missing']}" if s["missing"] else ""), flush=True)
         if args.verbose:
             print(f"    ({time.time() - t0:.0f} s)", file=sys.stderr)
+        intervals.append((kind, sp, nz, seed_bootstrap_ci(cov_by_seed)))
+    if len(args.seeds) > 1:
+        print("\ncoverage MAE, 95 % interval when the seeds are drawn again (seed bootstrap):")
+        for kind, sp, nz, (lo, hi) in intervals:
+            print(f"  {kind} {sp} {nz:g} HU: {lo:.3f}-{hi:.3f}")
     return 0
 
 

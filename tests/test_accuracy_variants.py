@@ -93,3 +93,23 @@ def test_coverage_off_the_threshold_leaves_out_only_widths_near_it():
     assert s["halo_cov_off_threshold_n"] == 3
     assert s["halo_cov_off_threshold_mae"] == pytest.approx((0.1 + 0.05 + 0.2) / 3)
     assert s["halo_cov_mae"] == pytest.approx((0.1 + 0.6 + 0.3 + 0.05 + 0.2) / 5)
+
+
+# ------------------------------------------------------------ seed-bootstrap interval
+def test_seed_bootstrap_interval_pools_by_seed():
+    """The interval brackets the pooled mean, collapses when every seed errs alike, weighs a
+    seed by its objects and skips seeds without any."""
+    import numpy as np
+
+    from benchmarks.accuracy import seed_bootstrap_ci
+
+    same = [[0.1, 0.1], [0.1, 0.1, 0.1], []]
+    lo, hi = seed_bootstrap_ci(same)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    rng = np.random.default_rng(1)
+    groups = [rng.uniform(0, 0.3, rng.integers(2, 7)) for _ in range(40)]
+    pooled = np.concatenate(groups).mean()
+    lo, hi = seed_bootstrap_ci(groups)
+    assert lo < pooled < hi and hi - lo < 0.1
+    assert seed_bootstrap_ci(groups, level=0.5)[1] - seed_bootstrap_ci(groups, level=0.5)[0] < hi - lo
+    assert all(np.isnan(seed_bootstrap_ci([[], []])))
