@@ -344,8 +344,12 @@ def main(argv=None) -> int:
     ap.add_argument("--known-metal", default="none", choices=list(KNOWN_METAL),
                     help="subtract the hardware's exact footprint (all), its tail or its streaks "
                          "before measuring: the halo reader's ceiling (true geometry, screws only)")
+    ap.add_argument("--streak-band-removal", action="store_true",
+                    help="measure and remove the dark streak bands before reading the halo "
+                         "(Config.streak_band_removal; off by default, see README)")
     ap.add_argument("--verbose", action="store_true", help="print every object")
     args = ap.parse_args(argv)
+    config = Config(streak_band_removal=True) if args.streak_band_removal else Config()
     geom = "detected" if args.detected else "true"
     print(f"fusionct measurement accuracy vs phantom truth ({geom} geometry, streaks + blooming on, "
           f"seeds {args.seeds})")
@@ -354,6 +358,8 @@ def main(argv=None) -> int:
     if args.half_halos != "0.5" or args.no_streak_bands:
         print(f"variant: half halos {args.half_halos}"
               + ("; no streak bands (radial streaks kept)" if args.no_streak_bands else ""))
+    if args.streak_band_removal:
+        print("streak band removal on (Config.streak_band_removal)")
     if args.known_metal != "none":
         print(f"known metal: the hardware's exact footprint ({args.known_metal}) subtracted; "
               "screws only")
@@ -378,7 +384,8 @@ def main(argv=None) -> int:
                 kw["halo_fractions"] = fractions
             if args.no_streak_bands:
                 kw["streak_bands"] = False
-            e = run_phantom(seed, sp, nz, detected=args.detected, known_metal=args.known_metal, **kw)
+            e = run_phantom(seed, sp, nz, detected=args.detected, config=config,
+                            known_metal=args.known_metal, **kw)
             tot.extend(e)
             cov_by_seed.append(e.halo_cov_err)
             if args.verbose:

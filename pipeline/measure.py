@@ -13,6 +13,12 @@ directions expressed in voxels *per mm*, so anisotropic spacing never reaches a 
 * :func:`measure_level` - fusion bridging fraction over the disc-space cross-section.
 * :func:`measure_study` - all of the above for one study.
 
+Streaks. The dark beam-hardening band that joins two pieces of metal in a slice lies on each
+screw's facing side, where it reads as a halo; with ``Config.streak_band_removal`` it is
+measured and removed first (:mod:`pipeline.streaks`; off by default: the reader below was
+calibrated with the bands in, README "Streak band removal"). Narrower bright and dark streaks from one screw are left to the
+rays: a ray far from its neighbours is an artefact (``_neighbour_outliers``).
+
 Metal blooming. Titanium reads wider and brighter than it is (Elliott and Slakey, CORR
 2014): next to a screw the image carries the metal's own tail (blur plus blooming) of
 several hundred HU within the first millimetre, the size of the loosening rule itself. The
@@ -58,6 +64,7 @@ from pipeline.results import (
     ScrewMeasurement,
     Vertebra,
 )
+from pipeline.streaks import find_streak_bands, without_bands
 from pipeline.volume import Volume
 
 # ------------------------------------------------------------------ halo (internal constants)
@@ -290,7 +297,9 @@ class MetalTail:
     true surface by rays of direction class ``c`` (classes by voxel extent along the ray,
     edges ``class_edges_mm``). ``d_vis_mm[c]``: closest readable distance. ``sigma_mm[c]``:
     blur of a lucent/bone edge. ``lucent_hu``: the lucent level; ``bone_hu``: the study's
-    peri-screw bone level. ``reference_rays[c]``: halo-free rays behind each class."""
+    peri-screw bone level. ``reference_rays[c]``: halo-free rays behind each class.
+    ``bands``: the study's dark streak bands (:mod:`pipeline.streaks`), removed from the
+    image before every profile the tail and the halo are read from."""
 
     d_mm: np.ndarray
     class_edges_mm: np.ndarray
@@ -301,6 +310,7 @@ class MetalTail:
     bone_hu: float
     reference_rays: np.ndarray
     class_centres_mm: np.ndarray = None
+    bands: tuple = ()
 
     def classes(self, blur_mm: np.ndarray) -> np.ndarray:
         return np.clip(np.searchsorted(self.class_edges_mm, blur_mm, side="right") - 1,
@@ -1031,10 +1041,15 @@ def measure_screw(volume: Volume, screw: ScrewGeometry, config: Config, *,
     if screw.diameter_mm <= 0 or screw.length_mm <= 0:
         raise InputError(f"screw {screw.id}", "screw has no length or diameter")
     hu = _hu(volume)
+    if tail is None:
+        bands = tuple(_study_bands(volume, config, hu))
+        hu = without_bands(volume, bands, hu)
+    else:
+        hu = without_bands(volume, tail.bands, hu)
     rays = screw_rays(volume, screw, config)
     prof = screw_profiles(volume, rays, hu)
     if tail is None:
-        tail = estimate_metal_tail(volume, [rays], [prof], config)
+        tail = replace(estimate_metal_tail(volume, [rays], [prof], config), bands=bands)
     bone = _screw_bone_level(rays, prof, tail, config)
     return _screw_result(rays, hu, prof, tail, config, bone)
 
@@ -1828,21 +1843,33 @@ def study_metal_tail(volume: Volume, anatomy: Anatomy, config: Config) -> MetalT
     return _study_tail(volume, anatomy, config, _hu(volume))[2]
 
 
+def _study_bands(volume: Volume, config: Config, hu: np.ndarray) -> list:
+    """The study's dark streak bands (none when ``config.streak_band_removal`` is off)."""
+    if not config.streak_band_removal:
+        return []
+    return find_streak_bands(volume, config.metal_threshold_hu, hu)
+
+
 def _study_tail(volume: Volume, anatomy: Anatomy, config: Config, hu: np.ndarray):
-    """(rays, profiles, metal tail) of every measurable screw of the study; the tail is
-    None when there is no such screw."""
+    """(rays, profiles, metal tail, image) of every measurable screw of the study: the
+    streak bands are removed from ``hu`` first (the image returned; the tail keeps the
+    bands); the tail is None when there is no measurable screw."""
+    bands = tuple(_study_bands(volume, config, hu)) if anatomy.screws else ()
+    hu = without_bands(volume, bands, hu)
     rays_list, profiles = _study_screw_profiles(volume, anatomy, config, hu)
     if not rays_list:
-        return rays_list, profiles, None
+        return rays_list, profiles, None, hu
     tail = estimate_metal_tail(volume, rays_list, profiles, config,
                                rod_tail=_study_rod_tail(volume, anatomy, config, hu, rays_list))
-    return rays_list, profiles, tail
+    return rays_list, profiles, replace(tail, bands=bands), hu
 
 
 def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
     """Every screw, cage and level of a study.
 
-    The metal tail for the halo is estimated once from all screws' halo-free rays.
+    With ``config.streak_band_removal`` the study's dark streak bands are measured and
+    removed once (:mod:`pipeline.streaks`); the metal tail for the halo is estimated once
+    from all screws' halo-free rays.
 
     Returns
     -------
@@ -1853,11 +1880,11 @@ def measure_study(volume: Volume, anatomy: Anatomy, config: Config):
     hu = _hu(volume)
     evidence: dict = {}
     screws_out = []
-    rays_list, profiles, tail = _study_tail(volume, anatomy, config, hu)
+    rays_list, profiles, tail, hu_halo = _study_tail(volume, anatomy, config, hu)
     if tail is not None:
         for rays, prof in zip(rays_list, profiles):
             bone = _screw_bone_level(rays, prof, tail, config)
-            m, ev = _screw_result(rays, hu, prof, tail, config, bone)
+            m, ev = _screw_result(rays, hu_halo, prof, tail, config, bone)
             screws_out.append(m)
             evidence[m.id] = ev
     cages_out = []

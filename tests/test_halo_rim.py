@@ -50,7 +50,7 @@ def test_no_rim_read_around_screws_without_one(study):
     leaves them as the kernel read them, and none is called a double halo."""
     vol, truth, anatomy, got = study
     cfg = Config()
-    rays_list, _, tail = M._study_tail(vol, anatomy, cfg, M._hu(vol))
+    rays_list, _, tail, hu = M._study_tail(vol, anatomy, cfg, M._hu(vol))
     ts = {s["id"]: s for s in truth["screws"]}
     checked = 0
     for rays in rays_list:
@@ -59,7 +59,7 @@ def test_no_rim_read_around_screws_without_one(study):
             continue
         checked += 1
         assert not got[t["id"]].double_halo, t["id"]
-        rim, contrast = M._rim_widths(M.screw_profiles(vol, rays), rays, tail, tail.bone_hu)
+        rim, contrast = M._rim_widths(M.screw_profiles(vol, rays, hu), rays, tail, tail.bone_hu)
         assert np.isnan(rim).all() and (contrast < M.HALO_RIM_MIN_HU).all(), (t["id"], rim)
     assert checked == 3
 
