@@ -16,8 +16,9 @@ directions expressed in voxels *per mm*, so anisotropic spacing never reaches a 
 Streaks. The dark beam-hardening band that joins two pieces of metal in a slice lies on each
 screw's facing side, where it reads as a halo; with ``Config.streak_band_removal`` it is
 measured and removed first (:mod:`pipeline.streaks`; off by default: the reader below was
-calibrated with the bands in, README "Streak band removal"). Narrower bright and dark streaks from one screw are left to the
-rays: a ray far from its neighbours is an artefact (``_neighbour_outliers``).
+calibrated with the bands in, README "Streak band removal"). Narrower bright and dark
+streaks from one screw are left to the rays: a ray far from its neighbours is an artefact
+(``_neighbour_outliers``).
 
 Metal blooming. Titanium reads wider and brighter than it is (Elliott and Slakey, CORR
 2014): next to a screw the image carries the metal's own tail (blur plus blooming) of
@@ -1026,7 +1027,9 @@ def measure_screw(volume: Volume, screw: ScrewGeometry, config: Config, *,
         ``halo_max_width_mm`` and the loosening criteria.
     tail : MetalTail, optional
         The study's metal tail (``measure_study`` estimates it once from every screw);
-        without it the tail is estimated from this screw's own halo-free rays.
+        without it the tail is estimated from this screw's own halo-free rays (and, with
+        ``config.streak_band_removal``, the bands from the whole volume); with it, its
+        ``bands`` are removed before reading.
 
     Returns
     -------

@@ -96,8 +96,9 @@ def _gauss(u: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def fit_band_profile(profiles: np.ndarray, u: np.ndarray):
-    """Depth (HU, positive = dark), width (mm), signal-to-noise and misfit of a Gaussian dip
-    in cross-profiles ``profiles[m, len(u)]`` over a per-profile linear background.
+    """Depth (HU, positive = dark), width and offset across the join (mm), signal-to-noise
+    and misfit (HU) of a Gaussian dip in cross-profiles ``profiles[m, len(u)]`` (``u`` mm
+    across the join) over a per-profile linear background.
 
     Each profile's background is the straight line through its outer samples
     (``|u| >= BAND_OUTER_MM``); the band is fitted to the median of the detrended profiles
