@@ -349,7 +349,7 @@ def main(argv=None) -> int:
                          "(Config.streak_band_removal; off by default, see README)")
     ap.add_argument("--verbose", action="store_true", help="print every object")
     args = ap.parse_args(argv)
-    config = Config(streak_band_removal=True) if args.streak_band_removal else Config()
+    config = Config(streak_band_removal=args.streak_band_removal)
     geom = "detected" if args.detected else "true"
     print(f"fusionct measurement accuracy vs phantom truth ({geom} geometry, streaks + blooming on, "
           f"seeds {args.seeds})")

@@ -1044,11 +1044,8 @@ def measure_screw(volume: Volume, screw: ScrewGeometry, config: Config, *,
     if screw.diameter_mm <= 0 or screw.length_mm <= 0:
         raise InputError(f"screw {screw.id}", "screw has no length or diameter")
     hu = _hu(volume)
-    if tail is None:
-        bands = tuple(_study_bands(volume, config, hu))
-        hu = without_bands(volume, bands, hu)
-    else:
-        hu = without_bands(volume, tail.bands, hu)
+    bands = tail.bands if tail is not None else tuple(_study_bands(volume, config, hu))
+    hu = without_bands(volume, bands, hu)
     rays = screw_rays(volume, screw, config)
     prof = screw_profiles(volume, rays, hu)
     if tail is None:

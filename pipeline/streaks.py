@@ -230,14 +230,18 @@ def find_streak_bands(volume: Volume, metal_threshold_hu: float, hu: np.ndarray 
                                depth, sigma, 0.0, 0.0, 0.0) for k, p, q in unmeasured]
 
 
+def _add_bands(out: np.ndarray, volume: Volume, bands) -> np.ndarray:
+    """Add each band's deficit to its slice of ``out`` (in place); ``out``."""
+    nj, ni = out.shape[1:]
+    sx, sy = float(volume.spacing_mm[0]), float(volume.spacing_mm[1])
+    for bd in bands:
+        out[bd.k] += _band_image((nj, ni), sx, sy, bd)
+    return out
+
+
 def band_field(volume: Volume, bands) -> np.ndarray:
     """The HU the bands took away (>= 0), on the volume's grid (float32)."""
-    nk, nj, ni = volume.hu.shape
-    sx, sy = float(volume.spacing_mm[0]), float(volume.spacing_mm[1])
-    field = np.zeros((nk, nj, ni), np.float32)
-    for bd in bands:
-        field[bd.k] += _band_image((nj, ni), sx, sy, bd)
-    return field
+    return _add_bands(np.zeros(volume.hu.shape, np.float32), volume, bands)
 
 
 def without_bands(volume: Volume, bands, hu: np.ndarray | None = None) -> np.ndarray:
@@ -245,9 +249,4 @@ def without_bands(volume: Volume, bands, hu: np.ndarray | None = None) -> np.nda
     hu = np.asarray(volume.hu if hu is None else hu, dtype=np.float32)
     if not bands:
         return hu
-    out = hu.copy()
-    nj, ni = hu.shape[1:]
-    sx, sy = float(volume.spacing_mm[0]), float(volume.spacing_mm[1])
-    for bd in bands:
-        out[bd.k] += _band_image((nj, ni), sx, sy, bd)
-    return out
+    return _add_bands(hu.copy(), volume, bands)
