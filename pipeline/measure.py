@@ -1044,7 +1044,7 @@ def measure_screw(volume: Volume, screw: ScrewGeometry, config: Config, *,
     if screw.diameter_mm <= 0 or screw.length_mm <= 0:
         raise InputError(f"screw {screw.id}", "screw has no length or diameter")
     hu = _hu(volume)
-    bands = tail.bands if tail is not None else tuple(_study_bands(volume, config, hu))
+    bands = tail.bands if tail is not None else _study_bands(volume, config, hu)
     hu = without_bands(volume, bands, hu)
     rays = screw_rays(volume, screw, config)
     prof = screw_profiles(volume, rays, hu)
@@ -1843,18 +1843,18 @@ def study_metal_tail(volume: Volume, anatomy: Anatomy, config: Config) -> MetalT
     return _study_tail(volume, anatomy, config, _hu(volume))[2]
 
 
-def _study_bands(volume: Volume, config: Config, hu: np.ndarray) -> list:
+def _study_bands(volume: Volume, config: Config, hu: np.ndarray) -> tuple:
     """The study's dark streak bands (none when ``config.streak_band_removal`` is off)."""
     if not config.streak_band_removal:
-        return []
-    return find_streak_bands(volume, config.metal_threshold_hu, hu)
+        return ()
+    return tuple(find_streak_bands(volume, config.metal_threshold_hu, hu))
 
 
 def _study_tail(volume: Volume, anatomy: Anatomy, config: Config, hu: np.ndarray):
     """(rays, profiles, metal tail, image) of every measurable screw of the study: the
     streak bands are removed from ``hu`` first (the image returned; the tail keeps the
     bands); the tail is None when there is no measurable screw."""
-    bands = tuple(_study_bands(volume, config, hu)) if anatomy.screws else ()
+    bands = _study_bands(volume, config, hu) if anatomy.screws else ()
     hu = without_bands(volume, bands, hu)
     rays_list, profiles = _study_screw_profiles(volume, anatomy, config, hu)
     if not rays_list:

@@ -82,10 +82,16 @@ def _metal_pieces(slice_hu: np.ndarray, sx: float, sy: float, threshold_hu: floa
     return metal, np.column_stack([cm[:, 1] * sx, cm[:, 0] * sy])
 
 
+def _join_axes(p, q):
+    """Unit vectors along (``a``, from p to q) and across (``n``) a join, and its length mm."""
+    length = float(np.linalg.norm(q - p))
+    a = (q - p) / length
+    return a, np.array([-a[1], a[0]]), length
+
+
 def _join_grid(p, q, t: np.ndarray, u: np.ndarray):
     """(x, y) mm of the points ``p + t * a + u * n`` (a along the join, n across)."""
-    a = (q - p) / np.linalg.norm(q - p)
-    n = np.array([-a[1], a[0]])
+    a, n, _ = _join_axes(p, q)
     x = p[0] + t[:, None] * a[0] + u[None, :] * n[0]
     y = p[1] + t[:, None] * a[1] + u[None, :] * n[1]
     return x, y
@@ -93,6 +99,13 @@ def _join_grid(p, q, t: np.ndarray, u: np.ndarray):
 
 def _gauss(u: np.ndarray, sigma: float) -> np.ndarray:
     return np.exp(-0.5 * (u / sigma) ** 2)
+
+
+def _detrended_band(u: np.ndarray, shift: float, sigma: float, outer: np.ndarray) -> np.ndarray:
+    """A unit Gaussian band across the join less its mean over the outer samples (the
+    background line fitted there absorbed that part)."""
+    g = _gauss(u - shift, sigma)
+    return g - g[outer].mean()
 
 
 def fit_band_profile(profiles: np.ndarray, u: np.ndarray):
@@ -115,15 +128,13 @@ def fit_band_profile(profiles: np.ndarray, u: np.ndarray):
     best = (0.0, BAND_SIGMAS_MM[0], 0.0, np.inf)
     for s in BAND_SIGMAS_MM:
         for c in BAND_SHIFTS_MM:
-            g = _gauss(u - c, s)
-            g = g - g[outer].mean()  # the background line absorbed the outer part
+            g = _detrended_band(u, c, s, outer)
             depth = -float(g @ med) / float(g @ g)
             err = float(np.sum((med + depth * g) ** 2))
             if err < best[3]:
                 best = (depth, s, c, err)
     depth, sigma, shift, err = best
-    g = _gauss(u - shift, sigma)
-    g = g - g[outer].mean()
+    g = _detrended_band(u, shift, sigma, outer)
     single = -(resid @ g) / float(g @ g)
     m = len(single)
     se = 1.253 * np.std(single) / np.sqrt(m) if m > 1 else np.inf  # the median's error
@@ -136,8 +147,7 @@ def _band_image(shape: tuple[int, int], sx: float, sy: float, bd: StreakBand) ->
     nj, ni = shape
     out = np.zeros(shape, np.float32)
     p, q = np.asarray(bd.p_mm), np.asarray(bd.q_mm)
-    L = float(np.linalg.norm(q - p))
-    a = (q - p) / L
+    a, n, L = _join_axes(p, q)
     xs = sx * np.arange(ni)
     ys = sy * np.arange(nj)
     pad = BAND_END_FADE_MM + 4 * bd.sigma_mm + abs(bd.shift_mm)
@@ -146,7 +156,7 @@ def _band_image(shape: tuple[int, int], sx: float, sy: float, bd: StreakBand) ->
     X = xs[i0:i1][None, :] - p[0]
     Y = ys[j0:j1][:, None] - p[1]
     t = X * a[0] + Y * a[1]
-    un = -X * a[1] + Y * a[0] - bd.shift_mm
+    un = X * n[0] + Y * n[1] - bd.shift_mm
     beyond = np.maximum(np.maximum(-t, t - L), 0.0)
     along = np.clip(1.0 - beyond / BAND_END_FADE_MM, 0.0, 1.0)
     out[j0:j1, i0:i1] = bd.depth_hu * along * _gauss(un, bd.sigma_mm)
