@@ -13,8 +13,10 @@ the profiles' own scatter, and the fit must leave little (an anatomical edge alo
 a lamina beside soft tissue, leaves a large misfit and is not taken for a band). The joins
 that cannot be measured take the study's median band (:func:`find_streak_bands`).
 
-``Config.streak_band_removal`` switches it off (a scanner whose metal artefact reduction
-already removed the bands leaves none to measure, and then none is filled either).
+``Config.streak_band_removal`` switches it on; it is off by default, because the halo reader
+was calibrated on images with the bands in (README "Streak band removal"). A scanner whose
+metal artefact reduction already removed the bands leaves none to measure, and then none is
+filled either.
 
 References
 ----------
