@@ -57,6 +57,7 @@ MIN_END_BODY_MM = 12.0         # a disc has a body beyond it: where the column e
                                # body, 18 mm, plus half a disc; a slab darkened by streaks
                                # inside the end vertebra does)
 MIN_DISC_MM = 3.0              # the thinnest disc space the endplates across it leave
+PAIR_MIN_NON_TRABECULAR = 0.5  # an endplate pair's middle is mostly not trabecular (median)
 MAX_WEDGE_DEG = 20.0           # a disc's endplates are this close to parallel (lordotic wedge)
 MAX_BODY_WEDGE_DEG = 15.0      # a lumbar body's own two endplates are this close to parallel
                                # (its wedge is a few degrees, L5's the largest)
@@ -599,7 +600,11 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     qv = low[valid]
     if qv.size < 10:
         return []
-    body = np.percentile(qv, 75)
+    # the body level: the upper quartile of the stations that are not metal (a cage fills
+    # its disc's whole cross-section; with three cages more than a quarter of the column
+    # is metal, and its upper quartile read 413 HU for 230 HU bodies)
+    qb = qv[qv < ENDPLATE_MAX_HU]
+    body = np.percentile(qb if qb.size >= 10 else qv, 75)
     disc = np.percentile(qv[qv > 0], 10) if np.any(qv > 0) else 0.0
     contrast = max(min_contrast_hu / 0.3, body - disc)
     high = ndimage.gaussian_filter1d(prof["high_hu"], 0.5 * sig)
@@ -631,9 +636,12 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
             # the middle of the run (its half-height width), not wherever its top happens
             _, _, left, right = peak_widths_1d(nt, [p], rel_height=0.5, wlen=int(round(30 * sig)) + 1)
             cand.append((int(round(0.5 * (left[0] + right[0]))), min(pr, 1.0)))
+    # two endplates bound disc, cage or bridging bone, none of it trabecular: bright streaks
+    # or texture at screw level inside a body pair up too, with trabecular bone between
     hp = _normalised_peaks(high, valid, 0.3 * spread, int(round(10 * sig)) + 1)
     for (a, pa), (b, pb) in zip(hp[:-1], hp[1:]):
-        if 5.0 <= (b - a) * spacing_mm <= 16.0:
+        if (5.0 <= (b - a) * spacing_mm <= 16.0
+                and np.median(nt[a + 1:b]) >= PAIR_MIN_NON_TRABECULAR):
             cand.append(((a + b) // 2, min(min(pa, pb) / spread, 1.5)))
     mf = ndimage.gaussian_filter1d(prof["central_metal_fraction"], sig)
     # a cage: where the centre's metal peaks and is cage-wide there (a screw across the
