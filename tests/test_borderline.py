@@ -65,22 +65,26 @@ def test_calls_within_the_measured_error_of_their_cut_are_flagged():
     assert "47 % against the 50 % cut" in notes[0]
     assert "superior 2.1 mm" in notes[1] and "inferior" not in notes[1]
     # the finer the voxels, the narrower the band: 0.47 still, 0.40 no longer
-    fine = borderline_notes([_screw("A", 0.47), _screw("D", 0.40)], [], [], Criteria(), FINE)
+    # (lucencies under half the width threshold: the lucency flag stays out)
+    fine = borderline_notes([_screw("A", 0.47, mean_mm=0.4), _screw("D", 0.40, mean_mm=0.3)], [], [],
+                            Criteria(), FINE)
     assert [n.split(":")[0] for n in fine] == ["Screw A"]
 
 
 def test_a_lucency_under_the_width_threshold_is_flagged_at_coarse_voxels():
     """At 0.8x0.8x1.5 mm a halo just over the 1 mm width threshold reads partly under it, so
     its coverage can lie far from the cut; a screw not called loose whose lucency averages
-    at least 0.4 of the width threshold is flagged (0.45 at 0.5x0.5x1.0 mm). Not at
-    0.35x0.35x0.6 mm (not measured), not for a loose screw; the width threshold is the site's."""
+    at least 0.4 of the width threshold is flagged (0.45 at 0.5x0.5x1.0 mm, 0.5 at
+    0.35x0.35x0.6 mm); not a loose screw; the width threshold is the site's."""
     lucent = _screw("E", 0.10, mean_mm=0.45)
     free = _screw("D", 0.0, mean_mm=0.05)  # keeps the study-wide no-halo-free note out
     notes = borderline_notes([lucent, _screw("F", 0.10, mean_mm=0.35), free], [], [], Criteria(),
                              COARSE)
     assert [n.split(":")[0] for n in notes] == ["Screw E"]
     assert "0.45 mm" in notes[0] and "1 mm width threshold" in notes[0]
-    assert not borderline_notes([lucent], [], [], Criteria(), FINE)
+    assert not borderline_notes([lucent, free], [], [], Criteria(), FINE)
+    assert [n.split(":")[0] for n in borderline_notes([_screw("E", 0.1, mean_mm=0.52), free], [], [],
+                                                       Criteria(), FINE)] == ["Screw E"]
     assert [n.split(":")[0] for n in borderline_notes([lucent, free], [], [], Criteria(),
                                                        (0.5, 0.5, 1.0))] == ["Screw E"]
     assert not borderline_notes([_screw("E", 0.1, mean_mm=0.42), free], [], [], Criteria(),
@@ -95,7 +99,7 @@ def test_a_lucency_under_the_width_threshold_is_flagged_at_coarse_voxels():
 def test_cuts_come_from_the_site_criteria():
     crit = Criteria(halo_coverage_for_loosening=0.3)
     assert borderline_notes([_screw("B", 0.25)], [], [], crit, FINE)
-    assert not borderline_notes([_screw("A", 0.47)], [], [], crit, FINE)
+    assert not borderline_notes([_screw("A", 0.47, mean_mm=0.4)], [], [], crit, FINE)
 
 
 def test_voxels_coarser_than_measured_get_one_note_saying_so():
