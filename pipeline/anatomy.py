@@ -580,7 +580,9 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     * a dip of the low-quantile HU below the endplates on both sides within 10 mm (disc
       tissue; scored by its depth over the body-to-disc contrast);
     * a pair of bright thin peaks of the 75th percentile 5 to 16 mm apart (the two cortical
-      endplates bounding a disc, still there when bone bridges it or a PEEK cage fills it);
+      endplates bounding a disc, still there when bone bridges it or a PEEK cage fills it),
+      with mostly non-trabecular tissue between them (median central fraction at least
+      ``PAIR_MIN_NON_TRABECULAR``: bright streaks or texture inside a body pair up too);
     * a run of stations where at least 70 % of the central +-5 mm is far from the body level
       (disc, PEEK, bridging bone; scored by its prominence, 0.5 at least);
     * metal filling the centre of the cross-section, cage-wide (a titanium cage; scored 2;
