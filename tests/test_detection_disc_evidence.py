@@ -80,3 +80,12 @@ def test_an_endplate_pair_needs_something_other_than_trabecular_bone_between():
     nt[65:76] = 1.0  # ... with disc, cage or bridging bone between them they would pair
     low2 = low.copy()
     assert 70 in find_disc_stations(_profile(high, nt, low2))
+
+
+def test_the_detection_sweep_reports_these_studies_right(capsys):
+    """benchmarks.detection_sweep (the README's seeds 0-99 sweep) on two of them."""
+    from benchmarks.detection_sweep import main
+
+    assert main(["--spacings", "coarse", "--seeds", "53", "97", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "coarse 25 HU seed 53: ok" in out and "0 of 2 studies wrong" in out
