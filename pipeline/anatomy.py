@@ -654,8 +654,10 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
         if mf[p] >= 0.3 and cage[max(p - near, 0): p + near + 1].max() >= 0.3:
             cand.append((p, 2.0))
     _log.debug("disc evidence %s", [(p, round(sc, 2)) for p, sc in sorted(cand)])
-    # merge evidence within 6 mm (one disc; bodies are far taller)
-    cand.sort()
+    # merge evidence within 6 mm (one disc; bodies are far taller); a dip with no bright
+    # flank scores 0 and is no evidence (two such in a row divided by zero: seed 91 at
+    # 0.8x0.8x1.5 mm and 40 HU stopped the analysis)
+    cand = sorted((p, sc) for p, sc in cand if sc > 0)
     merged: list[list[float]] = []
     for p, sc in cand:
         if merged and (p - merged[-1][0]) * spacing_mm <= 6.0:
