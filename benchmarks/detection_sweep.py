@@ -30,16 +30,11 @@ from benchmarks.accuracy import SPACINGS
 ENDPLATE_TOL_MM = 2.0
 
 
-def check_study(seed: int, spacing: str, noise_hu: float) -> tuple[bool, str]:
-    """(ok, one line) for one phantom: names in order, superior endplates within tolerance."""
-    from pipeline.anatomy import find_vertebrae
-    from pipeline.config import Config
-    from sample_data.phantom import PhantomSpec, make_phantom, truth_anatomy
-
-    vol, truth = make_phantom(PhantomSpec(seed=seed, spacing_mm=SPACINGS[spacing], noise_hu=noise_hu,
-                                          streaks=True, blooming=True))
-    want = {v.name: v for v in truth_anatomy(truth).vertebrae}
-    found, _, _, notes = find_vertebrae(vol, Config())
+def vertebra_problems(found, truth_vertebrae) -> list[str]:
+    """What is wrong with detected vertebrae against the truth's (both top to bottom): names
+    not the same in the same order, and superior endplates farther than ``ENDPLATE_TOL_MM``
+    from the true plane along its normal. Empty when right."""
+    want = {v.name: v for v in truth_vertebrae}
     problems = []
     if [v.name for v in found] != list(want):
         problems.append(f"names {','.join(v.name for v in found)} for {','.join(want)}")
@@ -51,6 +46,19 @@ def check_study(seed: int, spacing: str, noise_hu: float) -> tuple[bool, str]:
                     @ np.asarray(t.superior_endplate.normal))
         if abs(off) > ENDPLATE_TOL_MM:
             problems.append(f"{v.name} superior endplate {off:+.1f} mm")
+    return problems
+
+
+def check_study(seed: int, spacing: str, noise_hu: float) -> tuple[bool, str]:
+    """(ok, one line) for one phantom: :func:`vertebra_problems` of its detected vertebrae."""
+    from pipeline.anatomy import find_vertebrae
+    from pipeline.config import Config
+    from sample_data.phantom import PhantomSpec, make_phantom, truth_anatomy
+
+    vol, truth = make_phantom(PhantomSpec(seed=seed, spacing_mm=SPACINGS[spacing], noise_hu=noise_hu,
+                                          streaks=True, blooming=True))
+    found, _, _, notes = find_vertebrae(vol, Config())
+    problems = vertebra_problems(found, truth_anatomy(truth).vertebrae)
     line = f"{spacing} {noise_hu:g} HU seed {seed}: " + ("; ".join(problems) + f" (notes: {list(notes)})"
                                                         if problems else "ok")
     return not problems, line
