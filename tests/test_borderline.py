@@ -18,7 +18,9 @@ from benchmarks.accuracy import SPACINGS, uniform_set_overrides  # noqa: E402
 from pipeline.borderline import (  # noqa: E402
     MEASURED_ERRORS,
     borderline_notes,
+    lucent_under_threshold,
     measured_error,
+    near_cut,
     no_reference_screw_note,
 )
 from pipeline.config import Config, Criteria  # noqa: E402
@@ -144,15 +146,15 @@ def test_study_wide_loosening_at_coarse_voxels_gets_the_note():
 
 @pytest.fixture(scope="module")
 def coarse_detected():
-    """(truth coverage, measured coverage, truth loosening, measured loosening, measured
-    halo_mean) per screw;
+    """(rows, screws): rows (truth coverage, measured coverage, truth loosening, measured
+    loosening) per screw and the measured screws themselves, in the same order;
     detected geometry, 0.8x0.8x1.5 mm, 25 HU, streaks and blooming, seeds 0-11 of both
     phantom sets (ground truth: sample_data)."""
     from pipeline.detect import detect
     from pipeline.measure import measure_study
     from sample_data.phantom import PhantomSpec, make_phantom
 
-    rows = []
+    rows, measured = [], []
     for seed in range(12):
         for kw in ({}, uniform_set_overrides(seed)):
             vol, truth = make_phantom(PhantomSpec(seed=seed, spacing_mm=SPACINGS["coarse"],
@@ -161,9 +163,15 @@ def coarse_detected():
             got = {s.id: s for s in screws}
             for t in truth["screws"]:
                 m = got[t["id"]]
-                rows.append((t["halo_coverage"], m.halo_coverage, t["loosening"], m.loosening,
-                             m.halo_mean_mm))
-    return np.array(rows, float)
+                rows.append((t["halo_coverage"], m.halo_coverage, t["loosening"], m.loosening))
+                measured.append(m)
+    return np.array(rows, float), measured
+
+
+def _coverage_band(screws, err) -> np.ndarray:
+    """Screws whose coverage the product flags as near the loosening cut (borderline_findings)."""
+    cut = Criteria().halo_coverage_for_loosening
+    return np.array([near_cut(s.halo_coverage, (cut,), err.coverage) for s in screws])
 
 
 def test_coverage_margin_holds_and_the_wrong_calls_gather_inside_it(coarse_detected):
@@ -171,11 +179,12 @@ def test_coverage_margin_holds_and_the_wrong_calls_gather_inside_it(coarse_detec
     seeds 0-47; on seeds 0-11 90 % of screws read within it (at least 80 % asserted). The
     flag must mark where the calls fail: here 14 % of flagged screws' calls are wrong
     against 3.5 % of the others (at least 2.5x asserted, and at most 5 % outside)."""
-    cov_t, cov_m, loose_t, loose_m, _ = coarse_detected.T
+    rows, screws = coarse_detected
+    cov_t, cov_m, loose_t, loose_m = rows.T
     margin = measured_error(COARSE).coverage
     assert np.mean(np.abs(cov_m - cov_t) <= margin) >= 0.80
     wrong = loose_t != loose_m
-    flagged = np.abs(cov_m - Criteria().halo_coverage_for_loosening) <= margin
+    flagged = _coverage_band(screws, measured_error(COARSE))
     assert flagged.any() and (~flagged).any()
     assert np.mean(wrong[~flagged]) <= 0.05, wrong[~flagged].sum()
     assert np.mean(wrong[flagged]) >= 2.5 * np.mean(wrong[~flagged]), (wrong[flagged].sum(), flagged.sum())
@@ -186,11 +195,12 @@ def test_the_lucency_flag_catches_wrong_calls_the_coverage_band_leaves(coarse_de
     coverage 0.04-0.30); a screw not called loose with a lucency of 0.4 mm or more on
     average is flagged too: 2 of those 3 are, for 7 more flagged screws, and 1 of 79 calls
     outside both flags is wrong (at most 2.5 % asserted; seeds 0-47: 4 of 323)."""
-    cov_t, cov_m, loose_t, loose_m, mean_m = coarse_detected.T
+    rows, screws = coarse_detected
+    _, _, loose_t, loose_m = rows.T
     err = measured_error(COARSE)
     wrong = loose_t != loose_m
-    band = np.abs(cov_m - Criteria().halo_coverage_for_loosening) <= err.coverage
-    lucent = ~band & (loose_m == 0) & (mean_m >= err.lucency_fraction * Criteria().halo_threshold_mm)
+    band = _coverage_band(screws, err)
+    lucent = ~band & np.array([lucent_under_threshold(s, Criteria(), err) for s in screws])
     assert (wrong & lucent).sum() >= 1
     assert np.mean(wrong[lucent]) > np.mean(wrong[~band & ~lucent])
     assert np.mean(wrong[~band & ~lucent]) <= 0.025, (wrong & ~band & ~lucent).sum()
