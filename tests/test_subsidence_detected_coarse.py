@@ -11,7 +11,11 @@ cages' inferior subsidence 1.73 and 1.02 mm against a true 0.06 mm; with the uni
 halo widths the same level read 7.97 mm (L5's superior endplate 23.8 deg off: an implausible
 wedge, now tilted like the body's other endplate). Seed 12's two titanium cages at L3-L4 read
 their superior subsidence 0.57-0.58 mm over where a face and an endplate fell on unlucky slice
-phases (tests/test_subsidence_slice_phase.py). Ground truth comes from ``sample_data.phantom``.
+phases (tests/test_subsidence_slice_phase.py). Seed 72 (a fresh seed of the eighteenth
+session's sweep of seeds 60-159) has one titanium cage sunk 4.76 mm into L3: its face points
+covered a fifth of a slice phase, the phase fit took a trend across the face for a 1.8 mm
+harmonic and read the superior subsidence 2.43 mm short (mild for severe); the harmonic is
+now bounded. Ground truth comes from ``sample_data.phantom``.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ NOISE_HU = 25.0
 
 
 @pytest.mark.parametrize("seed,halo_set", [(2, "default"), (9, "default"), (15, "default"), (15, "uniform"),
-                                           (12, "default"), (12, "uniform")])
+                                           (12, "default"), (12, "uniform"), (72, "default")])
 def test_detected_coarse_subsidence_within_half_a_millimetre_per_endplate(seed, halo_set):
     from benchmarks.accuracy import uniform_set_overrides
 

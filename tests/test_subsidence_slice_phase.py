@@ -43,6 +43,24 @@ def test_slice_phase_offset_recovers_the_phase_averaged_face_from_part_of_a_cycl
     assert abs(c1 - z_true) < 0.03
 
 
+def test_slice_phase_offset_never_extrapolates_a_trend_into_a_harmonic_beyond_its_bound():
+    # points covering a fifth of a cycle (seed 72's titanium face at 0.8x0.8x1.5 mm: phases
+    # 0.19-0.38) with a smooth bend across the face: unbounded, the fit reads them as part of
+    # a 1.8 mm harmonic and puts the offset 1.7 mm below every point; the harmonic is held to
+    # the prior amplitude, so the offset stays within it of the points' mean
+    rng = np.random.default_rng(5)
+    phase = rng.uniform(0.19, 0.38, 250)
+    z = 7.2 + 0.35 * np.sin(np.pi * (phase - 0.19) / 0.19) + rng.normal(0.0, 0.04, phase.size)
+    t = 2 * np.pi * phase
+    A = np.c_[np.ones_like(t), np.cos(t), np.sin(t)]
+    free = np.linalg.lstsq(A, z, rcond=None)[0]
+    assert np.hypot(free[1], free[2]) > 1.0 and abs(free[0] - np.median(z)) > 1.0  # the failure
+    amp = 0.25 * 1.5
+    c, keep = slice_phase_offset(z, phase, amp)
+    assert abs(c - z[keep].mean()) <= amp + 1e-9
+    assert keep.sum() > 0.9 * phase.size
+
+
 def _painted_endplate_profile(phase: float, slice_mm: float):
     """A 1 mm, 1000 HU cortex between an 80 HU disc and 230 HU bone, painted like the
     phantom (each voxel the soft-edge coverage of its centre, ramps one voxel wide),
