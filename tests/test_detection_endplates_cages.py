@@ -6,8 +6,11 @@ between them and at the sides. Each endplate ray is the mean of a bundle of five
 cortex-bright plateau (~1000 HU, under the metal test) and read the cage's far face as the
 endplate. On phantom seed 15 at coarse spacing (0.8 x 0.8 x 1.5 mm) those points tilted
 L5's superior endplate 13.65 deg off the truth, turned the L4-L5 cage box with it and read
-its inferior subsidence 1.73 mm against a true 0.06 mm. Ground truth comes from
-``sample_data.phantom`` (and, for the synthetic level, from how it is built).
+its inferior subsidence 1.73 mm against a true 0.06 mm. On seed 124 at that spacing the
+two cages' blooming hid L4's superior endplate from all of L4's own rays: L4 was left out and
+the names above it counted one short (L3 called L4, with its screws and cages). That endplate
+is now read across the disc from L3 (``anatomy._superior_across_disc``). Ground truth comes
+from ``sample_data.phantom`` (and, for the synthetic level, from how it is built).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/numba_cache")
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from pipeline.anatomy import endplate_points  # noqa: E402
@@ -77,3 +81,18 @@ def test_endplates_beside_two_titanium_cages_found_within_three_degrees_at_coars
             assert angle < 3.0, (tv["name"], side, round(float(angle), 2))
             off = float((np.asarray(getattr(dv, side).point_lps_mm) - tv[side]["point_lps_mm"]) @ t_n)
             assert abs(off) < 1.0, (tv["name"], side, round(off, 2))
+
+
+@pytest.mark.parametrize("noise_hu", [25.0, 40.0])
+def test_a_superior_endplate_hidden_by_two_cages_is_read_across_the_disc(noise_hu):
+    from benchmarks.detection_sweep import vertebra_problems
+    from sample_data.phantom import truth_anatomy
+
+    vol, truth = make_phantom(PhantomSpec(seed=124, spacing_mm=COARSE_MM, noise_hu=noise_hu,
+                                          streaks=True, blooming=True))
+    assert [c["id"] for c in truth["cages"]] == ["L3-L4-cage1", "L3-L4-cage2"]
+    anatomy = detect(vol, Config())
+    assert vertebra_problems(anatomy.vertebrae, truth_anatomy(truth).vertebrae) == []
+    # the hardware keeps its levels: L3's screws are L3's, the cages L3-L4's
+    assert {s.id for s in anatomy.screws} == {s["id"] for s in truth["screws"]}
+    assert {c.id for c in anatomy.cages} == {"L3-L4-cage1", "L3-L4-cage2"}
