@@ -48,6 +48,8 @@ COLUMN_THRESHOLD_HU = 100.0    # bone-or-disc: above soft tissue (~40) and below
 CORE_RADIUS_MM = 8.0           # in-plane half-thickness a vertebral body always exceeds
 MAX_HOLE_MM2 = 120.0           # holes filled in the mask (not the spinal canal, ~300 mm2)
 BODY_HEIGHT_RANGE_MM = (18.0, 45.0)  # a fitted body outside this is a failed fit
+TALL_BODY_RATIO = 1.25         # a lumbar body this much taller than the others' median earns a note
+SHORT_BODY_RATIO = 0.8         # ... or this much shorter (against at least two others)
 MIN_DISC_SPACING_MM = 22.0     # disc-to-disc distance of the shortest body (T10) and disc
 CAGE_MIN_WIDTH_MM = 9.0        # interbody cages are wider (phantom 11, PLIF/TLIF 9-12 mm);
                                # screw shafts, blooming included, are narrower (4.5-8.5 mm)
@@ -1444,7 +1446,12 @@ def find_vertebrae(volume: Volume, config: Config):
         if f is not None:
             fits_by_rough[i_r] = f
         if f is None or f["superior"] is None or not _plane_in_volume(volume, *f["superior"], f["semi"]):
-            notes.append("a vertebra cut by the edge of the volume was left out")
+            if fitted and f is not None and f["superior"] is None:
+                # below a kept body: names count up from the sacrum, so those above shift
+                notes.append("a vertebra whose superior endplate could not be found (hidden by hardware?) "
+                             "was left out: the vertebrae above it may be named one level too low")
+            else:
+                notes.append("a vertebra cut by the edge of the volume was left out")
             continue
         if f["inferior"] is not None and not _plane_in_volume(volume, *f["inferior"], f["semi"]):
             f["inferior"] = None
@@ -1497,8 +1504,41 @@ def find_vertebrae(volume: Volume, config: Config):
             semi_axes_mm=semi, superior_endplate=Plane(sup_c, sup_n),
             inferior_endplate=Plane(inf_c, inf_n), named_by_position=by_position,
             is_sacrum=(i == sacrum)))
+    notes += body_height_notes(vertebrae)
     levels = disc_levels(vertebrae)
     return vertebrae, levels, by_position, list(dict.fromkeys(notes))
+
+
+def body_height_notes(vertebrae: list[Vertebra]) -> list[str]:
+    """A note for each lumbar body (not the sacrum) whose height between its endplates, along
+    its axis, is more than ``TALL_BODY_RATIO`` or (against at least two others) less than
+    ``SHORT_BODY_RATIO`` times the median height of the other lumbar bodies.
+
+    Why: a body that took the next vertebra's endplate across a disc reads a disc and an
+    endplate taller, one that took a streak or a cage for an endplate reads short, and the
+    measurements at its levels are then wrong with nothing else to show it. Seed 148 at
+    0.8x0.8x1.5 mm, 25 HU: L4 36.9 mm against 26.0 (its superior endplate is L3's inferior,
+    11 mm high); seed 47 at 40 HU: L3 18.1 mm against 25.1-25.2 (its superior endplate 9 mm
+    low). Over seeds 0-159 (0.8x0.8x1.5 mm, 25 HU), 0-99 (40 HU) and 0-99 (0.5x0.5x1.0 mm,
+    25 HU) every other body is within 0.91-1.08 of the others' median. A collapsed (fractured)
+    body is noted too, which it should be.
+    """
+    heights = {v.name: float(np.subtract(v.superior_endplate.point_lps_mm, v.inferior_endplate.point_lps_mm)
+                             @ np.asarray(v.axis_si)) for v in vertebrae if not v.is_sacrum}
+    notes = []
+    for name, h in heights.items():
+        others = [x for k, x in heights.items() if k != name]
+        if not others:
+            continue
+        typical = float(np.median(others))
+        if h > TALL_BODY_RATIO * typical:
+            notes.append(f"{name} reads {h:.0f} mm tall against {typical:.0f} mm for the other vertebrae: one of "
+                         "its endplates may be a neighbour's, so its levels' measurements need checking on the images")
+        elif len(others) >= 2 and h < SHORT_BODY_RATIO * typical:
+            notes.append(f"{name} reads {h:.0f} mm tall against {typical:.0f} mm for the other vertebrae: an "
+                         "endplate may be misread (or the body has collapsed), so its levels' measurements need "
+                         "checking on the images")
+    return notes
 
 
 def _plane_in_volume(volume: Volume, point, normal, semi_mm=(0.0, 0.0), margin_mm: float = 4.0) -> bool:

@@ -96,3 +96,33 @@ def test_a_superior_endplate_hidden_by_two_cages_is_read_across_the_disc(noise_h
     # the hardware keeps its levels: L3's screws are L3's, the cages L3-L4's
     assert {s.id for s in anatomy.screws} == {s["id"] for s in truth["screws"]}
     assert {c.id for c in anatomy.cages} == {"L3-L4-cage1", "L3-L4-cage2"}
+
+
+def test_a_middle_vertebra_left_out_says_the_names_above_may_be_one_level_low(monkeypatch):
+    # without the across-disc endplate (the old behaviour) seed 124 loses L4 and names L3
+    # "L4": the report must at least say the names above the gap may be one level low
+    from pipeline import anatomy
+
+    monkeypatch.setattr(anatomy, "_superior_across_disc", lambda volume, fit, above, tol, thr: fit)
+    vol, _ = make_phantom(PhantomSpec(seed=124, spacing_mm=COARSE_MM, noise_hu=25.0, streaks=True, blooming=True))
+    vertebrae, _, _, notes = anatomy.find_vertebrae(vol, Config())
+    assert [v.name for v in vertebrae] == ["L4", "L5", "S1"]  # L3 named one level low ...
+    assert any("named one level too low" in n for n in notes)  # ... and said so
+
+
+def test_a_body_that_took_a_neighbours_endplate_is_noted_as_too_tall_or_too_short():
+    # seed 148 at 0.8x0.8x1.5 mm (not solved): L3's top is 4.6 mm inside the scan and L3 is
+    # left out; L4's rays read L3's inferior endplate as L4's superior, 11 mm high
+    from pipeline.anatomy import body_height_notes
+
+    vol, _ = make_phantom(PhantomSpec(seed=148, spacing_mm=COARSE_MM, noise_hu=25.0, streaks=True, blooming=True))
+    anatomy = detect(vol, Config())
+    assert [v.name for v in anatomy.vertebrae] == ["L4", "L5", "S1"]
+    assert any(n.startswith("L4 reads 37 mm tall against 26 mm") for n in anatomy.notes), anatomy.notes
+    # a normal study (seed 2, whose tallest body is the sweep's most uneven: 1.08x) has no such note
+    vol2, _ = make_phantom(PhantomSpec(seed=2, spacing_mm=COARSE_MM, noise_hu=25.0, streaks=True, blooming=True))
+    assert body_height_notes(list(detect(vol2, Config()).vertebrae)) == []
+    # seed 47 at 40 HU (not solved): L3's superior endplate is read 9 mm low
+    vol3, _ = make_phantom(PhantomSpec(seed=47, spacing_mm=COARSE_MM, noise_hu=40.0, streaks=True, blooming=True))
+    notes = detect(vol3, Config()).notes
+    assert any(n.startswith("L3 reads 18 mm tall against 25 mm") for n in notes), notes
