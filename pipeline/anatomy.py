@@ -1129,10 +1129,10 @@ def _superior_across_disc(volume: Volume, fit: dict, above: dict, tol_mm: float,
     ``BODY_HEIGHT_RANGE_MM``.
 
     Used when the body's own rays found no superior endplate, or found one less than
-    ``MIN_DISC_MM`` plus the plane tolerance (1.5 mm) below the inferior endplate of the body
-    above (the same cortex, read twice). Why: two
-    titanium cages in a disc on 1.5 mm slices can hide the lower body's superior endplate
-    from its own rays (their blooming fills the disc). On seed 124 at 0.8x0.8x1.5 mm L4 found
+    ``MIN_DISC_MM`` plus the plane tolerance (at least 1.5 mm) below the inferior endplate of
+    the body above (the same cortex, read twice). Why: two titanium cages in a disc on 1.5 mm
+    slices can hide the lower body's superior endplate from its own rays (their blooming fills
+    the disc). On seed 124 at 0.8x0.8x1.5 mm L4 found
     none and was left out, and the names above it were counted one short (L3 named L4, with
     its screws and cages). The body above sees the endplate from the disc side, between the
     cages. The body above must have both endplates: one fitted without its superior endplate
