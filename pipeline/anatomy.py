@@ -58,6 +58,7 @@ MIN_END_BODY_MM = 12.0         # a disc has a body beyond it: where the column e
                                # scan, no disc centre lies closer to that end (the shortest
                                # body, 18 mm, plus half a disc; a slab darkened by streaks
                                # inside the end vertebra does)
+TYPICAL_DISC_MM = 10.0          # lumbar disc height (8-12 mm; phantom 8.5-11.5)
 MIN_DISC_MM = 3.0              # the thinnest disc space the endplates across it leave
 PAIR_MIN_NON_TRABECULAR = 0.5  # an endplate pair's middle is mostly not trabecular (median)
 MAX_WEDGE_DEG = 20.0           # a disc's endplates are this close to parallel (lordotic wedge)
@@ -1121,6 +1122,37 @@ def _disc_gap_mm(superior, above: dict) -> float:
     return float((hit_inf - hit_sup) @ np.asarray(above["si"]))
 
 
+def _superior_below_disc(volume: Volume, fit: dict, rough: dict, above: dict, tol_mm: float,
+                         metal_threshold_hu: float) -> dict:
+    """A lumbar body's fit whose superior endplate is missing, or lies less than
+    ``MIN_DISC_MM`` plus the plane tolerance (at least 1.5 mm) below the inferior endplate of
+    the body above (the same cortex, read twice), mended: first from across the disc
+    (:func:`_superior_across_disc`, when the body above has both endplates), else by fitting
+    the body again with the disc centre put half a typical disc (``TYPICAL_DISC_MM``) below
+    the body above, so its rays stop short of that body's endplate. A refit is kept only with
+    both endplates and a disc of at least that gap; otherwise ``fit`` is returned unchanged.
+
+    Why the refit: the disc stations come from the column's profile, where two titanium
+    cages brighten the disc; on seed 148 at 0.8x0.8x1.5 mm the L3-L4 station sat on L3's
+    inferior endplate, L4's rays looked for their endplate around it and took L3's (11 mm
+    high), while L3 itself, 4.6 mm inside the top of the scan, had no superior endplate to
+    read across the disc from.
+    """
+    if fit["superior"] is not None and _disc_gap_mm(fit["superior"], above) >= MIN_DISC_MM + tol_mm:
+        return fit
+    if above["superior"] is not None:
+        mended = _superior_across_disc(volume, fit, above, tol_mm, metal_threshold_hu)
+        if mended is not fit:
+            return mended
+    si_above = np.asarray(above["si"], float)
+    disc = _plane_hit(Plane(*above["inferior"]), above["centre"], -si_above) - 0.5 * TYPICAL_DISC_MM * si_above
+    g = fit_body(volume, rough["centre"], rough["axis"], disc, rough["disc_below"], metal_threshold_hu)
+    if (g is not None and g["superior"] is not None and g["inferior"] is not None
+            and _disc_gap_mm(g["superior"], above) >= MIN_DISC_MM + tol_mm):
+        return g
+    return fit
+
+
 def _superior_across_disc(volume: Volume, fit: dict, above: dict, tol_mm: float,
                           metal_threshold_hu: float) -> dict:
     """A lumbar body's fit with its superior endplate as seen across the disc from the body
@@ -1128,16 +1160,13 @@ def _superior_across_disc(volume: Volume, fit: dict, above: dict, tol_mm: float,
     inferior endplate; ``fit`` unchanged when that endplate is not seen or the height leaves
     ``BODY_HEIGHT_RANGE_MM``.
 
-    Used when the body's own rays found no superior endplate, or found one less than
-    ``MIN_DISC_MM`` plus the plane tolerance (at least 1.5 mm) below the inferior endplate of
-    the body above (the same cortex, read twice). Why: two titanium cages in a disc on 1.5 mm
+    Used by :func:`_superior_below_disc`. Why: two titanium cages in a disc on 1.5 mm
     slices can hide the lower body's superior endplate from its own rays (their blooming fills
     the disc). On seed 124 at 0.8x0.8x1.5 mm L4 found
     none and was left out, and the names above it were counted one short (L3 named L4, with
     its screws and cages). The body above sees the endplate from the disc side, between the
     cages. The body above must have both endplates: one fitted without its superior endplate
-    (at the top of the scan) can be tilted 20 deg, and so is the plane it sees (seed 148,
-    where L4's own rays read L3's inferior endplate 11 mm high; not solved).
+    (at the top of the scan) can be tilted 20 deg, and so is the plane it sees (seed 148).
     """
     plane = endplate_across_disc(volume, *above["inferior"], above["semi"], tol_mm, metal_threshold_hu)
     if plane is None:
@@ -1402,10 +1431,8 @@ def find_vertebrae(volume: Volume, config: Config):
                     f = g
                     break
         above = fits_by_rough.get(i_r - 1)  # kept or not (cut by the volume's edge above)
-        if (f is not None and f["inferior"] is not None and above is not None
-                and above["superior"] is not None and above["inferior"] is not None
-                and (f["superior"] is None or _disc_gap_mm(f["superior"], above) < MIN_DISC_MM + tol_mm)):
-            f = _superior_across_disc(volume, f, above, tol_mm, config.metal_threshold_hu)
+        if f is not None and f["inferior"] is not None and above is not None and above["inferior"] is not None:
+            f = _superior_below_disc(volume, f, r, above, tol_mm, config.metal_threshold_hu)
         if i_r == len(rough) - 1 and discs and r["station"] > discs[-1]:
             # below the last disc: perhaps the sacrum; its fit must not look for an inferior
             # endplate (there is none) nor let one tilt its axis. The column curve bends
@@ -1517,9 +1544,9 @@ def body_height_notes(vertebrae: list[Vertebra]) -> list[str]:
     Why: a body that took the next vertebra's endplate across a disc reads a disc and an
     endplate taller, one that took a streak or a cage for an endplate reads short, and the
     measurements at its levels are then wrong with nothing else to show it. Seed 148 at
-    0.8x0.8x1.5 mm, 25 HU: L4 36.9 mm against 26.0 (its superior endplate is L3's inferior,
-    11 mm high); seed 47 at 40 HU: L3 18.1 mm against 25.1-25.2 (its superior endplate 9 mm
-    low). Over seeds 0-159 (0.8x0.8x1.5 mm, 25 HU), 0-99 (40 HU) and 0-99 (0.5x0.5x1.0 mm,
+    0.8x0.8x1.5 mm, 40 HU: L4 36.9 mm against 26.0 (its superior endplate is L3's inferior,
+    11 mm high; :func:`_superior_below_disc` mends it at 10 and 25 HU); seed 47 at 40 HU: L3
+    18.1 mm against 25.1-25.2 (its superior endplate 9 mm low). Over seeds 0-159 (0.8x0.8x1.5 mm, 25 HU), 0-99 (40 HU) and 0-99 (0.5x0.5x1.0 mm,
     25 HU) every other body is within 0.91-1.08 of the others' median. A collapsed (fractured)
     body is noted too, which it should be.
     """
