@@ -1160,13 +1160,13 @@ def _superior_across_disc(volume: Volume, fit: dict, above: dict, tol_mm: float,
     inferior endplate; ``fit`` unchanged when that endplate is not seen or the height leaves
     ``BODY_HEIGHT_RANGE_MM``.
 
-    Used by :func:`_superior_below_disc`. Why: two titanium cages in a disc on 1.5 mm
-    slices can hide the lower body's superior endplate from its own rays (their blooming fills
-    the disc). On seed 124 at 0.8x0.8x1.5 mm L4 found
-    none and was left out, and the names above it were counted one short (L3 named L4, with
-    its screws and cages). The body above sees the endplate from the disc side, between the
-    cages. The body above must have both endplates: one fitted without its superior endplate
-    (at the top of the scan) can be tilted 20 deg, and so is the plane it sees (seed 148).
+    Used by :func:`_superior_below_disc`. Why: two titanium cages in a disc on 1.5 mm slices
+    can hide the lower body's superior endplate from its own rays (their blooming fills the
+    disc). On seed 124 at 0.8x0.8x1.5 mm L4 found none and was left out, and the names above
+    it were counted one short (L3 named L4, with its screws and cages). The body above sees
+    the endplate from the disc side, between the cages. The body above must have both
+    endplates: one fitted without its superior endplate (at the top of the scan) can be
+    tilted 20 deg, and so is the plane it sees (seed 148).
     """
     plane = endplate_across_disc(volume, *above["inferior"], above["semi"], tol_mm, metal_threshold_hu)
     if plane is None:
