@@ -1114,12 +1114,26 @@ def _fit_from_superior(volume: Volume, plane, half_height_mm: float, fallback: d
                 inferior=None, inside_hu=inside, half_height=half_height_mm)
 
 
+def _axis_hit(plane, body: dict) -> np.ndarray:
+    """Where a fitted body's axis (through its centre) meets a plane (point, normal)."""
+    return _plane_hit(Plane(*plane), body["centre"], -np.asarray(body["si"]))
+
+
+def _endplate_facing(volume: Volume, above: dict, tol_mm: float, metal_threshold_hu: float):
+    """The endplate facing a fitted body's inferior one across the disc
+    (:func:`endplate_across_disc`), as (point, normal) with the point where that body's axis
+    meets it; None when it is not seen. The plane's own point is the centroid of whichever
+    rays saw the endplate (cages hide most of it), not a point under the body above."""
+    plane = endplate_across_disc(volume, *above["inferior"], above["semi"], tol_mm, metal_threshold_hu)
+    if plane is None:
+        return None
+    return _axis_hit(plane, above), np.asarray(plane[1])
+
+
 def _disc_gap_mm(superior, above: dict) -> float:
     """How far a body's superior endplate (point, normal) lies below the inferior endplate of
     the body above, along that body's axis through its centre."""
-    hit_sup = _plane_hit(Plane(*superior), above["centre"], -np.asarray(above["si"]))
-    hit_inf = _plane_hit(Plane(*above["inferior"]), above["centre"], -np.asarray(above["si"]))
-    return float((hit_inf - hit_sup) @ np.asarray(above["si"]))
+    return float((_axis_hit(above["inferior"], above) - _axis_hit(superior, above)) @ np.asarray(above["si"]))
 
 
 def _superior_below_disc(volume: Volume, fit: dict, rough: dict, above: dict, tol_mm: float,
@@ -1144,8 +1158,7 @@ def _superior_below_disc(volume: Volume, fit: dict, rough: dict, above: dict, to
         mended = _superior_across_disc(volume, fit, above, tol_mm, metal_threshold_hu)
         if mended is not fit:
             return mended
-    si_above = np.asarray(above["si"], float)
-    disc = _plane_hit(Plane(*above["inferior"]), above["centre"], -si_above) - 0.5 * TYPICAL_DISC_MM * si_above
+    disc = _axis_hit(above["inferior"], above) - 0.5 * TYPICAL_DISC_MM * np.asarray(above["si"], float)
     g = fit_body(volume, rough["centre"], rough["axis"], disc, rough["disc_below"], metal_threshold_hu)
     if (g is not None and g["superior"] is not None and g["inferior"] is not None
             and _disc_gap_mm(g["superior"], above) >= MIN_DISC_MM + tol_mm):
@@ -1168,10 +1181,9 @@ def _superior_across_disc(volume: Volume, fit: dict, above: dict, tol_mm: float,
     endplates: one fitted without its superior endplate (at the top of the scan) can be
     tilted 20 deg, and so is the plane it sees (seed 148).
     """
-    plane = endplate_across_disc(volume, *above["inferior"], above["semi"], tol_mm, metal_threshold_hu)
-    if plane is None:
+    sup = _endplate_facing(volume, above, tol_mm, metal_threshold_hu)
+    if sup is None:
         return fit
-    sup = (_plane_hit(Plane(*plane), above["centre"], -np.asarray(above["si"])), np.asarray(plane[1]))
     inf = fit["inferior"]
     si, lr, ap = _orthonormal_frame(sup[1] - np.asarray(inf[1]))
     centre = np.asarray(fit["centre"], float)
@@ -1446,20 +1458,16 @@ def find_vertebrae(volume: Volume, config: Config):
                           config.metal_threshold_hu, superior_only=True)
             if fitted and fitted[-1]["inferior"] is not None:
                 # S1's superior endplate seen from the disc: the first cortex below the
-                # body above (screws and streaks inside S1 never get in the way)
+                # body above (screws and streaks inside S1 never get in the way), its outline
+                # read under the point facing that body's axis
                 up = fitted[-1]
-                plane = endplate_across_disc(volume, *up["inferior"], up["semi"], tol_mm,
-                                             config.metal_threshold_hu)
+                plane = _endplate_facing(volume, up, tol_mm, config.metal_threshold_hu)
                 facing = -np.asarray(up["inferior"][1])
 
                 def wedge_deg(fit):
                     return _angle_deg(fit["superior"][1], facing)
 
                 if plane is not None:
-                    # the plane's point is the centroid of whichever rays saw the endplate
-                    # (cages hide most of it): S1's outline is read under the point facing
-                    # the axis of the body above instead
-                    plane = (_plane_hit(Plane(*plane), up["centre"], -np.asarray(up["si"])), plane[1])
                     fa = _fit_from_superior(volume, plane, r["half"], fs)
                     # the lumbosacral disc is a wedge of a few degrees: of the two fits keep
                     # the one closer to facing the body above, the one from the disc if both fit
@@ -1546,9 +1554,10 @@ def body_height_notes(vertebrae: list[Vertebra]) -> list[str]:
     measurements at its levels are then wrong with nothing else to show it. Seed 148 at
     0.8x0.8x1.5 mm, 40 HU: L4 36.9 mm against 26.0 (its superior endplate is L3's inferior,
     11 mm high; :func:`_superior_below_disc` mends it at 10 and 25 HU); seed 47 at 40 HU: L3
-    18.1 mm against 25.1-25.2 (its superior endplate 9 mm low). Over seeds 0-159 (0.8x0.8x1.5 mm, 25 HU), 0-99 (40 HU) and 0-99 (0.5x0.5x1.0 mm,
-    25 HU) every other body is within 0.91-1.08 of the others' median. A collapsed (fractured)
-    body is noted too, which it should be.
+    18.1 mm against 25.1-25.2 (its superior endplate 9 mm low). Over seeds 0-159 (0.8x0.8x1.5
+    mm, 25 HU), 0-99 (40 HU) and 0-99 (0.5x0.5x1.0 mm, 25 HU) every other body is within
+    0.91-1.08 of the others' median. A collapsed (fractured) body is noted too, which it
+    should be.
     """
     heights = {v.name: float(np.subtract(v.superior_endplate.point_lps_mm, v.inferior_endplate.point_lps_mm)
                              @ np.asarray(v.axis_si)) for v in vertebrae if not v.is_sacrum}
