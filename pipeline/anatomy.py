@@ -573,6 +573,31 @@ def _normalised_peaks(signal, valid, prominence, wlen):
     return [(int(p), float(pr)) for p, pr in zip(peaks, prominences) if valid[p]]
 
 
+def cage_run_middle(cage_fraction: np.ndarray, peak: int, reach: int) -> float:
+    """The middle of the run of cage-wide metal whose top lies within ``reach`` stations of
+    ``peak``: half-way between the stations (interpolated) where it falls below half its top.
+
+    Why not the peak itself: a cage fills its disc's centre evenly from one endplate to the
+    other, so its metal fraction is a plateau, and the plateau's top is wherever blooming from
+    a screw or a rod lifts it by a few per cent. With two titanium cages sunk into both
+    bodies (seed 148 at 0.8x0.8x1.5 mm) the top sat on the upper endplate, 6 mm above the disc
+    centre, and the body below was then fitted with its superior endplate 11 mm high.
+    """
+    x = np.asarray(cage_fraction, dtype=float)
+    lo = max(peak - reach, 0)
+    top = lo + int(np.argmax(x[lo: peak + reach + 1]))
+    half = 0.5 * x[top]
+    i = top
+    while i > 0 and x[i - 1] >= half:
+        i -= 1
+    left = i - (x[i] - half) / (x[i] - x[i - 1]) if i > 0 else float(i)
+    j = top
+    while j < len(x) - 1 and x[j + 1] >= half:
+        j += 1
+    right = j + (x[j] - half) / (x[j] - x[j + 1]) if j < len(x) - 1 else float(j)
+    return 0.5 * (left + right)
+
+
 def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: float = 20.0) -> list[int]:
     """Indices of disc centres along the column profile (see :func:`column_profile`).
 
@@ -588,9 +613,9 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
       ``PAIR_MIN_NON_TRABECULAR``: bright streaks or texture inside a body pair up too);
     * a run of stations where at least 70 % of the central +-5 mm is far from the body level
       (disc, PEEK, bridging bone; scored by its prominence, 0.5 at least);
-    * metal filling the centre of the cross-section, cage-wide (a titanium cage; scored 2;
-      a screw breached across the midline is narrower, see
-      :func:`central_cage_metal_fraction`).
+    * metal filling the centre of the cross-section, cage-wide (a titanium cage; scored 2,
+      placed at the middle of the cage's metal run, :func:`cage_run_middle`; a screw
+      breached across the midline is narrower, see :func:`central_cage_metal_fraction`).
 
     A dark metal streak through a body makes a dip but has no endplate pair beside it;
     :func:`select_periodic` then keeps the best-scoring set of candidates at least
@@ -650,12 +675,12 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
             cand.append(((a + b) // 2, min(min(pa, pb) / spread, 1.5)))
     mf = ndimage.gaussian_filter1d(prof["central_metal_fraction"], sig)
     # a cage: where the centre's metal peaks and is cage-wide there (a screw across the
-    # midline is not; the peak's position comes from all the metal, as before)
+    # midline is not); the disc is the middle of that cage-wide run (cage_run_middle)
     cage = ndimage.gaussian_filter1d(prof.get("central_cage_metal_fraction", prof["central_metal_fraction"]), sig)
     near = int(round(3 * sig))
     for p, _ in _normalised_peaks(mf, valid, 0.3, None):
         if mf[p] >= 0.3 and cage[max(p - near, 0): p + near + 1].max() >= 0.3:
-            cand.append((p, 2.0))
+            cand.append((int(round(cage_run_middle(cage, p, near))), 2.0))
     _log.debug("disc evidence %s", [(p, round(sc, 2)) for p, sc in sorted(cand)])
     # merge evidence within 6 mm (one disc; bodies are far taller); a dip with no bright
     # flank scores 0 and is no evidence (two such in a row divided by zero: seed 91 at
@@ -1150,7 +1175,10 @@ def _superior_below_disc(volume: Volume, fit: dict, rough: dict, above: dict, to
     cages brighten the disc; on seed 148 at 0.8x0.8x1.5 mm the L3-L4 station sat on L3's
     inferior endplate, L4's rays looked for their endplate around it and took L3's (11 mm
     high), while L3 itself, 4.6 mm inside the top of the scan, had no superior endplate to
-    read across the disc from.
+    read across the disc from. That station is now the middle of the cage's metal run
+    (:func:`cage_run_middle`) and this mend no longer acts on any study of the coarse sweep
+    (seeds 0-159 at 10, 25 and 40 HU); it stays as a safety net for a station that lands on
+    an endplate anyway (tests/test_detection_endplates_cages.py puts one there).
     """
     if fit["superior"] is not None and _disc_gap_mm(fit["superior"], above) >= MIN_DISC_MM + tol_mm:
         return fit
