@@ -58,6 +58,9 @@ MIN_END_BODY_MM = 12.0         # a disc has a body beyond it: where the column e
                                # scan, no disc centre lies closer to that end (the shortest
                                # body, 18 mm, plus half a disc; a slab darkened by streaks
                                # inside the end vertebra does)
+MIN_DISC_EVIDENCE = 0.25       # a disc's summed evidence (about 1 per clear kind; the weakest real
+                               # disc of the sweeps scores 0.58): a stray dip near an open end of the
+                               # column scored 0.01 and, with nothing to compete with, became a disc
 TYPICAL_DISC_MM = 10.0          # lumbar disc height (8-12 mm; phantom 8.5-11.5)
 MIN_DISC_MM = 3.0              # the thinnest disc space the endplates across it leave
 PAIR_MIN_NON_TRABECULAR = 0.5  # an endplate pair's middle is mostly not trabecular (median)
@@ -623,6 +626,9 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     real discs on either side and loses; at an end of the column nothing competes with it,
     so a candidate with less than ``MIN_END_BODY_MM`` of bone beyond it before the column
     ends inside the scan (:func:`column_ends`) is not a disc: there is no body beyond it.
+    Where the scan cuts the column (an open end) the same holds for a candidate with less
+    than ``MIN_DISC_EVIDENCE`` in all (seed 242 at 0.5x0.5x1.0 mm and 40 HU: a dip scoring
+    0.01 inside L3, 6 mm under its top, was kept as the disc above it).
     """
     valid = prof["valid"]
     sig = 1.0 / spacing_mm
@@ -697,9 +703,10 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     scores = [m[1] for m in merged]
     lo_end, hi_end = column_ends(low, valid, body)
     keep = [k for k, p in enumerate(pos)
-            if (p - lo_end) * spacing_mm >= MIN_END_BODY_MM and (hi_end - p) * spacing_mm >= MIN_END_BODY_MM]
+            if (p - lo_end) * spacing_mm >= MIN_END_BODY_MM and (hi_end - p) * spacing_mm >= MIN_END_BODY_MM
+            and scores[k] >= MIN_DISC_EVIDENCE]
     if len(keep) < len(pos):
-        _log.debug("disc candidates with no body beyond them dropped: %s",
+        _log.debug("disc candidates with no body beyond them or too little evidence dropped: %s",
                    [pos[k] for k in range(len(pos)) if k not in keep])
     return select_periodic([pos[k] for k in keep], [scores[k] for k in keep], MIN_DISC_SPACING_MM / spacing_mm)
 

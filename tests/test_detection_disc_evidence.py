@@ -17,6 +17,8 @@ Ground truth is the phantom's (sample_data); the detector never sees it.
   trabecular texture in L3 paired up; L3's superior endplate was read 7-8 mm low.
 * Seed 91 at 40 HU: two dips with no bright flank (score 0) next to each other were merged
   with a weight of 0 + 0, and the analysis stopped with ZeroDivisionError.
+* Seed 242 at 0.5x0.5x1.0 mm and 40 HU (nineteenth session): a dip with almost no evidence
+  near the open top of the column was kept as a disc (``MIN_DISC_EVIDENCE``).
 """
 from __future__ import annotations
 
@@ -50,6 +52,18 @@ def test_every_vertebra_found_named_and_its_endplates_placed(seed, noise_hu):
     assert vertebra_problems(anatomy.vertebrae, truth_vertebrae) == []
     assert sorted(s.id for s in anatomy.screws) == sorted(s["id"] for s in truth["screws"])
     assert [lv.name for lv in anatomy.levels] == [f"{a}-{b}" for a, b in zip(want, want[1:])]
+
+
+def test_a_stray_dip_under_the_open_top_of_the_column_is_no_disc():
+    # seed 242 at 0.5x0.5x1.0 mm and 40 HU (nineteenth session's sweep of fresh seeds 160-259):
+    # the scan cuts L3, and a dip inside it 6 mm under its top, with evidence 0.01 against
+    # 0.58 or more for every real disc of the sweeps, was kept as the disc above L3 (nothing
+    # competes with it at an open end); L3's superior endplate read 3.1 mm low
+    vol, truth = make_phantom(PhantomSpec(seed=242, spacing_mm=(0.5, 0.5, 1.0), noise_hu=40.0,
+                                          streaks=True, blooming=True))
+    anatomy = detect(vol, Config())
+    assert vertebra_problems(anatomy.vertebrae, truth_anatomy(truth).vertebrae) == []
+    assert [lv.name for lv in anatomy.levels] == ["L3-L4", "L4-L5", "L5-S1"]
 
 
 def _profile(high_hu, nt, low_hu=None):
