@@ -26,11 +26,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from _detection import detected_phantom, detection_problems  # noqa: E402  (tests/ is on sys.path under pytest)
+from benchmarks.detection_sweep import vertebra_problems  # noqa: E402
 from pipeline.anatomy import endplate_points  # noqa: E402
 from pipeline.config import Config  # noqa: E402
-from pipeline.detect import detect  # noqa: E402
 from pipeline.volume import Volume  # noqa: E402
-from sample_data.phantom import PhantomSpec, make_phantom  # noqa: E402
+from sample_data.phantom import PhantomSpec, make_phantom, truth_anatomy  # noqa: E402
 
 COARSE_MM = (0.8, 0.8, 1.5)
 
@@ -68,10 +69,8 @@ def test_endplate_rays_grazing_a_cage_never_read_the_cage_as_the_endplate():
 
 
 def test_endplates_beside_two_titanium_cages_found_within_three_degrees_at_coarse_spacing():
-    vol, truth = make_phantom(PhantomSpec(seed=15, spacing_mm=COARSE_MM, noise_hu=25.0,
-                                          streaks=True, blooming=True))
+    anatomy, truth = detected_phantom(15, COARSE_MM, 25.0)
     assert any(c["id"].startswith("L4-L5") for c in truth["cages"])  # the two-cage level
-    anatomy = detect(vol, Config())
     found = {v.name: v for v in anatomy.vertebrae}
     assert [v["name"] for v in truth["vertebrae"]] == [v.name for v in anatomy.vertebrae]
     for tv in truth["vertebrae"]:
@@ -113,17 +112,10 @@ def test_vertebrae_around_a_disc_with_two_sunk_titanium_cages_are_found_and_name
     # middle of the cage's metal run. Seed 47 at 40 HU (L3's superior endplate 9 mm low) was
     # the same fault one level up. The eighteenth session's sweep: 5 of 480 coarse studies
     # wrong; the nineteenth's, with this: 0 of 480.
-    from benchmarks.detection_sweep import vertebra_problems
-    from sample_data.phantom import truth_anatomy
-
-    vol, truth = make_phantom(PhantomSpec(seed=seed, spacing_mm=COARSE_MM, noise_hu=noise_hu,
-                                          streaks=True, blooming=True))
-    anatomy = detect(vol, Config())
-    assert vertebra_problems(anatomy.vertebrae, truth_anatomy(truth).vertebrae) == []
+    anatomy, truth = detected_phantom(seed, COARSE_MM, noise_hu)
+    # names, endplates, and the hardware on its levels
+    assert detection_problems(anatomy, truth) == []
     assert list(anatomy.notes) == []
-    # the hardware keeps its levels
-    assert {s.id for s in anatomy.screws} == {s["id"] for s in truth["screws"]}
-    assert {c.id for c in anatomy.cages} == {c["id"] for c in truth["cages"]}
 
 
 # The safety nets below no longer act on any sweep study (0.8x0.8x1.5 mm, seeds 0-159 at 10,
@@ -140,17 +132,11 @@ def station_on_plateau_top(monkeypatch):
 
 @pytest.mark.parametrize("noise_hu", [25.0, 40.0])
 def test_a_superior_endplate_hidden_by_two_cages_is_read_across_the_disc(noise_hu, station_on_plateau_top):
-    from benchmarks.detection_sweep import vertebra_problems
-    from sample_data.phantom import truth_anatomy
-
-    vol, truth = make_phantom(PhantomSpec(seed=124, spacing_mm=COARSE_MM, noise_hu=noise_hu,
-                                          streaks=True, blooming=True))
+    anatomy, truth = detected_phantom(124, COARSE_MM, noise_hu)
     assert [c["id"] for c in truth["cages"]] == ["L3-L4-cage1", "L3-L4-cage2"]
-    anatomy = detect(vol, Config())
-    assert vertebra_problems(anatomy.vertebrae, truth_anatomy(truth).vertebrae) == []
-    # the hardware keeps its levels: L3's screws are L3's, the cages L3-L4's
-    assert {s.id for s in anatomy.screws} == {s["id"] for s in truth["screws"]}
-    assert {c.id for c in anatomy.cages} == {"L3-L4-cage1", "L3-L4-cage2"}
+    # names and endplates right, and the hardware keeps its levels: L3's screws are L3's,
+    # the cages L3-L4's
+    assert detection_problems(anatomy, truth) == []
 
 
 def test_a_middle_vertebra_left_out_says_the_names_above_may_be_one_level_low(station_on_plateau_top):
@@ -169,11 +155,7 @@ def test_a_superior_endplate_read_on_the_body_above_is_refitted_short_of_it(stat
     # seed 148 with the station on L3's inferior endplate: L4's rays took that endplate as
     # L4's superior, 11 mm high; L3, 4.6 mm inside the top of the scan, is then left out
     # (the edge) and cannot be read across
-    from benchmarks.detection_sweep import vertebra_problems
-    from sample_data.phantom import truth_anatomy
-
-    vol, truth = make_phantom(PhantomSpec(seed=148, spacing_mm=COARSE_MM, noise_hu=25.0, streaks=True, blooming=True))
-    anatomy = detect(vol, Config())
+    anatomy, truth = detected_phantom(148, COARSE_MM, 25.0)
     assert vertebra_problems(anatomy.vertebrae, truth_anatomy(truth).vertebrae) == [
         "names L4,L5,S1 for L3,L4,L5,S1"]  # L3 left out at the edge; L4's endplates right
     assert not any("tall against" in n for n in anatomy.notes)
@@ -185,14 +167,11 @@ def test_a_body_that_took_a_neighbours_endplate_is_noted_as_too_tall_or_too_shor
     # inferior one, 11 mm high
     from pipeline.anatomy import body_height_notes
 
-    vol, _ = make_phantom(PhantomSpec(seed=148, spacing_mm=COARSE_MM, noise_hu=40.0, streaks=True, blooming=True))
-    anatomy = detect(vol, Config())
+    anatomy, _ = detected_phantom(148, COARSE_MM, 40.0)
     assert [v.name for v in anatomy.vertebrae] == ["L4", "L5", "S1"]
     assert any(n.startswith("L4 reads 37 mm tall against 26 mm") for n in anatomy.notes), anatomy.notes
     # a normal study (seed 2, whose tallest body is the sweep's most uneven: 1.08x) has no such note
-    vol2, _ = make_phantom(PhantomSpec(seed=2, spacing_mm=COARSE_MM, noise_hu=25.0, streaks=True, blooming=True))
-    assert body_height_notes(list(detect(vol2, Config()).vertebrae)) == []
+    assert body_height_notes(list(detected_phantom(2, COARSE_MM, 25.0)[0].vertebrae)) == []
     # seed 47 at 40 HU: L3's superior endplate is read 9 mm low
-    vol3, _ = make_phantom(PhantomSpec(seed=47, spacing_mm=COARSE_MM, noise_hu=40.0, streaks=True, blooming=True))
-    notes = detect(vol3, Config()).notes
+    notes = detected_phantom(47, COARSE_MM, 40.0)[0].notes
     assert any(n.startswith("L3 reads 18 mm tall against 25 mm") for n in notes), notes
