@@ -626,9 +626,10 @@ def find_disc_stations(prof: dict, spacing_mm: float = 1.0, min_contrast_hu: flo
     real discs on either side and loses; at an end of the column nothing competes with it,
     so a candidate with less than ``MIN_END_BODY_MM`` of bone beyond it before the column
     ends inside the scan (:func:`column_ends`) is not a disc: there is no body beyond it.
-    Where the scan cuts the column (an open end) the same holds for a candidate with less
-    than ``MIN_DISC_EVIDENCE`` in all (seed 242 at 0.5x0.5x1.0 mm and 40 HU: a dip scoring
-    0.01 inside L3, 6 mm under its top, was kept as the disc above it).
+    Nor is any candidate with less than ``MIN_DISC_EVIDENCE`` in all. Between two real discs
+    such a candidate loses anyway; where the scan cuts the column (an open end) nothing
+    competes with it (seed 242 at 0.5x0.5x1.0 mm and 40 HU: a dip scoring 0.01 inside L3,
+    6 mm under its top, was kept as the disc above it).
     """
     valid = prof["valid"]
     sig = 1.0 / spacing_mm
