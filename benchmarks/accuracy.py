@@ -15,6 +15,11 @@ metal blooming on, the errors of the three measurements over several seeded phan
 * bridging: mean and worst absolute error of ``bridging_fraction``, and how often the fusion
   class is right where the truth is at least 0.1 from a cut.
 
+Below the table, for the same loosening calls: how many of the wrong ones the report warns
+about (a borderline flag on the screw, or a study note telling the surgeon to check every
+screw, ``pipeline.borderline``), how often the calls without a warning are right, and what
+share of all screws carries a warning (:func:`warned_screw_ids`).
+
 Two phantom sets, side by side: ``default`` (the generator's own halo widths, drawn from
 {0, 0.5, 1.5, 2, 2.5, 3} mm) and ``uniform`` (each screw's halo width drawn uniformly from
 [0, 3] mm, :func:`uniform_halo_widths`, so intermediate halos are scored too; partial
@@ -53,6 +58,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/numba_cache")
 
 import numpy as np  # noqa: E402
 
+from pipeline.borderline import borderline_findings  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.measure import measure_study  # noqa: E402
 
@@ -68,6 +74,8 @@ class Errors:
     halo_cov_off_threshold_err: list = field(default_factory=list)  # width not near the threshold
     loosening_ok: list = field(default_factory=list)  # only where the truth is clear
     loosening_off_cut_ok: list = field(default_factory=list)  # ... and coverage not at its cut
+    loosening_warned: list = field(default_factory=list)  # parallel to loosening_ok: warned?
+    screw_warned: list = field(default_factory=list)  # every screw: does the report warn?
     double_ok: list = field(default_factory=list)
     sub_err: list = field(default_factory=list)       # per endplate
     grade_ok: list = field(default_factory=list)      # per cage, truth >= 0.3 mm from a cut
@@ -99,6 +107,7 @@ class Errors:
             "loosening_n": len(self.loosening_ok),
             "loosening_off_cut_right": mean(self.loosening_off_cut_ok),
             "loosening_off_cut_n": len(self.loosening_off_cut_ok),
+            **self._warning_summary(),
             "double_halo_right": mean(self.double_ok),
             "endplates": len(self.sub_err),
             "subsidence_mae_mm": mean(self.sub_err),
@@ -112,6 +121,19 @@ class Errors:
             "fusion_n": len(self.fusion_ok),
             "missing": len(self.missing),
         }
+
+    def _warning_summary(self) -> dict:
+        """Wrong loosening calls the report warns about, and how right the unwarned ones are
+        (empty when the comparisons were made without the warnings)."""
+        if len(self.loosening_warned) != len(self.loosening_ok) or not self.loosening_ok:
+            return {}
+        ok = np.asarray(self.loosening_ok, bool)
+        warned = np.asarray(self.loosening_warned, bool)
+        return {"loosening_wrong_n": int((~ok).sum()),
+                "loosening_wrong_warned": int((~ok & warned).sum()),
+                "unwarned_right": float(ok[~warned].mean()) if (~warned).any() else float("nan"),
+                "unwarned_n": int((~warned).sum()),
+                "screws_warned": float(np.mean(self.screw_warned))}
 
 
 # A halo whose true width lies within this of the loosening threshold (1 mm) has its
@@ -140,11 +162,25 @@ def _matched(truth_items, measured, key: str, kind: str, e: Errors):
             yield t, m
 
 
-def compare(truth: dict, screws, cages, levels, config: Config | None = None) -> Errors:
-    """Compare measurements with a phantom's truth dictionary, object by object (by id)."""
+def warned_screw_ids(screws, cages, levels, criteria, spacing_mm) -> set:
+    """Ids of the screws whose loosening call the report tells the surgeon to check: a
+    borderline flag of their own, or any study-wide note (``pipeline.borderline``)."""
+    found = borderline_findings(screws, cages, levels, criteria, spacing_mm)
+    if any(kind == "study" for kind, _, _ in found):
+        return {s.id for s in screws}
+    return {sid for kind, sid, _ in found if kind == "screw"}
+
+
+def compare(truth: dict, screws, cages, levels, config: Config | None = None, *,
+            warned: set | None = None) -> Errors:
+    """Compare measurements with a phantom's truth dictionary, object by object (by id).
+    ``warned``: ids of the screws the report warns about (:func:`warned_screw_ids`), to
+    count which wrong loosening calls carry a warning."""
     crit = (config or Config()).criteria
     e = Errors()
     for ts, m in _matched(truth["screws"], screws, "id", "screw", e):
+        if warned is not None:
+            e.screw_warned.append(m.id in warned)
         e.halo_mean_err.append(abs(m.halo_mean_mm - ts["halo_mean_mm"]))
         cov_err = abs(m.halo_coverage - ts["halo_coverage"])
         e.halo_cov_err.append(cov_err)
@@ -154,6 +190,8 @@ def compare(truth: dict, screws, cages, levels, config: Config | None = None) ->
             e.halo_cov_off_threshold_err.append(cov_err)
         if w <= 0.5 or w >= 1.5:
             e.loosening_ok.append(m.loosening == ts["loosening"])
+            if warned is not None:
+                e.loosening_warned.append(m.id in warned)
             if not _near_cut(ts["halo_coverage"], (crit.halo_coverage_for_loosening,), 0.05):
                 e.loosening_off_cut_ok.append(m.loosening == ts["loosening"])
         e.double_ok.append(m.double_halo == ts["double_halo"])
@@ -315,7 +353,8 @@ def run_phantom(seed: int, spacing: str, noise_hu: float, detected: bool = False
         vol, truth = _known_metal_study(spec, known_metal)
         anatomy = replace(truth_anatomy(truth), cages=(), levels=())
         screws, _, _, _ = measure_study(vol, anatomy, config)
-        return compare({**truth, "cages": [], "levels": []}, screws, [], [], config)
+        return compare({**truth, "cages": [], "levels": []}, screws, [], [], config,
+                       warned=warned_screw_ids(screws, [], [], config.criteria, vol.spacing_mm))
     vol, truth = make_phantom(spec)
     if detected:
         from pipeline.detect import detect
@@ -324,7 +363,8 @@ def run_phantom(seed: int, spacing: str, noise_hu: float, detected: bool = False
     else:
         anatomy = truth_anatomy(truth)
     screws, cages, levels, _ = measure_study(vol, anatomy, config)
-    return compare(truth, screws, cages, levels, config)
+    return compare(truth, screws, cages, levels, config,
+                   warned=warned_screw_ids(screws, cages, levels, config.criteria, vol.spacing_mm))
 
 
 def main(argv=None) -> int:
@@ -372,7 +412,7 @@ def main(argv=None) -> int:
            "endplates | subsidence MAE (max) mm | grade right | levels | bridging MAE (max) | fusion right |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
-    intervals = []
+    intervals, warnings = [], []
     for sp, nz, kind in itertools.product(args.spacings, args.noise, args.sets):
         tot = Errors()
         cov_by_seed = []
@@ -405,10 +445,20 @@ def main(argv=None) -> int:
         if args.verbose:
             print(f"    ({time.time() - t0:.0f} s)", file=sys.stderr)
         intervals.append((kind, sp, nz, seed_bootstrap_ci(cov_by_seed)))
+        warnings.append((kind, sp, nz, s))
     if len(args.seeds) > 1:
         print("\ncoverage MAE, 95 % interval when the seeds are drawn again (seed bootstrap):")
         for kind, sp, nz, (lo, hi) in intervals:
             print(f"  {kind} {sp} {nz:g} HU: {lo:.3f}-{hi:.3f}")
+    print("\nloosening calls where the truth is clear (width <= 0.5 or >= 1.5 mm) and the report's "
+          "warnings (a borderline flag on the screw, or a study note):")
+    for kind, sp, nz, s in warnings:
+        if "loosening_wrong_n" in s:
+            unwarned = (f"calls without a warning right {s['unwarned_right']:.1%} of {s['unwarned_n']}"
+                        if s["unwarned_n"] else "every call warned")
+            print(f"  {kind} {sp} {nz:g} HU: {s['loosening_wrong_n']} wrong, "
+                  f"{s['loosening_wrong_warned']} of them warned; {unwarned}; screws warned "
+                  f"{s['screws_warned']:.0%}")
     return 0
 
 

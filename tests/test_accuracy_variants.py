@@ -95,6 +95,48 @@ def test_coverage_off_the_threshold_leaves_out_only_widths_near_it():
     assert s["halo_cov_mae"] == pytest.approx((0.1 + 0.6 + 0.3 + 0.05 + 0.2) / 5)
 
 
+def test_wrong_loosening_calls_are_counted_with_their_warnings():
+    """Of the clear calls (width <= 0.5 or >= 1.5 mm) the wrong ones are split by whether the
+    report warns about the screw; a study note warns about every screw."""
+    from types import SimpleNamespace
+
+    from benchmarks.accuracy import compare, warned_screw_ids
+
+    # (width, fraction, read coverage): a right, b wrong (missed), c wrong (false call),
+    # d right, e (1.0 mm, not a clear truth) wrong but not counted
+    cases = {"a": (2.0, 1.0, 0.9), "b": (2.0, 1.0, 0.3), "c": (0.0, 0.0, 0.6),
+             "d": (0.5, 0.5, 0.1), "e": (1.0, 1.0, 0.2)}
+    truth = {"screws": [{"id": k, "halo_width_mm": w, "halo_fraction": f, "halo_mean_mm": w * f,
+                         "halo_coverage": f if w >= 1.0 else 0.0, "loosening": f >= 0.5 and w >= 1.0,
+                         "double_halo": False} for k, (w, f, _) in cases.items()],
+             "cages": [], "levels": []}
+    screws = [SimpleNamespace(id=k, halo_mean_mm=0.0, halo_coverage=c, halo_max_mm=0.0,
+                              loosening=c >= 0.5, double_halo=False, rays_excluded=0)
+              for k, (_, _, c) in cases.items()]
+    s = compare(truth, screws, [], [], warned={"b", "d"}).summary()
+    assert (s["loosening_wrong_n"], s["loosening_wrong_warned"]) == (2, 1)
+    assert s["unwarned_n"] == 2 and s["unwarned_right"] == pytest.approx(0.5)  # a right, c wrong
+    assert s["screws_warned"] == pytest.approx(2 / 5)
+    assert "loosening_wrong_n" not in compare(truth, screws, [], []).summary()
+
+    # from the report's own findings: a coverage of 0.45 is borderline at 0.8x0.8x1.5 mm, so
+    # only that screw is warned; every screw reading a lucency there adds the study note
+    from pipeline.config import Config
+    from pipeline.results import ScrewMeasurement
+
+    def measured(sid, coverage, mean_mm):
+        return ScrewMeasurement(id=sid, vertebra="L4", side="left", head_lps_mm=(0, 0, 0),
+                                tip_lps_mm=(0, 40, 0), length_mm=40.0, diameter_mm=6.5,
+                                halo_mean_mm=mean_mm, halo_max_mm=mean_mm, halo_coverage=coverage,
+                                loosening=coverage >= 0.5, rays_used=1000)
+
+    crit, coarse = Config().criteria, (0.8, 0.8, 1.5)
+    calm = [measured("x", 0.45, 0.9), measured("y", 0.0, 0.0), measured("z", 1.0, 2.0)]
+    assert warned_screw_ids(calm, [], [], crit, coarse) == {"x"}
+    lucent = [measured("x", 0.45, 0.9), measured("z", 1.0, 2.0)]
+    assert warned_screw_ids(lucent, [], [], crit, coarse) == {"x", "z"}
+
+
 # ------------------------------------------------------------ seed-bootstrap interval
 def test_seed_bootstrap_interval_pools_by_seed():
     """The interval brackets the pooled mean, collapses when every seed errs alike, weighs a
