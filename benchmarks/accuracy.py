@@ -412,7 +412,7 @@ def main(argv=None) -> int:
            "endplates | subsidence MAE (max) mm | grade right | levels | bridging MAE (max) | fusion right |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
-    intervals, warnings = [], []
+    intervals, warning_rows = [], []
     for sp, nz, kind in itertools.product(args.spacings, args.noise, args.sets):
         tot = Errors()
         cov_by_seed = []
@@ -445,14 +445,14 @@ def main(argv=None) -> int:
         if args.verbose:
             print(f"    ({time.time() - t0:.0f} s)", file=sys.stderr)
         intervals.append((kind, sp, nz, seed_bootstrap_ci(cov_by_seed)))
-        warnings.append((kind, sp, nz, s))
+        warning_rows.append((kind, sp, nz, s))
     if len(args.seeds) > 1:
         print("\ncoverage MAE, 95 % interval when the seeds are drawn again (seed bootstrap):")
         for kind, sp, nz, (lo, hi) in intervals:
             print(f"  {kind} {sp} {nz:g} HU: {lo:.3f}-{hi:.3f}")
     print("\nloosening calls where the truth is clear (width <= 0.5 or >= 1.5 mm) and the report's "
           "warnings (a borderline flag on the screw, or a study note):")
-    for kind, sp, nz, s in warnings:
+    for kind, sp, nz, s in warning_rows:
         if "loosening_wrong_n" in s:
             unwarned = (f"calls without a warning right {s['unwarned_right']:.1%} of {s['unwarned_n']}"
                         if s["unwarned_n"] else "every call warned")
